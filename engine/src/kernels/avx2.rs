@@ -1,0 +1,206 @@
+//! AVX2 + FMA + F16C kernels for Q4_0, Q4_1 and Q8_0 weights.
+//!
+//! Work is tiled as R weight rows × C activation rows: each weight block is loaded and
+//! unpacked once and multiplied with every activation row of the tile, so a batch of
+//! tokens costs far less than one pass over the weights per token.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{OutMatrix, QuantizedActs, QK8};
+use crate::quant::GgmlType;
+
+/// How one weight format unpacks a block of 32 into bytes.
+trait Block {
+    const BYTES: usize;
+    /// The weights are signed (use the sign trick for `maddubs`) rather than 0..15.
+    const SIGNED: bool;
+    /// Q4_1 carries a per-block offset `m` multiplied by the activations' sum.
+    const HAS_MIN: bool;
+    /// Unpacks the 32 weights (element j in byte j) and returns (quants, d, m).
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32);
+}
+
+#[inline(always)]
+unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+}
+
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let raw = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(raw, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+struct Q4_0;
+impl Block for Q4_0 {
+    const BYTES: usize = 18;
+    const SIGNED: bool = true;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let (d, _) = f16_pair(p);
+        (
+            _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+            d,
+            0.0,
+        )
+    }
+}
+
+struct Q4_1;
+impl Block for Q4_1 {
+    const BYTES: usize = 20;
+    const SIGNED: bool = false;
+    const HAS_MIN: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let (d, m) = f16_pair(p);
+        (nibbles(p.add(4)), d, m)
+    }
+}
+
+struct Q8_0;
+impl Block for Q8_0 {
+    const BYTES: usize = 34;
+    const SIGNED: bool = true;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let (d, _) = f16_pair(p);
+        (_mm256_loadu_si256(p.add(2) as *const __m256i), d, 0.0)
+    }
+}
+
+/// Eight i32 partial sums of w·a as floats.
+#[inline(always)]
+unsafe fn mul_sum<B: Block>(w: __m256i, a: __m256i) -> __m256 {
+    let p16 = if B::SIGNED {
+        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
+    } else {
+        _mm256_maddubs_epi16(w, a)
+    };
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// One R×C tile: rows `r0..r0+R` of the weights, tokens `t0..t0+C`.
+#[inline(always)]
+unsafe fn tile<B: Block, const R: usize, const C: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    acts: &QuantizedActs,
+    r0: usize,
+    t0: usize,
+    out: OutMatrix,
+) {
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut mins = [[0f32; C]; R];
+    let qa = acts.qs.as_ptr();
+    let k = nb * QK8;
+    for b in 0..nb {
+        let mut wq = [_mm256_setzero_si256(); R];
+        let mut wd = [0f32; R];
+        let mut wm = [0f32; R];
+        for r in 0..R {
+            let (q, d, m) = B::load(w.add((r0 + r) * row_bytes + b * B::BYTES));
+            wq[r] = q;
+            wd[r] = d;
+            wm[r] = m;
+        }
+        for c in 0..C {
+            let t = t0 + c;
+            let a = _mm256_loadu_si256(qa.add(t * k + b * QK8) as *const __m256i);
+            let da = *acts.d.get_unchecked(t * nb + b);
+            for r in 0..R {
+                let p = mul_sum::<B>(wq[r], a);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * da), p, acc[r][c]);
+                if B::HAS_MIN {
+                    mins[r][c] += wm[r] * *acts.s.get_unchecked(t * nb + b);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            out.set(t0 + c, r0 + r, hsum(acc[r][c]) + mins[r][c]);
+        }
+    }
+}
+
+/// Runs tiles over `rows` × all tokens, with smaller tiles on the remainders.
+#[inline(always)]
+unsafe fn gemm_typed<B: Block>(
+    w: &[u8],
+    k: usize,
+    rows: Range<usize>,
+    acts: &QuantizedActs,
+    out: OutMatrix,
+) {
+    let nb = k / QK8;
+    let row_bytes = nb * B::BYTES;
+    assert!(w.len() >= rows.end * row_bytes);
+    assert!(acts.qs.len() >= acts.n_rows * k && acts.row_len == k);
+    let wp = w.as_ptr();
+    let n_tok = acts.n_rows;
+    let mut r = rows.start;
+    while r + 4 <= rows.end {
+        let mut t = 0;
+        while t + 3 <= n_tok {
+            tile::<B, 4, 3>(wp, row_bytes, nb, acts, r, t, out);
+            t += 3;
+        }
+        while t < n_tok {
+            tile::<B, 4, 1>(wp, row_bytes, nb, acts, r, t, out);
+            t += 1;
+        }
+        r += 4;
+    }
+    while r < rows.end {
+        let mut t = 0;
+        while t + 4 <= n_tok {
+            tile::<B, 1, 4>(wp, row_bytes, nb, acts, r, t, out);
+            t += 4;
+        }
+        while t < n_tok {
+            tile::<B, 1, 1>(wp, row_bytes, nb, acts, r, t, out);
+            t += 1;
+        }
+        r += 1;
+    }
+}
+
+/// Entry point for the AVX2 kernels.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn gemm(
+    ty: GgmlType,
+    w: &[u8],
+    k: usize,
+    rows: Range<usize>,
+    acts: &QuantizedActs,
+    out: OutMatrix,
+) {
+    match ty {
+        GgmlType::Q4_0 => gemm_typed::<Q4_0>(w, k, rows, acts, out),
+        GgmlType::Q4_1 => gemm_typed::<Q4_1>(w, k, rows, acts, out),
+        GgmlType::Q8_0 => gemm_typed::<Q8_0>(w, k, rows, acts, out),
+        other => unreachable!("no AVX2 kernel for {}", other.name()),
+    }
+}

@@ -1,0 +1,311 @@
+//! Matrix-multiply kernels over quantized weights.
+//!
+//! Activations are quantized once per matrix input into 8-bit blocks of 32 (`QuantizedActs`);
+//! every quantized weight type is then multiplied with integer dot products. Each kernel
+//! exists as portable scalar code and, for the hot types, as AVX2 code picked at run time.
+//! The scalar code is the reference the SIMD code is tested against.
+
+mod avx2;
+mod scalar;
+
+pub(crate) use scalar::dot_f32;
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use half::f16;
+
+use crate::quant::GgmlType;
+
+/// Elements per activation block.
+pub const QK8: usize = 32;
+
+/// A batch of activation rows quantized to 8-bit blocks of 32.
+///
+/// Per block: `d` (the scale, rounded through f16 exactly as llama.cpp stores it) and
+/// `s = d * sum(q)` (also f16-rounded), which the offset formats (Q4_1, k-quants) need.
+#[derive(Default)]
+pub struct QuantizedActs {
+    pub n_rows: usize,
+    pub row_len: usize,
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+}
+
+impl QuantizedActs {
+    /// Blocks per row.
+    pub fn blocks_per_row(&self) -> usize {
+        self.row_len / QK8
+    }
+
+    /// Quantizes `n_rows` rows of `row_len` floats, reusing this buffer's allocations.
+    pub fn quantize(&mut self, x: &[f32], n_rows: usize, row_len: usize) {
+        debug_assert_eq!(x.len(), n_rows * row_len);
+        debug_assert_eq!(row_len % QK8, 0);
+        self.n_rows = n_rows;
+        self.row_len = row_len;
+        let nb = n_rows * row_len / QK8;
+        self.qs.resize(n_rows * row_len, 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        for (b, (xb, qb)) in x
+            .chunks_exact(QK8)
+            .zip(self.qs.chunks_exact_mut(QK8))
+            .enumerate()
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                // Ties to even, as the AVX2 rounding llama.cpp uses on x86.
+                let r = (v * id).round_ties_even() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            self.d[b] = f16::from_f32(d).to_f32();
+            self.s[b] = f16::from_f32(d * sum as f32).to_f32();
+        }
+    }
+}
+
+/// Raw pointer to an output matrix that several threads fill in disjoint columns.
+#[derive(Clone, Copy)]
+pub struct OutMatrix {
+    ptr: *mut f32,
+    len: usize,
+    /// Distance between consecutive token rows (the weight's row count).
+    pub stride: usize,
+}
+
+// SAFETY: threads write disjoint (token, row) cells; the caller keeps the buffer alive
+// for the duration of the parallel call.
+unsafe impl Send for OutMatrix {}
+unsafe impl Sync for OutMatrix {}
+
+impl OutMatrix {
+    /// Wraps `out`, laid out as `out[token * stride + row]`.
+    pub fn new(out: &mut [f32], stride: usize) -> Self {
+        OutMatrix {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            stride,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn set(&self, token: usize, row: usize, v: f32) {
+        let i = token * self.stride + row;
+        assert!(i < self.len);
+        // SAFETY: bounds checked above; disjointness is the caller's contract.
+        unsafe { *self.ptr.add(i) = v }
+    }
+}
+
+/// Which kernel family this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSet {
+    Scalar,
+    Avx2,
+}
+
+/// The best kernel set this CPU supports, detected once.
+pub fn detected() -> KernelSet {
+    static SET: OnceLock<KernelSet> = OnceLock::new();
+    *SET.get_or_init(|| {
+        if std::env::var_os("SLUICE_FORCE_SCALAR").is_some() {
+            return KernelSet::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return KernelSet::Avx2;
+        }
+        KernelSet::Scalar
+    })
+}
+
+/// Whether `ty` is multiplied against quantized (rather than float) activations.
+pub fn wants_quantized_acts(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::F32 | GgmlType::F16)
+}
+
+/// Computes `out[t][r] = dot(weight row r, activation row t)` for `r` in `rows` and every token.
+///
+/// `w` holds the whole matrix (`row_bytes` per row). Float weights read `acts_f32`
+/// (`n_tokens × k`); quantized ones read `acts_q`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    set: KernelSet,
+    ty: GgmlType,
+    w: &[u8],
+    k: usize,
+    rows: Range<usize>,
+    acts_q: &QuantizedActs,
+    acts_f32: &[f32],
+    out: OutMatrix,
+) {
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => scalar::gemm_float(ty, w, k, rows, acts_f32, out),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if set == KernelSet::Avx2 => {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `set` is Avx2 only when the CPU reported avx2, fma and f16c.
+            unsafe {
+                avx2::gemm(ty, w, k, rows, acts_q, out)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            scalar::gemm_quant(ty, w, k, rows, acts_q, out)
+        }
+        _ => scalar::gemm_quant(ty, w, k, rows, acts_q, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{dequantize_row, quantize::quantize_row};
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Plain dequantize-then-multiply, in f64: the ground truth.
+    fn reference(
+        ty: GgmlType,
+        w: &[u8],
+        rows: usize,
+        k: usize,
+        x: &[f32],
+        n_tok: usize,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; n_tok * rows];
+        let mut row = vec![0f32; k];
+        for r in 0..rows {
+            dequantize_row(
+                ty,
+                &w[r * ty.row_bytes(k)..(r + 1) * ty.row_bytes(k)],
+                &mut row,
+            );
+            for t in 0..n_tok {
+                out[t * rows + r] = row
+                    .iter()
+                    .zip(&x[t * k..(t + 1) * k])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn run(
+        set: KernelSet,
+        ty: GgmlType,
+        w: &[u8],
+        rows: usize,
+        k: usize,
+        x: &[f32],
+        n_tok: usize,
+    ) -> Vec<f32> {
+        let mut q = QuantizedActs::default();
+        q.quantize(x, n_tok, k);
+        let mut out = vec![f32::NAN; n_tok * rows];
+        let om = OutMatrix::new(&mut out, rows);
+        // Split rows into two ranges to exercise the range handling as threads do.
+        let mid = rows / 2 + 1;
+        gemm(set, ty, w, k, 0..mid, &q, x, om);
+        gemm(set, ty, w, k, mid..rows, &q, x, om);
+        out
+    }
+
+    #[test]
+    fn every_kernel_matches_dequantize_then_multiply() {
+        let sets: Vec<KernelSet> = if detected() == KernelSet::Avx2 {
+            vec![KernelSet::Scalar, KernelSet::Avx2]
+        } else {
+            vec![KernelSet::Scalar]
+        };
+        // Odd row and token counts hit every tile remainder path.
+        for &(rows, k, n_tok) in &[
+            (7usize, 256usize, 1usize),
+            (13, 512, 3),
+            (9, 256, 7),
+            (4, 768, 2),
+        ] {
+            let x = pseudo(n_tok * k, 7 + rows as u64);
+            let wf = pseudo(rows * k, 99 + k as u64);
+            for ty in [
+                GgmlType::F32,
+                GgmlType::F16,
+                GgmlType::Q4_0,
+                GgmlType::Q4_1,
+                GgmlType::Q8_0,
+                GgmlType::Q4K,
+                GgmlType::Q5K,
+                GgmlType::Q6K,
+            ] {
+                let w: Vec<u8> = wf
+                    .chunks_exact(k)
+                    .flat_map(|r| quantize_row(ty, r))
+                    .collect();
+                let truth = reference(ty, &w, rows, k, &x, n_tok);
+                let scalar = run(KernelSet::Scalar, ty, &w, rows, k, &x, n_tok);
+                for &set in &sets {
+                    let got = run(set, ty, &w, rows, k, &x, n_tok);
+                    for i in 0..truth.len() {
+                        // Activation quantization costs ~0.4% of the row's magnitude;
+                        // float weights read float activations and must be near exact.
+                        let scale = (k as f64).sqrt() * 0.6;
+                        let tol = if wants_quantized_acts(ty) {
+                            0.02 * scale
+                        } else {
+                            1e-4 * scale
+                        };
+                        assert!(
+                            (got[i] as f64 - truth[i]).abs() <= tol,
+                            "{set:?} {} rows={rows} k={k} n_tok={n_tok} i={i}: {} vs {}",
+                            ty.name(),
+                            got[i],
+                            truth[i]
+                        );
+                        // SIMD and scalar compute the same integer sums; only the
+                        // float summation order differs.
+                        assert!(
+                            (got[i] - scalar[i]).abs() <= 1e-4 * (1.0 + scalar[i].abs()),
+                            "{set:?} vs scalar {}: {} vs {}",
+                            ty.name(),
+                            got[i],
+                            scalar[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantization_matches_llama_cpp_rounding() {
+        let mut x = vec![0f32; 32];
+        x[0] = 127.0;
+        x[1] = 2.5; // ties to even: 2
+        x[2] = 3.5; // ties to even: 4
+        x[3] = -2.5;
+        let mut q = QuantizedActs::default();
+        q.quantize(&x, 1, 32);
+        assert_eq!(&q.qs[..4], &[127, 2, 4, -2]);
+        assert_eq!(q.d[0], 1.0);
+        assert_eq!(q.s[0], 131.0);
+    }
+}

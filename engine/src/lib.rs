@@ -1,0 +1,14 @@
+//! Sluice's inference engine: GGUF models on CPU, tokenization, chat templates and
+//! the model loop that serves requests.
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod kernels;
+pub mod kv_cache;
+pub mod model;
+pub mod quant;
+pub mod thread_pool;
+pub mod weights;
+
+pub use error::{EngineError, GgufError, ModelError};

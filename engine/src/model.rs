@@ -1,0 +1,366 @@
+//! The Llama-family transformer forward pass on CPU.
+//!
+//! `forward` takes a batch of sequence chunks (each with its own positions and KV block
+//! table) and runs them together: every weight matrix is multiplied once for all the
+//! batch's tokens, while attention runs per sequence over its own cache blocks.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use half::f16;
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+use crate::kernels::{self, KernelSet, OutMatrix, QuantizedActs};
+use crate::kv_cache::KvCache;
+use crate::thread_pool::ThreadPool;
+use crate::weights::{ModelWeights, QMatrix};
+
+/// One sequence's share of a forward batch.
+pub struct SeqChunk<'a> {
+    /// Tokens to process, at positions `start_pos..start_pos + tokens.len()`.
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    /// The sequence's KV blocks; must cover every position up to the chunk's end.
+    pub block_table: &'a [u32],
+    /// Whether to return logits for the chunk's last token.
+    pub want_logits: bool,
+}
+
+/// Reusable buffers for `forward`, so steady-state steps do not allocate.
+#[derive(Default)]
+pub struct ForwardScratch {
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: QuantizedActs,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    tok_pos: Vec<usize>,
+    tok_seq: Vec<usize>,
+    logits: Vec<f32>,
+}
+
+/// A loaded model ready to run.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub file: Arc<GgufFile>,
+    weights: ModelWeights,
+    pool: ThreadPool,
+    kernels: KernelSet,
+}
+
+impl Model {
+    /// Loads the GGUF at `path` and checks it is a model we can run.
+    pub fn load(path: &Path, threads: usize) -> Result<Self, ModelError> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Self::from_gguf(file, threads)
+    }
+
+    /// Builds the model from an already parsed file.
+    pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_gguf(&file)?;
+        let weights = ModelWeights::load(&file, &cfg)?;
+        Ok(Model {
+            cfg,
+            file,
+            weights,
+            pool: ThreadPool::new(threads),
+            kernels: kernels::detected(),
+        })
+    }
+
+    /// The kernel family in use.
+    pub fn kernel_set(&self) -> KernelSet {
+        self.kernels
+    }
+
+    /// Threads used by the forward pass.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Runs the batch and returns, row after row, the logits of each chunk that asked
+    /// for them (in batch order).
+    pub fn forward<'s>(
+        &self,
+        batch: &[SeqChunk],
+        kv: &mut KvCache,
+        s: &'s mut ForwardScratch,
+    ) -> &'s [f32] {
+        let cfg = &self.cfg;
+        let (dim, kv_dim, hd) = (cfg.dim, cfg.kv_dim(), cfg.head_dim);
+        let n: usize = batch.iter().map(|c| c.tokens.len()).sum();
+        s.tok_pos.clear();
+        s.tok_seq.clear();
+        for (si, c) in batch.iter().enumerate() {
+            for i in 0..c.tokens.len() {
+                s.tok_pos.push(c.start_pos + i);
+                s.tok_seq.push(si);
+            }
+        }
+
+        s.x.resize(n * dim, 0.0);
+        let mut t = 0;
+        for c in batch {
+            for &tok in c.tokens {
+                self.weights
+                    .token_embd
+                    .row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
+                t += 1;
+            }
+        }
+        self.rope_tables(s);
+
+        s.xb.resize(n * dim, 0.0);
+        s.q.resize(n * dim, 0.0);
+        s.k.resize(n * kv_dim, 0.0);
+        s.v.resize(n * kv_dim, 0.0);
+        s.att.resize(n * dim, 0.0);
+        s.gate.resize(n * cfg.ffn_dim, 0.0);
+        s.up.resize(n * cfg.ffn_dim, 0.0);
+
+        for (l, w) in self.weights.layers.iter().enumerate() {
+            rms_norm(&s.x, &w.attn_norm, cfg.rms_eps, &mut s.xb);
+            self.matmul(
+                &mut [(&w.wq, &mut s.q), (&w.wk, &mut s.k), (&w.wv, &mut s.v)],
+                &s.xb,
+                n,
+                &mut s.acts,
+            );
+            for (bias, out) in [(&w.bq, &mut s.q), (&w.bk, &mut s.k), (&w.bv, &mut s.v)] {
+                if let Some(b) = bias {
+                    out.chunks_exact_mut(b.len())
+                        .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+                }
+            }
+            let half = hd / 2;
+            for t in 0..n {
+                let (cos, sin) = (
+                    &s.rope_cos[t * half..(t + 1) * half],
+                    &s.rope_sin[t * half..(t + 1) * half],
+                );
+                for head in s.q[t * dim..(t + 1) * dim].chunks_exact_mut(hd) {
+                    rope(head, cos, sin, cfg.rope_style);
+                }
+                for head in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
+                    rope(head, cos, sin, cfg.rope_style);
+                }
+                let c = &batch[s.tok_seq[t]];
+                kv.write(
+                    l,
+                    c.block_table,
+                    s.tok_pos[t],
+                    &s.k[t * kv_dim..(t + 1) * kv_dim],
+                    &s.v[t * kv_dim..(t + 1) * kv_dim],
+                );
+            }
+            self.attention(l, batch, kv, s, n);
+            self.matmul(&mut [(&w.wo, &mut s.xb)], &s.att, n, &mut s.acts);
+            add_in_place(&mut s.x, &s.xb);
+
+            rms_norm(&s.x, &w.ffn_norm, cfg.rms_eps, &mut s.xb);
+            self.matmul(
+                &mut [(&w.w_gate, &mut s.gate), (&w.w_up, &mut s.up)],
+                &s.xb,
+                n,
+                &mut s.acts,
+            );
+            for (g, u) in s.gate.iter_mut().zip(&s.up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            self.matmul(&mut [(&w.w_down, &mut s.xb)], &s.gate, n, &mut s.acts);
+            add_in_place(&mut s.x, &s.xb);
+        }
+
+        // Only the rows whose logits are wanted go through the (large) LM head.
+        let picked: Vec<usize> = {
+            let mut end = 0;
+            batch
+                .iter()
+                .filter_map(|c| {
+                    end += c.tokens.len();
+                    c.want_logits.then_some(end - 1)
+                })
+                .collect()
+        };
+        let m = picked.len();
+        for (i, &t) in picked.iter().enumerate() {
+            s.att[i * dim..(i + 1) * dim].copy_from_slice(&s.x[t * dim..(t + 1) * dim]);
+        }
+        rms_norm(
+            &s.att[..m * dim],
+            &self.weights.output_norm,
+            cfg.rms_eps,
+            &mut s.xb[..m * dim],
+        );
+        s.logits.resize(m * cfg.vocab_size, 0.0);
+        self.matmul(
+            &mut [(&self.weights.output, &mut s.logits)],
+            &s.xb,
+            m,
+            &mut s.acts,
+        );
+        &s.logits
+    }
+
+    /// Multiplies the same input by several matrices in one parallel dispatch.
+    fn matmul(
+        &self,
+        jobs: &mut [(&QMatrix, &mut Vec<f32>)],
+        x: &[f32],
+        n_tok: usize,
+        acts: &mut QuantizedActs,
+    ) {
+        let k = jobs[0].0.cols;
+        debug_assert!(jobs.iter().all(|(w, _)| w.cols == k));
+        if n_tok == 0 {
+            return;
+        }
+        let x = &x[..n_tok * k];
+        if jobs
+            .iter()
+            .any(|(w, _)| kernels::wants_quantized_acts(w.ty))
+        {
+            acts.quantize(x, n_tok, k);
+        }
+        let targets: Vec<(&QMatrix, OutMatrix)> = jobs
+            .iter_mut()
+            .map(|(w, out)| {
+                let out = &mut out[..n_tok * w.rows];
+                (&**w, OutMatrix::new(out, w.rows))
+            })
+            .collect();
+        let total: usize = targets.iter().map(|(w, _)| w.rows).sum();
+        let acts = &*acts;
+        let set = self.kernels;
+        self.pool.for_chunks(total, 16, &|range| {
+            // Map the global row range onto each matrix it overlaps.
+            let mut base = 0;
+            for (w, out) in &targets {
+                let (lo, hi) = (range.start.max(base), range.end.min(base + w.rows));
+                if lo < hi {
+                    kernels::gemm(set, w.ty, w.bytes(), k, lo - base..hi - base, acts, x, *out);
+                }
+                base += w.rows;
+            }
+        });
+    }
+
+    /// Cos/sin of every (token, frequency) pair, computed as ggml does (iterated powers,
+    /// f32) so positions far into the context round the same way.
+    fn rope_tables(&self, s: &mut ForwardScratch) {
+        let half = self.cfg.head_dim / 2;
+        let theta_scale = self.cfg.rope_theta.powf(-2.0 / self.cfg.head_dim as f32);
+        s.rope_cos.resize(s.tok_pos.len() * half, 0.0);
+        s.rope_sin.resize(s.tok_pos.len() * half, 0.0);
+        for (t, &pos) in s.tok_pos.iter().enumerate() {
+            let mut theta = pos as f32;
+            for i in 0..half {
+                let th = match &self.weights.rope_freqs {
+                    Some(f) => theta / f[i],
+                    None => theta,
+                };
+                s.rope_cos[t * half + i] = th.cos();
+                s.rope_sin[t * half + i] = th.sin();
+                theta *= theta_scale;
+            }
+        }
+    }
+
+    /// Causal grouped-query attention of every batch token over its sequence's cache.
+    fn attention(
+        &self,
+        layer: usize,
+        batch: &[SeqChunk],
+        kv: &KvCache,
+        s: &mut ForwardScratch,
+        n: usize,
+    ) {
+        let cfg = &self.cfg;
+        let (dim, hd, nh) = (cfg.dim, cfg.head_dim, cfg.n_heads);
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let att = OutMatrix::new(&mut s.att, dim);
+        let (q, tok_pos, tok_seq) = (&s.q, &s.tok_pos, &s.tok_seq);
+        self.pool.for_chunks(n * nh, 1, &|range| {
+            let mut scores: Vec<f32> = Vec::new();
+            let mut qh = vec![0f32; hd];
+            let mut out = vec![0f32; hd];
+            for item in range {
+                let (t, h) = (item / nh, item % nh);
+                let (pos, table) = (tok_pos[t], batch[tok_seq[t]].block_table);
+                let kvh = h / group;
+                // llama.cpp multiplies an f16 copy of q with the f16 cache.
+                for (d, &x) in qh
+                    .iter_mut()
+                    .zip(&q[t * dim + h * hd..t * dim + (h + 1) * hd])
+                {
+                    *d = f16::from_f32(x).to_f32();
+                }
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for p in 0..=pos {
+                    let k = &kv.k(layer, table, p)[kvh * hd..(kvh + 1) * hd];
+                    let sc = kernels::dot_f32(&qh, k) * scale;
+                    max = max.max(sc);
+                    scores.push(sc);
+                }
+                let mut sum = 0f64;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                out.iter_mut().for_each(|o| *o = 0.0);
+                for (p, &w) in scores.iter().enumerate() {
+                    let v = &kv.v(layer, table, p)[kvh * hd..(kvh + 1) * hd];
+                    let w = w * inv;
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o = w.mul_add(x, *o);
+                    }
+                }
+                for (d, &o) in out.iter().enumerate() {
+                    att.set(t, h * hd + d, o);
+                }
+            }
+        });
+    }
+}
+
+/// RMSNorm of each row of `x` (row length = `w.len()`), summing squares in f64 as ggml does.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = head.len() / 2;
+    for i in 0..half {
+        let (a, b) = match style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Halves => (i, i + half),
+        };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0 * cos[i] - x1 * sin[i];
+        head[b] = x0 * sin[i] + x1 * cos[i];
+    }
+}
