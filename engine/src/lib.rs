@@ -12,3 +12,12 @@ pub mod thread_pool;
 pub mod weights;
 
 pub use error::{EngineError, GgufError, ModelError};
+pub mod chat_template;
+pub mod detokenizer;
+pub mod engine;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use engine::{
+    Engine, EngineConfig, Event, FinishReason, GenerationRequest, RequestStream, Usage,
+};

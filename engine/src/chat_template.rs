@@ -1,0 +1,133 @@
+//! Chat templates: the model's own Jinja template (`tokenizer.chat_template`), rendered
+//! in a sandbox.
+//!
+//! The template is text from a file we did not write, so rendering is bounded: minijinja
+//! has no file or network access, a fuel limit stops runaway loops, and the output size
+//! is capped.
+
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::Serialize;
+
+use crate::error::ModelError;
+
+/// Instruction budget for one render; generous for real templates, fatal for loops.
+const FUEL: u64 = 5_000_000;
+/// Largest rendered prompt we accept, in bytes.
+pub const MAX_RENDERED_BYTES: usize = 4 << 20;
+
+/// One chat message as the template sees it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+fn raise_exception(msg: String) -> Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos`/`eos` are the texts of those tokens.
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, ModelError> {
+        let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(64);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        Ok(ChatTemplate {
+            env,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
+    }
+
+    /// Renders the conversation into a prompt.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        let out = tmpl
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            })
+            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+        if out.len() > MAX_RENDERED_BYTES {
+            return Err(ModelError::ChatTemplate(format!(
+                "rendered prompt exceeds {MAX_RENDERED_BYTES} bytes"
+            )));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOLLM: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn renders_smollm_template_like_llama_cpp() {
+        let t = ChatTemplate::new(SMOLLM, "<|im_start|>", "<|im_end|>").unwrap();
+        // The exact prompt llama-server's /apply-template returned for this input.
+        assert_eq!(
+            t.render(&[msg("user", "Hi")], true).unwrap(),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let with_system = t
+            .render(&[msg("system", "Be brief."), msg("user", "Hi")], false)
+            .unwrap();
+        assert_eq!(
+            with_system,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn hostile_templates_fail_cleanly() {
+        let looping =
+            ChatTemplate::new("{% for i in range(100000000) %}{{ i }}{% endfor %}", "", "")
+                .unwrap();
+        assert!(looping.render(&[], true).is_err());
+        let huge = ChatTemplate::new(
+            "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(huge.render(&[], true).is_err());
+        let raising = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").unwrap();
+        assert!(raising
+            .render(&[], true)
+            .unwrap_err()
+            .to_string()
+            .contains("no system role"));
+        assert!(ChatTemplate::new("{% for %}", "", "").is_err());
+        let attr = ChatTemplate::new("{{ messages.__class__.__mro__ }}", "", "").unwrap();
+        assert_eq!(attr.render(&[], true).unwrap(), "");
+    }
+}

@@ -1,0 +1,97 @@
+//! OpenAI request and response bodies.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A chat message as clients send it: `content` may be a string or a list of text parts.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Value>,
+}
+
+/// `stream_options` of OpenAI's streaming API.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields shared by chat and plain completions.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommonParams {
+    pub model: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+    pub user: Option<String>,
+    /// Everything else: checked against the list of fields we know we do not support.
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<InMessage>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Value,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// OpenAI's `usage` object.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct UsageBody {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl From<sluice_engine::Usage> for UsageBody {
+    fn from(u: sluice_engine::Usage) -> Self {
+        UsageBody {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+/// `POST /tokenize` (vLLM's shape).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<InMessage>>,
+    pub add_special_tokens: Option<bool>,
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<i64>,
+}

@@ -1,0 +1,123 @@
+//! `sluice bench`: prefill and decode speed of the engine on one model, and of
+//! llama.cpp's `llama-bench` on the same file when it is installed, as ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use sluice_engine::kv_cache::{KvCache, BLOCK_SIZE};
+use sluice_engine::model::{ForwardScratch, Model, SeqChunk};
+use sluice_engine::sampling::argmax;
+
+/// Tokens per second for prompt processing and generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Speed {
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+}
+
+/// Runs our engine: a `prompt`-token prefill and a `gen`-token greedy decode, best of `reps`.
+pub fn bench_engine(model: &Model, prompt: usize, gen: usize, reps: usize) -> Speed {
+    let total = prompt + gen;
+    let mut kv = KvCache::new(&model.cfg, total.div_ceil(BLOCK_SIZE));
+    let table: Vec<u32> = (0..total.div_ceil(BLOCK_SIZE) as u32).collect();
+    let mut scratch = ForwardScratch::default();
+    // Token ids spread over the vocabulary, as llama-bench uses random ones.
+    let tokens: Vec<u32> = (0..prompt)
+        .map(|i| ((i * 7919 + 13) % model.cfg.vocab_size) as u32)
+        .collect();
+    let (mut best_pp, mut best_tg) = (f64::MAX, f64::MAX);
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let logits = model.forward(
+            &[SeqChunk {
+                tokens: &tokens,
+                start_pos: 0,
+                block_table: &table,
+                want_logits: true,
+            }],
+            &mut kv,
+            &mut scratch,
+        );
+        let mut next = argmax(logits);
+        best_pp = best_pp.min(t0.elapsed().as_secs_f64());
+        let t1 = Instant::now();
+        for i in 0..gen {
+            let tok = [next];
+            let logits = model.forward(
+                &[SeqChunk {
+                    tokens: &tok,
+                    start_pos: prompt + i,
+                    block_table: &table,
+                    want_logits: true,
+                }],
+                &mut kv,
+                &mut scratch,
+            );
+            next = argmax(logits);
+        }
+        best_tg = best_tg.min(t1.elapsed().as_secs_f64());
+    }
+    Speed {
+        prefill_tok_s: prompt as f64 / best_pp,
+        decode_tok_s: gen as f64 / best_tg,
+    }
+}
+
+/// Where `llama-bench` is: `$LLAMA_BENCH`, else the cache the benchmark scripts build into.
+pub fn find_llama_bench() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LLAMA_BENCH") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = Path::new(&home).join(".cache/llamacpp/bin-dir/llama-bench");
+    p.is_file().then_some(p)
+}
+
+/// Runs `llama-bench` with the same sizes and threads; `None` if it fails.
+pub fn bench_llama_cpp(
+    bin: &Path,
+    model: &Path,
+    threads: usize,
+    prompt: usize,
+    gen: usize,
+    reps: usize,
+) -> Result<Speed, String> {
+    let dir = bin.parent().unwrap_or(Path::new("."));
+    let out = Command::new(bin)
+        .env("LD_LIBRARY_PATH", dir)
+        .arg("-m")
+        .arg(model)
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-p",
+            &prompt.to_string(),
+            "-n",
+            &gen.to_string(),
+            "-r",
+            &reps.to_string(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .map_err(|e| format!("running {}: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
+    let mut speed = Speed {
+        prefill_tok_s: 0.0,
+        decode_tok_s: 0.0,
+    };
+    for run in v.as_array().into_iter().flatten() {
+        let ts = run["avg_ts"].as_f64().unwrap_or(0.0);
+        if run["n_prompt"].as_u64().unwrap_or(0) > 0 {
+            speed.prefill_tok_s = ts;
+        } else {
+            speed.decode_tok_s = ts;
+        }
+    }
+    Ok(speed)
+}

@@ -1,0 +1,13 @@
+//! Sluice's gateway: an OpenAI-compatible HTTP server in front of the engine.
+
+pub mod api_types;
+pub mod auth;
+pub mod bench;
+pub mod error;
+pub mod extract;
+pub mod generation;
+pub mod model_store;
+pub mod respond;
+pub mod routes;
+pub mod server;
+pub mod state;

