@@ -128,6 +128,7 @@ mod tests {
             .contains("no system role"));
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
         let attr = ChatTemplate::new("{{ messages.__class__.__mro__ }}", "", "").unwrap();
-        assert_eq!(attr.render(&[], true).unwrap(), "");
+        // Python internals are not reachable: the lookup is an error, not a leak.
+        assert!(attr.render(&[], true).is_err());
     }
 }

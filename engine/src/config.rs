@@ -65,7 +65,11 @@ impl ModelConfig {
                 .and_then(|v| v.as_array())
                 .map_or(0, |a| a.len()),
         };
-        if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0
+            || n_kv_heads == 0
+            || !dim.is_multiple_of(n_heads)
+            || !n_heads.is_multiple_of(n_kv_heads)
+        {
             return Err(ModelError::BadHyperparameters(format!(
                 "embedding_length {dim}, head_count {n_heads}, head_count_kv {n_kv_heads} do not divide evenly"
             )));
@@ -84,9 +88,9 @@ impl ModelConfig {
         if n_layers == 0
             || n_layers > 512
             || dim == 0
-            || dim % 32 != 0
-            || ffn_dim % 32 != 0
-            || head_dim % 2 != 0
+            || !dim.is_multiple_of(32)
+            || !ffn_dim.is_multiple_of(32)
+            || !head_dim.is_multiple_of(2)
         {
             return Err(ModelError::BadHyperparameters(format!(
                 "block_count {n_layers}, embedding_length {dim}, feed_forward_length {ffn_dim} are out of range"

@@ -290,48 +290,55 @@ impl Model {
         let att = OutMatrix::new(&mut s.att, dim);
         let (q, tok_pos, tok_seq) = (&s.q, &s.tok_pos, &s.tok_seq);
         self.pool.for_chunks(n * nh, 1, &|range| {
-            let mut scores: Vec<f32> = Vec::new();
             let mut qh = vec![0f32; hd];
             let mut out = vec![0f32; hd];
             for item in range {
                 let (t, h) = (item / nh, item % nh);
                 let (pos, table) = (tok_pos[t], batch[tok_seq[t]].block_table);
                 let kvh = h / group;
-                // llama.cpp multiplies an f16 copy of q with the f16 cache.
-                for (d, &x) in qh
-                    .iter_mut()
-                    .zip(&q[t * dim + h * hd..t * dim + (h + 1) * hd])
-                {
-                    *d = f16::from_f32(x).to_f32();
+                // llama.cpp's CPU flash attention takes two paths, and following them
+                // keeps greedy output on llama.cpp's through a small model's near-ties:
+                // multi-token chunks (prefill) go through a tiled f32 kernel; single
+                // tokens (decode) multiply an f16 copy of q and accumulate V in f16.
+                let decode = batch[tok_seq[t]].tokens.len() == 1;
+                let qsrc = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
+                for (d, &x) in qh.iter_mut().zip(qsrc) {
+                    *d = if decode { round_f16(x) } else { x };
                 }
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
+                let acc_round = |x: f32| if decode { round_f16(x) } else { x };
+                let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+                out.iter_mut().for_each(|o| *o = 0.0);
                 for p in 0..=pos {
                     let k = &kv.k(layer, table, p)[kvh * hd..(kvh + 1) * hd];
                     let sc = kernels::dot_f32(&qh, k) * scale;
-                    max = max.max(sc);
-                    scores.push(sc);
-                }
-                let mut sum = 0f64;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                out.iter_mut().for_each(|o| *o = 0.0);
-                for (p, &w) in scores.iter().enumerate() {
-                    let v = &kv.v(layer, table, p)[kvh * hd..(kvh + 1) * hd];
-                    let w = w * inv;
-                    for (o, &x) in out.iter_mut().zip(v) {
-                        *o = w.mul_add(x, *o);
+                    let (mut ms, mut vs) = (1f32, 1f32);
+                    if sc > m {
+                        let old = m;
+                        m = sc;
+                        ms = (old - m).exp();
+                        out.iter_mut().for_each(|o| *o = acc_round(*o * ms));
+                    } else {
+                        vs = (sc - m).exp();
                     }
+                    let v = &kv.v(layer, table, p)[kvh * hd..(kvh + 1) * hd];
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o = acc_round(x.mul_add(vs, *o));
+                    }
+                    sum = sum * ms + vs;
                 }
+                let inv = 1.0 / sum;
+                out.iter_mut().for_each(|o| *o *= inv);
                 for (d, &o) in out.iter().enumerate() {
                     att.set(t, h * hd + d, o);
                 }
             }
         });
     }
+}
+
+#[inline]
+fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
 }
 
 /// RMSNorm of each row of `x` (row length = `w.len()`), summing squares in f64 as ggml does.

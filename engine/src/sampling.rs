@@ -58,7 +58,8 @@ impl Sampler {
         self.scratch
             .extend(logits.iter().enumerate().map(|(i, &l)| (l / t, i as u32)));
         let c = &mut self.scratch;
-        c.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        // Ties go to the lower id, as in greedy decoding, so top_k = 1 equals greedy.
+        c.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         if self.params.top_k > 0 {
             c.truncate(self.params.top_k.max(1));
         }

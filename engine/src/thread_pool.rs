@@ -135,7 +135,7 @@ fn worker(s: Arc<Shared>, idx: usize) {
                 break;
             }
             spins += 1;
-            if spins % 64 == 0 && spin_start.elapsed() > SPIN {
+            if spins.is_multiple_of(64) && spin_start.elapsed() > SPIN {
                 let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
                 *sleepers += 1;
                 while s.generation.load(Ordering::Acquire) == seen

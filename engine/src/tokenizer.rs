@@ -142,12 +142,11 @@ impl Tokenizer {
                 TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
                 _ => t
                     .chars()
-                    .map(|c| {
+                    .flat_map(|c| {
                         map.get(&c)
                             .copied()
                             .map_or_else(|| c.to_string().into_bytes(), |b| vec![b])
                     })
-                    .flatten()
                     .collect(),
             })
             .collect();
