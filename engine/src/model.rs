@@ -305,29 +305,26 @@ impl Model {
                 for (d, &x) in qh.iter_mut().zip(qsrc) {
                     *d = if decode { round_f16(x) } else { x };
                 }
-                let acc_round = |x: f32| if decode { round_f16(x) } else { x };
                 let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
                 out.iter_mut().for_each(|o| *o = 0.0);
                 for p in 0..=pos {
                     let k = &kv.k(layer, table, p)[kvh * hd..(kvh + 1) * hd];
-                    let sc = kernels::dot_f32(&qh, k) * scale;
+                    let sc = kernels::dot(&qh, k) * scale;
                     let (mut ms, mut vs) = (1f32, 1f32);
                     if sc > m {
                         let old = m;
                         m = sc;
                         ms = (old - m).exp();
-                        out.iter_mut().for_each(|o| *o = acc_round(*o * ms));
+                        kernels::scale(&mut out, ms, decode);
                     } else {
                         vs = (sc - m).exp();
                     }
                     let v = &kv.v(layer, table, p)[kvh * hd..(kvh + 1) * hd];
-                    for (o, &x) in out.iter_mut().zip(v) {
-                        *o = acc_round(x.mul_add(vs, *o));
-                    }
+                    kernels::axpy(&mut out, v, vs, decode);
                     sum = sum * ms + vs;
                 }
                 let inv = 1.0 / sum;
-                out.iter_mut().for_each(|o| *o *= inv);
+                kernels::scale(&mut out, inv, false);
                 for (d, &o) in out.iter().enumerate() {
                     att.set(t, h * hd + d, o);
                 }

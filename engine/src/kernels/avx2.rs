@@ -204,3 +204,111 @@ pub(super) unsafe fn gemm(
         other => unreachable!("no AVX2 kernel for {}", other.name()),
     }
 }
+
+#[inline(always)]
+unsafe fn round_f16x8(v: __m256) -> __m256 {
+    _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+}
+
+/// Float dot product (lengths a multiple of 8).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    debug_assert_eq!(n % 8, 0);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            acc,
+        );
+        i += 8;
+    }
+    hsum(acc)
+}
+
+/// `out = x * s + out`, optionally rounded to f16 precision after each update.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy(out: &mut [f32], x: &[f32], s: f32, round: bool) {
+    let n = out.len().min(x.len());
+    debug_assert_eq!(n % 8, 0);
+    let sv = _mm256_set1_ps(s);
+    let mut i = 0;
+    while i + 8 <= n {
+        let o = _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.as_ptr().add(i)),
+            sv,
+            _mm256_loadu_ps(out.as_ptr().add(i)),
+        );
+        _mm256_storeu_ps(
+            out.as_mut_ptr().add(i),
+            if round { round_f16x8(o) } else { o },
+        );
+        i += 8;
+    }
+}
+
+/// `out *= s`, optionally rounded to f16 precision.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scale(out: &mut [f32], s: f32, round: bool) {
+    let sv = _mm256_set1_ps(s);
+    let mut i = 0;
+    while i + 8 <= out.len() {
+        let o = _mm256_mul_ps(_mm256_loadu_ps(out.as_ptr().add(i)), sv);
+        _mm256_storeu_ps(
+            out.as_mut_ptr().add(i),
+            if round { round_f16x8(o) } else { o },
+        );
+        i += 8;
+    }
+}
+
+/// Quantizes one block of 32 floats to i8 with scale 127/amax (ties to even); returns
+/// (amax, sum of the quants).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert!(x.len() >= 32 && q.len() >= 32);
+    let sign = _mm256_set1_ps(-0.0);
+    let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(x.as_ptr().add(8 * j)));
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for vj in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vj));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    let amax = _mm_cvtss_f32(m4);
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let i: [__m256i; 4] = std::array::from_fn(|j| {
+        _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(_mm256_mul_ps(v[j], id)))
+    });
+    let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
+    let s4 = _mm_hadd_epi32(s4, s4);
+    let s4 = _mm_hadd_epi32(s4, s4);
+    // Pack 32-bit → 16-bit → 8-bit, then undo the lane interleaving of the packs.
+    let p16a = _mm256_packs_epi32(i[0], i[1]);
+    let p16b = _mm256_packs_epi32(i[2], i[3]);
+    let p8 = _mm256_packs_epi16(p16a, p16b);
+    let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p8);
+    (amax, _mm_cvtsi128_si32(s4))
+}

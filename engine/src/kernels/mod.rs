@@ -8,8 +8,6 @@
 mod avx2;
 mod scalar;
 
-pub(crate) use scalar::dot_f32;
-
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -49,24 +47,71 @@ impl QuantizedActs {
         self.qs.resize(n_rows * row_len, 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        let set = detected();
         for (b, (xb, qb)) in x
             .chunks_exact(QK8)
             .zip(self.qs.chunks_exact_mut(QK8))
             .enumerate()
         {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (amax, sum) = match set {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Avx2 is only detected when the CPU has avx2, fma and f16c.
+                KernelSet::Avx2 => unsafe { avx2::quantize_block(xb, qb) },
+                _ => quantize_block_scalar(xb, qb),
+            };
             let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                // Ties to even, as the AVX2 rounding llama.cpp uses on x86.
-                let r = (v * id).round_ties_even() as i32;
-                *q = r as i8;
-                sum += r;
-            }
             self.d[b] = f16::from_f32(d).to_f32();
             self.s[b] = f16::from_f32(d * sum as f32).to_f32();
         }
+    }
+}
+
+fn quantize_block_scalar(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        // Ties to even, as the AVX2 rounding llama.cpp uses on x86.
+        let r = (v * id).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (amax, sum)
+}
+
+/// Float dot product (attention scores).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 && a.len().is_multiple_of(8) {
+        // SAFETY: the CPU reported avx2, fma and f16c.
+        return unsafe { avx2::dot(a, b) };
+    }
+    scalar::dot_f32(a, b)
+}
+
+/// `out = x * s + out`, rounded to f16 precision when `round` (llama.cpp's f16 accumulator).
+pub fn axpy(out: &mut [f32], x: &[f32], s: f32, round: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 && out.len().is_multiple_of(8) {
+        // SAFETY: the CPU reported avx2, fma and f16c.
+        return unsafe { avx2::axpy(out, x, s, round) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        let r = v * s + *o;
+        *o = if round { f16::from_f32(r).to_f32() } else { r };
+    }
+}
+
+/// `out *= s`, rounded to f16 precision when `round`.
+pub fn scale(out: &mut [f32], s: f32, round: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 && out.len().is_multiple_of(8) {
+        // SAFETY: the CPU reported avx2, fma and f16c.
+        return unsafe { avx2::scale(out, s, round) };
+    }
+    for o in out.iter_mut() {
+        let r = *o * s;
+        *o = if round { f16::from_f32(r).to_f32() } else { r };
     }
 }
 
@@ -292,6 +337,31 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn simd_quantization_equals_scalar() {
+        let x = pseudo(32 * 40, 5);
+        for b in x.chunks_exact(32) {
+            let mut qs = [0i8; 32];
+            let want = quantize_block_scalar(b, &mut qs);
+            #[cfg(target_arch = "x86_64")]
+            if detected() == KernelSet::Avx2 {
+                let mut qv = [0i8; 32];
+                // SAFETY: detected above.
+                let got = unsafe { avx2::quantize_block(b, &mut qv) };
+                assert_eq!(got, want);
+                assert_eq!(qv, qs);
+            }
+        }
+        let (a, b) = (pseudo(64, 1), pseudo(64, 2));
+        let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - plain).abs() < 1e-4);
+        let mut o = vec![0.5f32; 64];
+        axpy(&mut o, &a, 2.0, true);
+        for (o, x) in o.iter().zip(&a) {
+            assert_eq!(*o, half::f16::from_f32(x * 2.0 + 0.5).to_f32());
         }
     }
 

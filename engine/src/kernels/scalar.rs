@@ -46,7 +46,8 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let (bc, br) = b.split_at(ac.len());
     for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            // Plain multiply-add: `mul_add` is a slow library call without FMA.
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s: f32 = acc.iter().sum();
