@@ -322,9 +322,15 @@ impl EngineLoop {
                 break;
             };
             let need = (front.req.prompt.len() + front.req.max_tokens).div_ceil(BLOCK_SIZE);
-            if need > self.kv.n_blocks() {
-                let s = self.waiting.pop_front().expect("front exists");
-                self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            let fits_ever = need <= self.kv.n_blocks();
+            if fits_ever && need > self.free_blocks.len() {
+                break; // wait for running requests to free blocks
+            }
+            let Some(s) = self.waiting.pop_front() else {
+                break;
+            };
+            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            if !fits_ever {
                 let _ = s.tx.try_send(Event::Done {
                     reason: FinishReason::Error,
                     usage: Usage {
@@ -338,11 +344,6 @@ impl EngineLoop {
                 });
                 continue;
             }
-            if need > self.free_blocks.len() {
-                break;
-            }
-            let s = self.waiting.pop_front().expect("front exists");
-            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
             let blocks = self.free_blocks.split_off(self.free_blocks.len() - need);
             let prompt_len = s.req.prompt.len();
             self.running.push(Sequence {

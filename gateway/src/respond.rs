@@ -72,6 +72,19 @@ fn finish_str(r: FinishReason) -> &'static str {
     r.as_str()
 }
 
+/// Answers with SSE when the client asked to stream, else with one JSON body.
+pub async fn respond(
+    stream: RequestStream,
+    meta: ResponseMeta,
+    streaming: bool,
+) -> Result<Response, ApiError> {
+    if streaming {
+        Ok(stream_sse(stream, meta))
+    } else {
+        complete(stream, meta).await
+    }
+}
+
 /// Collects the whole generation into one response body.
 pub async fn complete(mut stream: RequestStream, meta: ResponseMeta) -> Result<Response, ApiError> {
     let mut text = String::new();

@@ -7,7 +7,7 @@ use crate::api_types::ChatRequest;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::generation::build_request;
-use crate::respond::{complete, stream_sse, Flavor, ResponseMeta};
+use crate::respond::{respond, Flavor, ResponseMeta};
 use crate::state::{unix_now, SharedState};
 
 /// Chat completion, streaming or not.
@@ -30,9 +30,5 @@ pub async fn chat_completions(
             .as_ref()
             .is_some_and(|o| o.include_usage),
     };
-    if req.common.stream {
-        Ok(stream_sse(stream, meta))
-    } else {
-        complete(stream, meta).await
-    }
+    respond(stream, meta, req.common.stream).await
 }

@@ -8,7 +8,7 @@ use crate::api_types::CompletionRequest;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::generation::build_request;
-use crate::respond::{complete, stream_sse, Flavor, ResponseMeta};
+use crate::respond::{respond, Flavor, ResponseMeta};
 use crate::state::{unix_now, ServedModel, SharedState};
 
 /// The prompt as token ids: a string, a one-string array, or an array of ids.
@@ -70,9 +70,5 @@ pub async fn completions(
             .as_ref()
             .is_some_and(|o| o.include_usage),
     };
-    if req.common.stream {
-        Ok(stream_sse(stream, meta))
-    } else {
-        complete(stream, meta).await
-    }
+    respond(stream, meta, req.common.stream).await
 }
