@@ -137,7 +137,11 @@ struct EngineShared {
 
 impl Engine {
     /// Starts the model loop on its own thread.
-    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Engine {
+    pub fn start(
+        model: Model,
+        tokenizer: Arc<Tokenizer>,
+        cfg: EngineConfig,
+    ) -> Result<Engine, EngineError> {
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let context_length = model.cfg.context_length;
@@ -151,8 +155,8 @@ impl Engine {
                 let kv = KvCache::new(&model.cfg, n_blocks);
                 EngineLoop::new(model, tokenizer, cfg, kv, rx, w).run()
             })
-            .expect("spawning the engine thread");
-        Engine {
+            .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
             inner: Arc::new(EngineShared {
                 tx: std::sync::Mutex::new(Some(tx)),
                 waiting,
@@ -161,7 +165,7 @@ impl Engine {
                 vocab_size,
                 thread: std::sync::Mutex::new(Some(thread)),
             }),
-        }
+        })
     }
 
     /// The model's context length in tokens.

@@ -42,6 +42,8 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    #[error("cannot start compute threads: {0}")]
+    Threads(String),
 }
 
 /// Why a request could not be accepted or completed.

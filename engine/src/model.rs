@@ -71,7 +71,7 @@ impl Model {
             cfg,
             file,
             weights,
-            pool: ThreadPool::new(threads),
+            pool: ThreadPool::new(threads).map_err(|e| ModelError::Threads(e.to_string()))?,
             kernels: kernels::detected(),
         })
     }

@@ -40,7 +40,7 @@ const SPIN: Duration = Duration::from_micros(300);
 
 impl ThreadPool {
     /// A pool of `threads` (the calling thread is one of them).
-    pub fn new(threads: usize) -> Self {
+    pub fn new(threads: usize) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             generation: AtomicUsize::new(0),
@@ -50,16 +50,20 @@ impl ThreadPool {
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
         });
-        let workers = (1..threads.max(1))
-            .map(|idx| {
-                let s = shared.clone();
+        // Built up in place so that, if a spawn fails, Drop stops the ones already running.
+        let mut pool = ThreadPool {
+            shared,
+            workers: Vec::new(),
+        };
+        for idx in 1..threads.max(1) {
+            let s = pool.shared.clone();
+            pool.workers.push(
                 std::thread::Builder::new()
                     .name(format!("sluice-compute-{idx}"))
-                    .spawn(move || worker(s, idx))
-                    .expect("spawning a compute thread")
-            })
-            .collect();
-        ThreadPool { shared, workers }
+                    .spawn(move || worker(s, idx))?,
+            );
+        }
+        Ok(pool)
     }
 
     /// Number of threads, including the caller.
@@ -184,7 +188,7 @@ mod tests {
 
     #[test]
     fn every_index_runs_once_per_call() {
-        let pool = ThreadPool::new(3);
+        let pool = ThreadPool::new(3).unwrap();
         for _ in 0..1000 {
             let hits = AtomicUsize::new(0);
             pool.run(&|i| {
@@ -196,7 +200,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_range_exactly_once() {
-        let pool = ThreadPool::new(2);
+        let pool = ThreadPool::new(2).unwrap();
         let seen: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
         pool.for_chunks(1000, 7, &|r| {
             for i in r {
@@ -208,7 +212,7 @@ mod tests {
 
     #[test]
     fn worker_panic_is_reraised_and_pool_survives() {
-        let pool = ThreadPool::new(2);
+        let pool = ThreadPool::new(2).unwrap();
         let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|i| assert!(i != 1, "boom"))));
         assert!(r.is_err());
         let hits = AtomicUsize::new(0);

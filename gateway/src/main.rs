@@ -146,7 +146,7 @@ fn load_served_model(
     });
     let context_length = model.cfg.context_length;
     info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = ?model.kernel_set(), threads, "model loaded");
-    let engine = Engine::start(model, tokenizer.clone(), cfg);
+    let engine = Engine::start(model, tokenizer.clone(), cfg)?;
     Ok(ServedModel {
         name,
         engine,

@@ -10,8 +10,10 @@ use futures_util::stream;
 use serde_json::{json, Value};
 use sluice_engine::{Event, FinishReason, RequestStream, Usage};
 
-use crate::api_types::UsageBody;
+use crate::api_types::{CommonParams, UsageBody};
 use crate::error::ApiError;
+use crate::generation::build_request;
+use crate::state::{unix_now, AppState, ServedModel};
 
 /// Which OpenAI object family to produce.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -72,13 +74,31 @@ fn finish_str(r: FinishReason) -> &'static str {
     r.as_str()
 }
 
-/// Answers with SSE when the client asked to stream, else with one JSON body.
-pub async fn respond(
-    stream: RequestStream,
-    meta: ResponseMeta,
-    streaming: bool,
+/// Validates the parameters, submits `prompt` to the model's engine and answers with
+/// SSE when the client asked to stream, else with one JSON body.
+pub async fn generate(
+    state: &AppState,
+    model: &ServedModel,
+    prompt: Vec<u32>,
+    params: &CommonParams,
+    flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    if streaming {
+    let request = build_request(params, prompt, model.context_length)?;
+    let stream = model.engine.submit(request)?;
+    let meta = ResponseMeta {
+        id: state.new_id(match flavor {
+            Flavor::Chat => "chatcmpl",
+            Flavor::Completion => "cmpl",
+        }),
+        model: model.name.clone(),
+        created: unix_now(),
+        flavor,
+        include_usage: params
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    };
+    if params.stream {
         Ok(stream_sse(stream, meta))
     } else {
         complete(stream, meta).await

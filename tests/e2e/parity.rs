@@ -34,7 +34,8 @@ fn loaded() -> &'static Loaded {
             .to_string();
         let template =
             ChatTemplate::new(&src, "<|im_start|>", "<|im_end|>").expect("template compiles");
-        let engine = Engine::start(model, tokenizer.clone(), EngineConfig::default());
+        let engine = Engine::start(model, tokenizer.clone(), EngineConfig::default())
+            .expect("engine starts");
         Loaded {
             engine,
             tokenizer,

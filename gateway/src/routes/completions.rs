@@ -7,9 +7,8 @@ use serde_json::Value;
 use crate::api_types::CompletionRequest;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
-use crate::generation::build_request;
-use crate::respond::{respond, Flavor, ResponseMeta};
-use crate::state::{unix_now, ServedModel, SharedState};
+use crate::respond::{generate, Flavor};
+use crate::state::{ServedModel, SharedState};
 
 /// The prompt as token ids: a string, a one-string array, or an array of ids.
 fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiError> {
@@ -57,18 +56,5 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let model = state.resolve_model(req.common.model.as_deref())?;
     let prompt = prompt_tokens(model, &req.prompt)?;
-    let gen = build_request(&req.common, prompt, model.context_length)?;
-    let stream = model.engine.submit(gen)?;
-    let meta = ResponseMeta {
-        id: state.new_id("cmpl"),
-        model: model.name.clone(),
-        created: unix_now(),
-        flavor: Flavor::Completion,
-        include_usage: req
-            .common
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage),
-    };
-    respond(stream, meta, req.common.stream).await
+    generate(&state, model, prompt, &req.common, Flavor::Completion).await
 }
