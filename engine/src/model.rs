@@ -246,7 +246,19 @@ impl Model {
             for (w, out) in &targets {
                 let (lo, hi) = (range.start.max(base), range.end.min(base + w.rows));
                 if lo < hi {
-                    kernels::gemm(set, w.ty, w.bytes(), k, lo - base..hi - base, acts, x, *out);
+                    let rows = lo - base..hi - base;
+                    match &w.packed {
+                        Some(p) => {
+                            // Rounding both ends up to whole groups keeps the chunks a
+                            // partition of the matrix's rows, whatever the chunk size.
+                            let up = |r: usize| r.next_multiple_of(kernels::PACK_ROWS).min(w.rows);
+                            let rows = up(rows.start)..up(rows.end);
+                            if !rows.is_empty() {
+                                kernels::gemm_packed(p, rows, acts, *out);
+                            }
+                        }
+                        None => kernels::gemm(set, w.ty, w.bytes(), k, rows, acts, x, *out),
+                    }
                 }
                 base += w.rows;
             }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
+use crate::kernels::{self, KernelSet, PackedQ4_1x8};
 use crate::quant::{dequantize_row, GgmlType};
 
 /// A weight matrix of `rows` rows of `cols` elements, left in its file encoding.
@@ -15,6 +16,8 @@ pub struct QMatrix {
     file: Arc<GgufFile>,
     offset: usize,
     len: usize,
+    /// The same weights regrouped for the faster kernel, when it applies.
+    pub packed: Option<PackedQ4_1x8>,
 }
 
 impl QMatrix {
@@ -36,14 +39,19 @@ impl QMatrix {
                 expected,
             });
         }
-        Ok(QMatrix {
+        let mut m = QMatrix {
             ty: info.ty,
             rows,
             cols,
             file: file.clone(),
             offset: info.offset,
             len: info.n_bytes,
-        })
+            packed: None,
+        };
+        if kernels::detected() == KernelSet::Avx2 {
+            m.packed = PackedQ4_1x8::pack(m.ty, m.bytes(), rows, cols);
+        }
+        Ok(m)
     }
 
     /// The raw bytes, `rows × row_bytes`.

@@ -6,7 +6,10 @@
 //! The scalar code is the reference the SIMD code is tested against.
 
 mod avx2;
+mod packed;
 mod scalar;
+
+pub use packed::{PackedQ4_1x8, PACK_ROWS};
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -146,6 +149,15 @@ impl OutMatrix {
         // SAFETY: bounds checked above; disjointness is the caller's contract.
         unsafe { *self.ptr.add(i) = v }
     }
+
+    /// Pointer to `n` consecutive cells of one token row, bounds checked.
+    #[inline]
+    pub(crate) fn cells(&self, token: usize, row: usize, n: usize) -> *mut f32 {
+        let i = token * self.stride + row;
+        assert!(row + n <= self.stride && i + n <= self.len);
+        // SAFETY: in bounds, checked above.
+        unsafe { self.ptr.add(i) }
+    }
 }
 
 /// Which kernel family this CPU runs.
@@ -205,6 +217,21 @@ pub fn gemm(
             scalar::gemm_quant(ty, w, k, rows, acts_q, out)
         }
         _ => scalar::gemm_quant(ty, w, k, rows, acts_q, out),
+    }
+}
+
+/// [`gemm`] for a matrix repacked by [`PackedQ4_1x8::pack`]; `rows` are multiples of
+/// [`PACK_ROWS`]. Matrices are packed only when this CPU runs the AVX2 kernels.
+pub fn gemm_packed(w: &PackedQ4_1x8, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
+    assert_eq!(
+        detected(),
+        KernelSet::Avx2,
+        "packed weights need the AVX2 kernels"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU reported avx2, fma and f16c.
+    unsafe {
+        packed::gemm_avx2(w, rows, acts, out)
     }
 }
 
