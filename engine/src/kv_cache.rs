@@ -62,6 +62,22 @@ impl KvCache {
         }
     }
 
+    /// K rows of the `n` tokens from `pos`, which must lie in one block: `n × kv_dim`.
+    #[inline]
+    pub fn k_rows(&self, layer: usize, table: &[u32], pos: usize, n: usize) -> &[f32] {
+        assert!(pos % BLOCK_SIZE + n <= BLOCK_SIZE);
+        let s = self.slot(table, pos);
+        &self.k[layer][s..s + n * self.kv_dim]
+    }
+
+    /// V rows of the `n` tokens from `pos`, which must lie in one block: `n × kv_dim`.
+    #[inline]
+    pub fn v_rows(&self, layer: usize, table: &[u32], pos: usize, n: usize) -> &[f32] {
+        assert!(pos % BLOCK_SIZE + n <= BLOCK_SIZE);
+        let s = self.slot(table, pos);
+        &self.v[layer][s..s + n * self.kv_dim]
+    }
+
     /// K row (all KV heads) of the token at `pos`.
     #[inline]
     pub fn k(&self, layer: usize, table: &[u32], pos: usize) -> &[f32] {

@@ -13,7 +13,7 @@ use crate::config::{ModelConfig, RopeStyle};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::kernels::{self, KernelSet, OutMatrix, QuantizedActs};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, BLOCK_SIZE};
 use crate::thread_pool::ThreadPool;
 use crate::weights::{ModelWeights, QMatrix};
 
@@ -317,25 +317,19 @@ impl Model {
                 for (d, &x) in qh.iter_mut().zip(qsrc) {
                     *d = if decode { round_f16(x) } else { x };
                 }
-                let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+                let mut state = kernels::OnlineSoftmax::default();
                 out.iter_mut().for_each(|o| *o = 0.0);
-                for p in 0..=pos {
-                    let k = &kv.k(layer, table, p)[kvh * hd..(kvh + 1) * hd];
-                    let sc = kernels::dot(&qh, k) * scale;
-                    let (mut ms, mut vs) = (1f32, 1f32);
-                    if sc > m {
-                        let old = m;
-                        m = sc;
-                        ms = (old - m).exp();
-                        kernels::scale(&mut out, ms, decode);
-                    } else {
-                        vs = (sc - m).exp();
-                    }
-                    let v = &kv.v(layer, table, p)[kvh * hd..(kvh + 1) * hd];
-                    kernels::axpy(&mut out, v, vs, decode);
-                    sum = sum * ms + vs;
+                let kv_dim = cfg.kv_dim();
+                let mut p = 0;
+                while p <= pos {
+                    // Runs of positions inside one cache block are contiguous rows.
+                    let run = (BLOCK_SIZE - p % BLOCK_SIZE).min(pos + 1 - p);
+                    let k = &kv.k_rows(layer, table, p, run)[kvh * hd..];
+                    let v = &kv.v_rows(layer, table, p, run)[kvh * hd..];
+                    kernels::attend(&qh, k, v, kv_dim, run, scale, decode, &mut state, &mut out);
+                    p += run;
                 }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / state.sum;
                 kernels::scale(&mut out, inv, false);
                 for (d, &o) in out.iter().enumerate() {
                     att.set(t, h * hd + d, o);

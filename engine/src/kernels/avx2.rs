@@ -214,6 +214,7 @@ unsafe fn round_f16x8(v: __m256) -> __m256 {
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
@@ -231,10 +232,46 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     hsum(acc)
 }
 
+/// Fused online-softmax attention over `n` cache rows (see `kernels::attend`); the same
+/// operations in the same order as `dot`, `scale` and `axpy` one row at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `q.len()` is a multiple of 8 and the slices
+/// hold `n` rows at `stride`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    n: usize,
+    scale_by: f32,
+    round: bool,
+    state: &mut super::OnlineSoftmax,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    for i in 0..n {
+        let sc = dot(q, &k[i * stride..i * stride + hd]) * scale_by;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if sc > state.max {
+            ms = (state.max - sc).exp();
+            state.max = sc;
+            scale(out, ms, round);
+        } else {
+            vs = (sc - state.max).exp();
+        }
+        axpy(out, &v[i * stride..i * stride + hd], vs, round);
+        state.sum = state.sum * ms + vs;
+    }
+}
+
 /// `out = x * s + out`, optionally rounded to f16 precision after each update.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn axpy(out: &mut [f32], x: &[f32], s: f32, round: bool) {
     let n = out.len().min(x.len());
@@ -259,6 +296,7 @@ pub(super) unsafe fn axpy(out: &mut [f32], x: &[f32], s: f32, round: bool) {
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn scale(out: &mut [f32], s: f32, round: bool) {
     let sv = _mm256_set1_ps(s);

@@ -118,6 +118,72 @@ pub fn scale(out: &mut [f32], s: f32, round: bool) {
     }
 }
 
+/// The running maximum and denominator of an online softmax.
+#[derive(Debug, Clone, Copy)]
+pub struct OnlineSoftmax {
+    pub max: f32,
+    pub sum: f32,
+}
+
+impl Default for OnlineSoftmax {
+    fn default() -> Self {
+        OnlineSoftmax {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+        }
+    }
+}
+
+/// Folds `n` keys and values into one head's online-softmax attention, in the order and
+/// rounding of llama.cpp's CPU flash attention (f16 accumulator when `round`).
+///
+/// Row `i` of K is `k[i * stride..][..q.len()]`, likewise V; `out` is the unnormalised
+/// weighted sum of V (divide by `state.sum` at the end).
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    round: bool,
+    state: &mut OnlineSoftmax,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    assert!(out.len() == hd && n > 0);
+    assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 && hd.is_multiple_of(8) {
+        // SAFETY: the CPU reported avx2, fma and f16c; lengths asserted above.
+        return unsafe { avx2::attend(q, k, v, stride, n, scale, round, state, out) };
+    }
+    for i in 0..n {
+        let sc = scalar::dot_f32(q, &k[i * stride..i * stride + hd]) * scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if sc > state.max {
+            ms = (state.max - sc).exp();
+            state.max = sc;
+            scale_rows(out, ms, round);
+        } else {
+            vs = (sc - state.max).exp();
+        }
+        for (o, &x) in out.iter_mut().zip(&v[i * stride..i * stride + hd]) {
+            let r = x * vs + *o;
+            *o = if round { f16::from_f32(r).to_f32() } else { r };
+        }
+        state.sum = state.sum * ms + vs;
+    }
+}
+
+fn scale_rows(out: &mut [f32], s: f32, round: bool) {
+    for o in out.iter_mut() {
+        let r = *o * s;
+        *o = if round { f16::from_f32(r).to_f32() } else { r };
+    }
+}
+
 /// Raw pointer to an output matrix that several threads fill in disjoint columns.
 #[derive(Clone, Copy)]
 pub struct OutMatrix {
@@ -389,6 +455,54 @@ mod tests {
         axpy(&mut o, &a, 2.0, true);
         for (o, x) in o.iter().zip(&a) {
             assert_eq!(*o, half::f16::from_f32(x * 2.0 + 0.5).to_f32());
+        }
+    }
+
+    #[test]
+    fn fused_attention_is_softmax_attention() {
+        let (hd, stride, n) = (64, 192, 37);
+        let q = pseudo(hd, 1);
+        let k = pseudo(n * stride, 2);
+        let v = pseudo(n * stride, 3);
+        let scale = 0.125;
+        let scores: Vec<f64> = (0..n)
+            .map(|i| {
+                let s: f64 = (0..hd)
+                    .map(|d| q[d] as f64 * k[i * stride + d] as f64)
+                    .sum();
+                s * scale as f64
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        for round in [false, true] {
+            let mut state = OnlineSoftmax::default();
+            let mut out = vec![0f32; hd];
+            // In two runs, as the cache's blocks split a sequence.
+            attend(&q, &k, &v, stride, 20, scale, round, &mut state, &mut out);
+            let (k2, v2) = (&k[20 * stride..], &v[20 * stride..]);
+            attend(
+                &q,
+                k2,
+                v2,
+                stride,
+                n - 20,
+                scale,
+                round,
+                &mut state,
+                &mut out,
+            );
+            let tol = if round { 2e-2 } else { 1e-5 };
+            for d in 0..hd {
+                let want: f64 =
+                    (0..n).map(|i| w[i] * v[i * stride + d] as f64).sum::<f64>() / total;
+                let got = out[d] / state.sum;
+                assert!(
+                    (got as f64 - want).abs() < tol,
+                    "round={round} d={d}: {got} vs {want}"
+                );
+            }
         }
     }
 
