@@ -252,8 +252,17 @@ pub(super) unsafe fn attend(
     out: &mut [f32],
 ) {
     let hd = q.len();
+    // The scores do not depend on the running state: computing a run of them first lets
+    // the CPU overlap their latency chains instead of waiting on each exp/axpy.
+    let mut scores = [0f32; 16];
     for i in 0..n {
-        let sc = dot(q, &k[i * stride..i * stride + hd]) * scale_by;
+        if i % 16 == 0 {
+            for (j, sc) in scores.iter_mut().enumerate().take((n - i).min(16)) {
+                let r = (i + j) * stride;
+                *sc = dot(q, &k[r..r + hd]) * scale_by;
+            }
+        }
+        let sc = scores[i % 16];
         let (mut ms, mut vs) = (1f32, 1f32);
         if sc > state.max {
             ms = (state.max - sc).exp();
