@@ -1,6 +1,7 @@
 //! Sluice's inference engine: GGUF models on CPU, tokenization, chat templates and
 //! the model loop that serves requests.
 
+pub mod block_allocator;
 pub mod config;
 pub mod error;
 pub mod gguf;
@@ -16,6 +17,7 @@ pub mod chat_template;
 pub mod detokenizer;
 pub mod engine;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use engine::{

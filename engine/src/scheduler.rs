@@ -1,0 +1,480 @@
+//! The scheduler: which tokens of which requests go into the next forward step.
+//!
+//! vLLM v1's idea: every step, each request gets the tokens it needs next (one for a
+//! decoding request, a chunk of its prompt for one still prefilling) within a token
+//! budget. Requests join between steps and leave when finished, so the batch is always
+//! full of live work. This is a synchronous state machine with no tensors in it:
+//! `schedule` plans a step, the engine runs it, `update` advances the requests.
+//!
+//! KV blocks are taken as tokens are scheduled, not reserved up front. When they run out
+//! the newest running request is preempted: its blocks are released (the full ones stay
+//! in the prefix cache) and it goes back to the front of the queue, to be recomputed
+//! from its prompt and the tokens it had produced, and then continue.
+
+use std::collections::VecDeque;
+
+use crate::block_allocator::{BlockHasher, BlockId, KvBlockAllocator};
+use crate::kv_cache::BLOCK_SIZE;
+
+/// Identifies a request inside the engine.
+pub type SeqId = u64;
+
+/// Limits the scheduler enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Requests in the running batch at once.
+    pub max_running_requests: usize,
+    /// Tokens one step may process (decodes plus prefill chunks).
+    pub max_num_batched_tokens: usize,
+}
+
+/// A request as the scheduler sees it: tokens and where their K/V live.
+pub struct Sequence {
+    pub id: SeqId,
+    /// Prompt, then every generated token.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading tokens whose K/V are in the cache.
+    pub computed: usize,
+    /// Block table: block `i` holds positions `i * BLOCK_SIZE..`.
+    pub blocks: Vec<BlockId>,
+    /// Prompt tokens found in the prefix cache at first admission.
+    pub cached_prompt_tokens: usize,
+    hashes: Vec<u64>,
+    /// Leading blocks already registered in the prefix cache.
+    registered: usize,
+    admitted_before: bool,
+}
+
+/// Part of one sequence in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledChunk {
+    pub seq: SeqId,
+    /// First position computed.
+    pub start: usize,
+    pub len: usize,
+    /// The chunk ends the known tokens, so the step samples the next one.
+    pub sample: bool,
+}
+
+/// What one step runs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub chunks: Vec<ScheduledChunk>,
+    /// Requests that entered the running batch for the first time.
+    pub admitted: Vec<SeqId>,
+    /// Requests sent back to the queue to free blocks.
+    pub preempted: Vec<SeqId>,
+}
+
+impl StepPlan {
+    /// Nothing to run.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
+
+/// Running totals for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SchedulerStats {
+    pub prompt_tokens_queried: u64,
+    pub prompt_tokens_cached: u64,
+    pub preemptions: u64,
+}
+
+/// Plans steps over a fixed pool of KV blocks.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    alloc: KvBlockAllocator,
+    hasher: BlockHasher,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: the last one is the newest.
+    running: Vec<Sequence>,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    /// A scheduler over `n_blocks` KV blocks.
+    pub fn new(cfg: SchedulerConfig, n_blocks: usize) -> Self {
+        Scheduler {
+            cfg,
+            alloc: KvBlockAllocator::new(n_blocks),
+            hasher: BlockHasher::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: SchedulerStats::default(),
+        }
+    }
+
+    /// Queues a request at the back (FCFS).
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
+        assert!(!prompt.is_empty());
+        let prompt_len = prompt.len();
+        self.waiting.push_back(Sequence {
+            id,
+            tokens: prompt,
+            prompt_len,
+            computed: 0,
+            blocks: Vec::new(),
+            cached_prompt_tokens: 0,
+            hashes: Vec::new(),
+            registered: 0,
+            admitted_before: false,
+        });
+    }
+
+    /// Removes a request wherever it is and releases its blocks. Returns whether it was
+    /// known, and whether it had been admitted.
+    pub fn remove(&mut self, id: SeqId) -> Option<bool> {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)?
+        };
+        let admitted = seq.admitted_before;
+        self.release(seq);
+        Some(admitted)
+    }
+
+    /// A tracked request.
+    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+        self.running
+            .iter()
+            .find(|s| s.id == id)
+            .or_else(|| self.waiting.iter().find(|s| s.id == id))
+    }
+
+    /// Requests in the running batch.
+    pub fn n_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Requests queued (new ones and preempted ones).
+    pub fn n_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Share of the KV blocks held by requests (cached free blocks do not count).
+    pub fn kv_usage(&self) -> f64 {
+        self.alloc.n_in_use() as f64 / self.alloc.n_blocks().max(1) as f64
+    }
+
+    /// Running totals.
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_num_batched_tokens.max(1);
+
+        // Running requests first, oldest first, so the ones closest to done keep pace.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = &self.running[i];
+            let n = (seq.tokens.len() - seq.computed).min(budget);
+            let need = (seq.computed + n)
+                .div_ceil(BLOCK_SIZE)
+                .saturating_sub(seq.blocks.len());
+            let mut preempted_self = false;
+            while self.alloc.n_free() < need {
+                let victim = self.running.pop().expect("running is not empty");
+                plan.preempted.push(victim.id);
+                let is_self = self.running.len() == i;
+                self.preempt(victim);
+                if is_self {
+                    preempted_self = true;
+                    break;
+                }
+            }
+            if preempted_self {
+                break;
+            }
+            let seq = &mut self.running[i];
+            for _ in 0..need {
+                let b = self.alloc.allocate().expect("checked n_free");
+                seq.blocks.push(b);
+            }
+            plan.chunks.push(ScheduledChunk {
+                seq: seq.id,
+                start: seq.computed,
+                len: n,
+                sample: seq.computed + n == seq.tokens.len(),
+            });
+            budget -= n;
+            i += 1;
+        }
+
+        // Then queued requests, first come first served, unless this step had to preempt
+        // (admitting more would only preempt again).
+        while plan.preempted.is_empty()
+            && budget > 0
+            && self.running.len() < self.cfg.max_running_requests
+        {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            self.hasher.extend(&mut seq.hashes, &seq.tokens);
+            // At least the last token is computed, to get logits for the next one.
+            let max_hit = (seq.tokens.len() - 1) / BLOCK_SIZE;
+            let hits = self.alloc.take_cached_prefix(&seq.hashes, max_hit);
+            let computed = hits.len() * BLOCK_SIZE;
+            let n = (seq.tokens.len() - computed).min(budget);
+            let need = (computed + n).div_ceil(BLOCK_SIZE) - hits.len();
+            if self.alloc.n_free() < need {
+                for b in hits {
+                    self.alloc.free(b);
+                }
+                break; // the head of the queue waits for blocks; FCFS keeps its place
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            seq.registered = hits.len();
+            seq.blocks = hits;
+            seq.computed = computed;
+            for _ in 0..need {
+                seq.blocks.push(self.alloc.allocate().expect("checked n_free"));
+            }
+            if !seq.admitted_before {
+                seq.admitted_before = true;
+                seq.cached_prompt_tokens = computed;
+                self.stats.prompt_tokens_queried += seq.prompt_len as u64;
+                self.stats.prompt_tokens_cached += computed as u64;
+                plan.admitted.push(seq.id);
+            }
+            plan.chunks.push(ScheduledChunk {
+                seq: seq.id,
+                start: computed,
+                len: n,
+                sample: computed + n == seq.tokens.len(),
+            });
+            budget -= n;
+            self.running.push(seq);
+        }
+        plan
+    }
+
+    /// Applies a finished step: the planned tokens are now computed, and `sampled` holds
+    /// the token drawn for each chunk that sampled.
+    pub fn update(&mut self, plan: &StepPlan, sampled: &[(SeqId, u32)]) {
+        for chunk in &plan.chunks {
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == chunk.seq) else {
+                continue;
+            };
+            debug_assert_eq!(seq.computed, chunk.start);
+            seq.computed = chunk.start + chunk.len;
+            self.hasher.extend(&mut seq.hashes, &seq.tokens);
+            let full = seq.computed / BLOCK_SIZE;
+            for b in seq.registered..full {
+                self.alloc.register(seq.blocks[b], seq.hashes[b]);
+            }
+            seq.registered = seq.registered.max(full);
+            if chunk.sample {
+                if let Some(&(_, t)) = sampled.iter().find(|(id, _)| *id == chunk.seq) {
+                    seq.tokens.push(t);
+                }
+            }
+        }
+    }
+
+    fn preempt(&mut self, mut seq: Sequence) {
+        self.stats.preemptions += 1;
+        for b in seq.blocks.drain(..) {
+            self.alloc.free(b);
+        }
+        seq.computed = 0;
+        seq.registered = 0;
+        self.waiting.push_front(seq);
+    }
+
+    fn release(&mut self, seq: Sequence) {
+        for &b in &seq.blocks {
+            self.alloc.free(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(max_running: usize, budget: usize, blocks: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig {
+                max_running_requests: max_running,
+                max_num_batched_tokens: budget,
+            },
+            blocks,
+        )
+    }
+
+    fn prompt(seed: u32, n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| seed * 1000 + i).collect()
+    }
+
+    /// Runs a step with every sampling chunk drawing `token`.
+    fn step(s: &mut Scheduler, token: u32) -> StepPlan {
+        let plan = s.schedule();
+        let sampled: Vec<_> = plan
+            .chunks
+            .iter()
+            .filter(|c| c.sample)
+            .map(|c| (c.seq, token))
+            .collect();
+        s.update(&plan, &sampled);
+        plan
+    }
+
+    fn chunk(seq: SeqId, start: usize, len: usize, sample: bool) -> ScheduledChunk {
+        ScheduledChunk {
+            seq,
+            start,
+            len,
+            sample,
+        }
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_and_decodes_go_first() {
+        let mut s = sched(4, 32, 64);
+        s.add(1, prompt(1, 20));
+        let p = step(&mut s, 7);
+        assert_eq!(p.chunks, vec![chunk(1, 0, 20, true)]);
+        assert_eq!(p.admitted, vec![1]);
+        s.add(2, prompt(2, 50));
+        // Request 1 decodes one token; request 2 gets the rest of the budget.
+        let p = step(&mut s, 7);
+        assert_eq!(p.chunks, vec![chunk(1, 20, 1, true), chunk(2, 0, 31, false)]);
+        let p = step(&mut s, 7);
+        assert_eq!(p.chunks, vec![chunk(1, 21, 1, true), chunk(2, 31, 19, true)]);
+        assert_eq!(s.get(2).unwrap().tokens.len(), 51);
+        assert_eq!(s.get(1).unwrap().blocks.len(), 2); // 22 tokens
+    }
+
+    #[test]
+    fn requests_join_between_steps_up_to_the_running_limit() {
+        let mut s = sched(2, 512, 64);
+        for id in 1..=3 {
+            s.add(id, prompt(id as u32, 5));
+        }
+        let p = step(&mut s, 9);
+        assert_eq!(p.admitted, vec![1, 2]);
+        assert_eq!(s.n_waiting(), 1);
+        s.remove(1);
+        let p = step(&mut s, 9);
+        assert_eq!(p.admitted, vec![3]);
+        assert_eq!(p.chunks, vec![chunk(2, 5, 1, true), chunk(3, 0, 5, true)]);
+    }
+
+    #[test]
+    fn removing_a_request_frees_its_blocks() {
+        let mut s = sched(4, 512, 8);
+        s.add(1, prompt(1, 40));
+        step(&mut s, 1);
+        assert_eq!(s.kv_usage(), 3.0 / 8.0);
+        assert_eq!(s.remove(1), Some(true));
+        assert_eq!(s.kv_usage(), 0.0);
+        assert_eq!(s.remove(1), None);
+        assert_eq!(s.n_running(), 0);
+    }
+
+    #[test]
+    fn a_shared_prefix_skips_prefill() {
+        let mut s = sched(4, 512, 16);
+        let mut a = prompt(1, 40);
+        s.add(1, a.clone());
+        step(&mut s, 5);
+        // Same first 32 tokens (two full blocks), different tail.
+        a.truncate(32);
+        a.extend([1, 2, 3]);
+        s.add(2, a.clone());
+        let p = step(&mut s, 5);
+        assert_eq!(p.chunks[1], chunk(2, 32, 3, true));
+        assert_eq!(s.get(2).unwrap().cached_prompt_tokens, 32);
+        // The blocks are shared, not copied.
+        let (b1, b2) = (&s.get(1).unwrap().blocks, &s.get(2).unwrap().blocks);
+        assert_eq!(b1[..2], b2[..2]);
+        // After both finish, an identical prompt hits all but its last token's block.
+        s.remove(1);
+        s.remove(2);
+        s.add(3, a);
+        let p = step(&mut s, 5);
+        assert_eq!(p.chunks, vec![chunk(3, 32, 3, true)]);
+        let st = s.stats();
+        assert_eq!((st.prompt_tokens_queried, st.prompt_tokens_cached), (110, 64));
+    }
+
+    #[test]
+    fn a_fully_cached_prompt_still_computes_its_last_token() {
+        let mut s = sched(4, 512, 16);
+        s.add(1, prompt(1, 32));
+        step(&mut s, 5);
+        s.remove(1);
+        s.add(2, prompt(1, 32));
+        let p = step(&mut s, 5);
+        assert_eq!(p.chunks, vec![chunk(2, 16, 16, true)]);
+    }
+
+    #[test]
+    fn running_out_of_blocks_preempts_the_newest_and_it_still_finishes() {
+        // 4 blocks = 64 tokens; two requests of 16-token prompts each growing to 40.
+        let mut s = sched(4, 512, 4);
+        s.add(1, prompt(1, 16));
+        s.add(2, prompt(2, 16));
+        let mut preempted = Vec::new();
+        let mut done = Vec::new();
+        for _ in 0..200 {
+            let p = step(&mut s, 3);
+            preempted.extend(p.preempted.iter().copied());
+            for id in [1, 2] {
+                if s.get(id).is_some_and(|q| q.tokens.len() >= 40) {
+                    s.remove(id);
+                    done.push(id);
+                }
+            }
+            if done.len() == 2 {
+                break;
+            }
+            assert!(s.kv_usage() <= 1.0);
+        }
+        assert_eq!(done, vec![1, 2], "the oldest finishes first");
+        assert_eq!(preempted, vec![2]);
+        assert_eq!(s.stats().preemptions, 1);
+        assert_eq!(s.kv_usage(), 0.0);
+    }
+
+    #[test]
+    fn a_preempted_request_recomputes_prompt_and_output() {
+        let mut s = sched(4, 512, 3);
+        s.add(1, prompt(1, 16));
+        s.add(2, prompt(2, 16));
+        step(&mut s, 3); // both prefilled: 2 blocks... plus growth
+        let mut p = step(&mut s, 3); // 17 tokens each: needs 4 blocks > 3
+        while p.preempted.is_empty() {
+            p = step(&mut s, 3);
+        }
+        assert_eq!(p.preempted, vec![2]);
+        let before = s.get(2).unwrap().tokens.clone();
+        assert!(before.len() > 16);
+        s.remove(1);
+        let p = step(&mut s, 3);
+        // Its first full block comes back from the prefix cache; the rest is recomputed.
+        assert_eq!(p.chunks, vec![chunk(2, 16, before.len() - 16, true)]);
+        assert!(p.admitted.is_empty(), "a re-admission is not a new request");
+    }
+
+    #[test]
+    fn the_head_of_the_queue_waits_for_blocks() {
+        let mut s = sched(4, 512, 4);
+        s.add(1, prompt(1, 40)); // 3 blocks
+        s.add(2, prompt(2, 40)); // 3 more: only 1 left
+        s.add(3, prompt(3, 4));
+        let p = step(&mut s, 1);
+        assert_eq!(p.admitted, vec![1]);
+        assert_eq!(s.n_waiting(), 2, "request 3 does not jump the queue");
+        s.remove(1);
+        let p = step(&mut s, 1);
+        assert_eq!(p.admitted, vec![2, 3]);
+    }
+}
