@@ -58,6 +58,8 @@ pub enum EngineError {
         prompt: usize,
         completion: usize,
     },
+    #[error("the request needs {needed} tokens of KV cache but the cache holds {capacity}; lower max_tokens or shorten the prompt")]
+    ExceedsKvCache { needed: usize, capacity: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("token id {0} is outside the vocabulary")]

@@ -16,10 +16,14 @@ pub use error::{EngineError, GgufError, ModelError};
 pub mod chat_template;
 pub mod detokenizer;
 pub mod engine;
+mod engine_loop;
+pub mod metrics;
+pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod stop;
 pub mod tokenizer;
 
-pub use engine::{
-    Engine, EngineConfig, Event, FinishReason, GenerationRequest, RequestStream, Usage,
-};
+pub use engine::{Engine, EngineConfig};
+pub use request::{Event, FinishReason, GenerationRequest, RequestStream, Usage};
+pub use sampling::{SamplingParams, TokenLogprobs};

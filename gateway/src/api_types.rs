@@ -35,6 +35,19 @@ pub struct CommonParams {
     #[serde(default)]
     pub ignore_eos: bool,
     pub user: Option<String>,
+    /// A string or a list of strings.
+    pub stop: Option<Value>,
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// Chat: a bool (with `top_logprobs`); completions: the number of alternatives.
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<i64>,
+    /// Token id (as a string) → bias in [-100, 100].
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub min_p: Option<f64>,
+    pub min_tokens: Option<i64>,
     /// Everything else: checked against the list of fields we know we do not support.
     #[serde(flatten)]
     pub rest: serde_json::Map<String, Value>,
@@ -62,6 +75,13 @@ pub struct UsageBody {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// How much of the prompt the prefix cache served.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl From<sluice_engine::Usage> for UsageBody {
@@ -70,6 +90,9 @@ impl From<sluice_engine::Usage> for UsageBody {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
         }
     }
 }

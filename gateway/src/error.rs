@@ -73,7 +73,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::QueueFull(_) | EngineError::Stopped => ApiError::Overloaded(e.to_string()),
-            EngineError::ContextLengthExceeded { .. } => ApiError::InvalidRequest {
+            EngineError::ContextLengthExceeded { .. } | EngineError::ExceedsKvCache { .. } => ApiError::InvalidRequest {
                 message: e.to_string(),
                 param: Some("messages".into()),
             },

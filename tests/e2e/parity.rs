@@ -69,7 +69,7 @@ fn greedy_all(prompts: Vec<Vec<u32>>, max_tokens: usize) -> Vec<Vec<String>> {
                     temperature: 0.0,
                     ..Default::default()
                 },
-                ignore_eos: false,
+                ..Default::default()
             };
             l.engine.submit(req).expect("submit")
         })

@@ -122,7 +122,16 @@ async fn streaming_chat_is_openai_sse_and_equals_the_non_streamed_answer() {
     );
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(usage["usage"], whole["usage"]);
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage["usage"][k], whole["usage"][k], "{k}");
+    }
+    // The same prompt a second time: all its full KV blocks come from the prefix cache.
+    assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt_tokens = whole["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"],
+        (prompt_tokens - 1) / 16 * 16
+    );
     assert_eq!(
         text,
         whole["choices"][0]["message"]["content"].as_str().unwrap()

@@ -1,0 +1,266 @@
+//! The model loop: owns the model, the KV cache and the scheduler, and turns scheduled
+//! steps into forward passes, sampled tokens and events.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc as tmpsc;
+
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::kv_cache::KvCache;
+use crate::metrics;
+use crate::model::{ForwardScratch, Model, SeqChunk};
+use crate::request::{Event, FinishReason, GenerationRequest, Usage};
+use crate::sampling::{logprobs, Sampler, TokenLogprobs};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::stop::StopMatcher;
+use crate::tokenizer::Tokenizer;
+
+/// A request on its way from `Engine::submit` to the loop.
+pub(crate) struct Submission {
+    pub req: GenerationRequest,
+    pub tx: tmpsc::Sender<Event>,
+}
+
+/// Per-request state the scheduler does not need: output side and stop conditions.
+struct Active {
+    tx: tmpsc::Sender<Event>,
+    sampler: Sampler,
+    detok: IncrementalDetokenizer,
+    stop: StopMatcher,
+    stop_token_ids: Vec<u32>,
+    max_tokens: usize,
+    min_tokens: usize,
+    ignore_eos: bool,
+    logprobs: Option<usize>,
+    prompt_len: usize,
+    generated: usize,
+}
+
+pub(crate) struct EngineLoop {
+    model: Model,
+    tokenizer: Arc<Tokenizer>,
+    kv: KvCache,
+    scheduler: Scheduler,
+    active: HashMap<SeqId, Active>,
+    rx: Receiver<Submission>,
+    /// Accepted requests not yet admitted; shared with `Engine::submit` for its bound.
+    waiting_count: Arc<AtomicUsize>,
+    next_id: SeqId,
+    scratch: ForwardScratch,
+}
+
+impl EngineLoop {
+    pub(crate) fn new(
+        model: Model,
+        tokenizer: Arc<Tokenizer>,
+        cfg: SchedulerConfig,
+        kv: KvCache,
+        rx: Receiver<Submission>,
+        waiting_count: Arc<AtomicUsize>,
+    ) -> Self {
+        let scheduler = Scheduler::new(cfg, kv.n_blocks());
+        EngineLoop {
+            model,
+            tokenizer,
+            kv,
+            scheduler,
+            active: HashMap::new(),
+            rx,
+            waiting_count,
+            next_id: 0,
+            scratch: ForwardScratch::default(),
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            if self.active.is_empty() {
+                // Idle: block until work arrives (or every handle is gone).
+                metrics::record_state(0, 0, self.scheduler.kv_usage(), &self.scheduler.stats());
+                match self.rx.recv() {
+                    Ok(s) => self.accept(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                self.accept(s);
+            }
+            self.drop_cancelled();
+            self.step();
+            metrics::record_state(
+                self.scheduler.n_running(),
+                self.scheduler.n_waiting(),
+                self.scheduler.kv_usage(),
+                &self.scheduler.stats(),
+            );
+        }
+    }
+
+    fn accept(&mut self, s: Submission) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let r = s.req;
+        self.active.insert(
+            id,
+            Active {
+                tx: s.tx,
+                sampler: Sampler::new(r.sampling, &r.prompt),
+                detok: IncrementalDetokenizer::default(),
+                stop: StopMatcher::new(r.stop),
+                stop_token_ids: r.stop_token_ids,
+                max_tokens: r.max_tokens,
+                min_tokens: r.min_tokens,
+                ignore_eos: r.ignore_eos,
+                logprobs: r.logprobs,
+                prompt_len: r.prompt.len(),
+                generated: 0,
+            },
+        );
+        self.scheduler.add(id, r.prompt);
+    }
+
+    /// Frees everything held by requests whose stream was dropped.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.active.remove(&id);
+            if self.scheduler.remove(id) == Some(false) {
+                self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            }
+            metrics::record_finished(FinishReason::Cancelled);
+        }
+    }
+
+    fn step(&mut self) {
+        let plan = self.scheduler.schedule();
+        self.waiting_count
+            .fetch_sub(plan.admitted.len(), Ordering::AcqRel);
+        let admitted_tokens: usize = plan
+            .admitted
+            .iter()
+            .filter_map(|&id| self.scheduler.get(id).map(|s| s.prompt_len))
+            .sum();
+        metrics::record_admissions(admitted_tokens, plan.preempted.len());
+        if plan.is_empty() {
+            // `submit` only accepts requests that fit the cache alone, so with nothing
+            // running the head of the queue always fits; an empty plan means nothing to do.
+            return;
+        }
+        let started = Instant::now();
+        let Self {
+            model,
+            tokenizer,
+            kv,
+            scheduler,
+            active,
+            scratch,
+            ..
+        } = self;
+        let chunks: Vec<SeqChunk> = plan
+            .chunks
+            .iter()
+            .map(|c| {
+                let seq = scheduler.get(c.seq).expect("scheduled sequences exist");
+                SeqChunk {
+                    tokens: &seq.tokens[c.start..c.start + c.len],
+                    start_pos: c.start,
+                    block_table: &seq.blocks,
+                    want_logits: c.sample,
+                }
+            })
+            .collect();
+        let logits = model.forward(&chunks, kv, scratch);
+        let vocab = model.cfg.vocab_size;
+        let mut sampled = Vec::new();
+        let mut lps = Vec::new();
+        for (row, c) in plan.chunks.iter().filter(|c| c.sample).enumerate() {
+            let l = &logits[row * vocab..(row + 1) * vocab];
+            let a = active.get_mut(&c.seq).expect("scheduled requests are active");
+            let banned: Vec<u32> = if a.generated < a.min_tokens {
+                tokenizer
+                    .stop_tokens
+                    .iter()
+                    .chain(&a.stop_token_ids)
+                    .copied()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let id = a.sampler.sample(l, &banned);
+            lps.push(a.logprobs.map(|n| logprobs(l, id, n)));
+            sampled.push((c.seq, id));
+        }
+        scheduler.update(&plan, &sampled);
+        let n_tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
+        metrics::record_step(plan.chunks.len(), n_tokens, sampled.len(), started.elapsed());
+        for ((seq, id), lp) in sampled.into_iter().zip(lps) {
+            let cached = scheduler.get(seq).map_or(0, |s| s.cached_prompt_tokens);
+            let a = active.get_mut(&seq).expect("sampled requests are active");
+            if let Some(reason) = emit(a, tokenizer, id, lp, cached) {
+                active.remove(&seq);
+                scheduler.remove(seq);
+                metrics::record_finished(reason);
+            }
+        }
+    }
+}
+
+/// Sends what token `id` adds to request `a`'s stream; returns the finish reason when
+/// the request is done.
+fn emit(
+    a: &mut Active,
+    tokenizer: &Tokenizer,
+    id: u32,
+    logprobs: Option<TokenLogprobs>,
+    cached_tokens: usize,
+) -> Option<FinishReason> {
+    a.generated += 1;
+    let end_token = (!a.ignore_eos && tokenizer.stop_tokens.contains(&id))
+        || a.stop_token_ids.contains(&id);
+    let mut reason = end_token.then_some(FinishReason::Stop);
+    let mut text = String::new();
+    if !end_token {
+        let piece = a.detok.push(tokenizer, id);
+        if a.generated < a.min_tokens {
+            // Stop strings do not apply before min_tokens (vLLM's rule).
+            text = a.stop.flush() + &piece;
+        } else {
+            let check = a.stop.push(&piece);
+            text = check.emit;
+            if check.stopped {
+                reason = Some(FinishReason::Stop);
+            }
+        }
+    }
+    if reason.is_none() && a.generated >= a.max_tokens {
+        reason = Some(FinishReason::Length);
+        text.push_str(&a.detok.finish());
+        text.push_str(&a.stop.flush());
+    }
+    // An end token is not part of the completion, as in OpenAI's API.
+    if !end_token {
+        let _ = a.tx.try_send(Event::Token { id, text, logprobs });
+    }
+    if let Some(reason) = reason {
+        // The end token counts, as llama-server and vLLM count it.
+        let _ = a.tx.try_send(Event::Done {
+            reason,
+            usage: Usage {
+                prompt_tokens: a.prompt_len,
+                completion_tokens: a.generated,
+                cached_tokens,
+            },
+            error: None,
+        });
+    }
+    reason
+}

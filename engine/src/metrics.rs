@@ -1,0 +1,62 @@
+//! The engine's metrics, recorded through the `metrics` facade; the gateway installs the
+//! Prometheus exporter. Without an installed recorder these calls cost next to nothing.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+use crate::request::FinishReason;
+use crate::scheduler::SchedulerStats;
+
+/// Requests in the running batch.
+pub const REQUESTS_RUNNING: &str = "sluice_requests_running";
+/// Requests accepted and waiting for a slot (preempted ones included).
+pub const REQUESTS_WAITING: &str = "sluice_requests_waiting";
+/// KV blocks held by live requests over all blocks.
+pub const KV_CACHE_USAGE: &str = "sluice_kv_cache_usage_ratio";
+/// Prompt tokens served from the prefix cache over all prompt tokens admitted.
+pub const PREFIX_CACHE_HIT: &str = "sluice_prefix_cache_hit_ratio";
+/// Requests preempted to free KV blocks.
+pub const PREEMPTIONS: &str = "sluice_preemptions_total";
+/// Prompt tokens admitted.
+pub const PROMPT_TOKENS: &str = "sluice_prompt_tokens_total";
+/// Tokens generated.
+pub const GENERATION_TOKENS: &str = "sluice_generation_tokens_total";
+/// Finished requests, by finish reason.
+pub const REQUESTS_FINISHED: &str = "sluice_requests_finished_total";
+/// Sequences per forward step.
+pub const STEP_BATCH_SIZE: &str = "sluice_step_batch_size";
+/// Tokens per forward step.
+pub const STEP_TOKENS: &str = "sluice_step_tokens";
+/// Wall time of one forward step, sampling included.
+pub const STEP_SECONDS: &str = "sluice_step_duration_seconds";
+
+/// Queue and cache gauges, after every loop iteration.
+pub fn record_state(running: usize, waiting: usize, kv_usage: f64, stats: &SchedulerStats) {
+    gauge!(REQUESTS_RUNNING).set(running as f64);
+    gauge!(REQUESTS_WAITING).set(waiting as f64);
+    gauge!(KV_CACHE_USAGE).set(kv_usage);
+    if stats.prompt_tokens_queried > 0 {
+        gauge!(PREFIX_CACHE_HIT)
+            .set(stats.prompt_tokens_cached as f64 / stats.prompt_tokens_queried as f64);
+    }
+}
+
+/// One forward step.
+pub fn record_step(sequences: usize, tokens: usize, sampled: usize, took: Duration) {
+    histogram!(STEP_BATCH_SIZE).record(sequences as f64);
+    histogram!(STEP_TOKENS).record(tokens as f64);
+    histogram!(STEP_SECONDS).record(took.as_secs_f64());
+    counter!(GENERATION_TOKENS).increment(sampled as u64);
+}
+
+/// Newly admitted prompts and preemptions in a step.
+pub fn record_admissions(prompt_tokens: usize, preemptions: usize) {
+    counter!(PROMPT_TOKENS).increment(prompt_tokens as u64);
+    counter!(PREEMPTIONS).increment(preemptions as u64);
+}
+
+/// A request ended.
+pub fn record_finished(reason: FinishReason) {
+    counter!(REQUESTS_FINISHED, "reason" => reason.as_str()).increment(1);
+}
