@@ -46,7 +46,10 @@ impl BlockHasher {
     pub fn extend(&self, hashes: &mut Vec<u64>, tokens: &[u32]) {
         while (hashes.len() + 1) * BLOCK_SIZE <= tokens.len() {
             let i = hashes.len();
-            let h = self.hash(hashes.last().copied(), &tokens[i * BLOCK_SIZE..][..BLOCK_SIZE]);
+            let h = self.hash(
+                hashes.last().copied(),
+                &tokens[i * BLOCK_SIZE..][..BLOCK_SIZE],
+            );
             hashes.push(h);
         }
     }
@@ -242,7 +245,11 @@ mod tests {
         assert!(!p.contains(&b0) && !p.contains(&b1));
         assert_eq!(a.cached_prefix_len(&hashes), 2);
         assert_eq!(a.allocate(), Some(b0));
-        assert_eq!(a.cached_prefix_len(&hashes), 0, "the chain breaks at block 0");
+        assert_eq!(
+            a.cached_prefix_len(&hashes),
+            0,
+            "the chain breaks at block 0"
+        );
         assert_eq!(a.take_cached_prefix(&hashes, 8), Vec::<BlockId>::new());
     }
 

@@ -23,7 +23,7 @@ use crate::engine_loop::{EngineLoop, Submission};
 use crate::error::EngineError;
 use crate::kv_cache::{KvCache, BLOCK_SIZE};
 use crate::model::Model;
-use crate::request::{GenerationRequest, RequestStream};
+use crate::request::{EngineStats, GenerationRequest, RequestStream};
 use crate::scheduler::SchedulerConfig;
 use crate::tokenizer::Tokenizer;
 
@@ -62,6 +62,7 @@ struct EngineShared {
     context_length: usize,
     kv_capacity_tokens: usize,
     vocab_size: usize,
+    stats: Arc<Mutex<EngineStats>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -82,11 +83,16 @@ impl Engine {
             max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
         };
         let w = waiting.clone();
+        let stats = Arc::new(Mutex::new(EngineStats {
+            kv_blocks_total: n_blocks,
+            ..Default::default()
+        }));
+        let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-engine".into())
             .spawn(move || {
                 let kv = KvCache::new(&model.cfg, n_blocks);
-                EngineLoop::new(model, tokenizer, sched, kv, rx, w).run()
+                EngineLoop::new(model, tokenizer, sched, kv, rx, w, st).run()
             })
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Engine {
@@ -97,6 +103,7 @@ impl Engine {
                 context_length,
                 kv_capacity_tokens: n_blocks * BLOCK_SIZE,
                 vocab_size,
+                stats,
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -161,6 +168,11 @@ impl Engine {
     /// Accepted requests not yet admitted to the running batch.
     pub fn waiting(&self) -> usize {
         self.inner.waiting.load(Ordering::Acquire)
+    }
+
+    /// The loop's state as of its last iteration.
+    pub fn stats(&self) -> EngineStats {
+        self.inner.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// Stops accepting requests and waits for the loop to finish the ones it has.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc as tmpsc;
@@ -13,7 +13,7 @@ use crate::detokenizer::IncrementalDetokenizer;
 use crate::kv_cache::KvCache;
 use crate::metrics;
 use crate::model::{ForwardScratch, Model, SeqChunk};
-use crate::request::{Event, FinishReason, GenerationRequest, Usage};
+use crate::request::{EngineStats, Event, FinishReason, GenerationRequest, Usage};
 use crate::sampling::{logprobs, Sampler, TokenLogprobs};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::stop::StopMatcher;
@@ -51,6 +51,8 @@ pub(crate) struct EngineLoop {
     waiting_count: Arc<AtomicUsize>,
     next_id: SeqId,
     scratch: ForwardScratch,
+    /// Published after every iteration for `Engine::stats`.
+    stats: Arc<Mutex<EngineStats>>,
 }
 
 impl EngineLoop {
@@ -61,6 +63,7 @@ impl EngineLoop {
         kv: KvCache,
         rx: Receiver<Submission>,
         waiting_count: Arc<AtomicUsize>,
+        stats: Arc<Mutex<EngineStats>>,
     ) -> Self {
         let scheduler = Scheduler::new(cfg, kv.n_blocks());
         EngineLoop {
@@ -73,6 +76,25 @@ impl EngineLoop {
             waiting_count,
             next_id: 0,
             scratch: ForwardScratch::default(),
+            stats,
+        }
+    }
+
+    fn publish(&self) {
+        let sch = &self.scheduler;
+        let st = sch.stats();
+        let (in_use, total) = sch.kv_blocks();
+        metrics::record_state(sch.n_running(), sch.n_waiting(), sch.kv_usage(), &st);
+        if let Ok(mut s) = self.stats.lock() {
+            *s = EngineStats {
+                running: sch.n_running(),
+                queued: sch.n_waiting(),
+                kv_blocks_in_use: in_use,
+                kv_blocks_total: total,
+                preemptions: st.preemptions,
+                prompt_tokens_admitted: st.prompt_tokens_queried,
+                prompt_tokens_cached: st.prompt_tokens_cached,
+            };
         }
     }
 
@@ -80,7 +102,7 @@ impl EngineLoop {
         loop {
             if self.active.is_empty() {
                 // Idle: block until work arrives (or every handle is gone).
-                metrics::record_state(0, 0, self.scheduler.kv_usage(), &self.scheduler.stats());
+                self.publish();
                 match self.rx.recv() {
                     Ok(s) => self.accept(s),
                     Err(_) => return,
@@ -91,12 +113,7 @@ impl EngineLoop {
             }
             self.drop_cancelled();
             self.step();
-            metrics::record_state(
-                self.scheduler.n_running(),
-                self.scheduler.n_waiting(),
-                self.scheduler.kv_usage(),
-                &self.scheduler.stats(),
-            );
+            self.publish();
         }
     }
 
@@ -175,6 +192,7 @@ impl EngineLoop {
                     start_pos: c.start,
                     block_table: &seq.blocks,
                     want_logits: c.sample,
+                    decode_from: seq.prompt_len,
                 }
             })
             .collect();
@@ -184,7 +202,9 @@ impl EngineLoop {
         let mut lps = Vec::new();
         for (row, c) in plan.chunks.iter().filter(|c| c.sample).enumerate() {
             let l = &logits[row * vocab..(row + 1) * vocab];
-            let a = active.get_mut(&c.seq).expect("scheduled requests are active");
+            let a = active
+                .get_mut(&c.seq)
+                .expect("scheduled requests are active");
             let banned: Vec<u32> = if a.generated < a.min_tokens {
                 tokenizer
                     .stop_tokens
@@ -201,7 +221,12 @@ impl EngineLoop {
         }
         scheduler.update(&plan, &sampled);
         let n_tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
-        metrics::record_step(plan.chunks.len(), n_tokens, sampled.len(), started.elapsed());
+        metrics::record_step(
+            plan.chunks.len(),
+            n_tokens,
+            sampled.len(),
+            started.elapsed(),
+        );
         for ((seq, id), lp) in sampled.into_iter().zip(lps) {
             let cached = scheduler.get(seq).map_or(0, |s| s.cached_prompt_tokens);
             let a = active.get_mut(&seq).expect("sampled requests are active");
@@ -224,8 +249,8 @@ fn emit(
     cached_tokens: usize,
 ) -> Option<FinishReason> {
     a.generated += 1;
-    let end_token = (!a.ignore_eos && tokenizer.stop_tokens.contains(&id))
-        || a.stop_token_ids.contains(&id);
+    let end_token =
+        (!a.ignore_eos && tokenizer.stop_tokens.contains(&id)) || a.stop_token_ids.contains(&id);
     let mut reason = end_token.then_some(FinishReason::Stop);
     let mut text = String::new();
     if !end_token {

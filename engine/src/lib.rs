@@ -25,5 +25,5 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineConfig};
-pub use request::{Event, FinishReason, GenerationRequest, RequestStream, Usage};
+pub use request::{EngineStats, Event, FinishReason, GenerationRequest, RequestStream, Usage};
 pub use sampling::{SamplingParams, TokenLogprobs};

@@ -26,6 +26,10 @@ pub struct SeqChunk<'a> {
     pub block_table: &'a [u32],
     /// Whether to return logits for the chunk's last token.
     pub want_logits: bool,
+    /// First position that holds a generated token (the prompt's length). Generated
+    /// tokens take llama.cpp's single-token attention path even when they are recomputed
+    /// in a chunk (after preemption), so recomputing reproduces the same numbers.
+    pub decode_from: usize,
 }
 
 /// Reusable buffers for `forward`, so steady-state steps do not allocate.
@@ -312,7 +316,7 @@ impl Model {
                 // keeps greedy output on llama.cpp's through a small model's near-ties:
                 // multi-token chunks (prefill) go through a tiled f32 kernel; single
                 // tokens (decode) multiply an f16 copy of q and accumulate V in f16.
-                let decode = batch[tok_seq[t]].tokens.len() == 1;
+                let decode = pos >= batch[tok_seq[t]].decode_from;
                 let qsrc = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
                 for (d, &x) in qh.iter_mut().zip(qsrc) {
                     *d = if decode { round_f16(x) } else { x };
@@ -539,6 +543,7 @@ pub(crate) mod tests {
                     start_pos: 0,
                     block_table: &table,
                     want_logits: true,
+                    decode_from: usize::MAX,
                 }],
                 &mut kv,
                 &mut s,
@@ -560,6 +565,7 @@ pub(crate) mod tests {
                         start_pos: i * 3,
                         block_table: &table2,
                         want_logits: true,
+                        decode_from: usize::MAX,
                     }],
                     &mut kv3,
                     &mut s,
@@ -584,6 +590,7 @@ pub(crate) mod tests {
                         start_pos: i,
                         block_table: &table2,
                         want_logits: true,
+                        decode_from: 0,
                     }],
                     &mut kv2,
                     &mut s,
@@ -622,6 +629,7 @@ pub(crate) mod tests {
                     start_pos: 0,
                     block_table: &ta,
                     want_logits: true,
+                    decode_from: usize::MAX,
                 }],
                 &mut kv,
                 &mut s,
@@ -635,12 +643,14 @@ pub(crate) mod tests {
                         start_pos: 0,
                         block_table: &tb,
                         want_logits: true,
+                        decode_from: usize::MAX,
                     },
                     SeqChunk {
                         tokens: &a,
                         start_pos: 0,
                         block_table: &ta,
                         want_logits: true,
+                        decode_from: usize::MAX,
                     },
                 ],
                 &mut kv,

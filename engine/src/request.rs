@@ -88,3 +88,16 @@ impl RequestStream {
         self.rx.blocking_recv()
     }
 }
+
+/// A snapshot of the engine's state, for health checks and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub running: usize,
+    /// Requests in the loop's queue (new and preempted).
+    pub queued: usize,
+    pub kv_blocks_in_use: usize,
+    pub kv_blocks_total: usize,
+    pub preemptions: u64,
+    pub prompt_tokens_admitted: u64,
+    pub prompt_tokens_cached: u64,
+}

@@ -230,7 +230,9 @@ pub fn logprobs(logits: &[f32], chosen: u32, n: usize) -> TokenLogprobs {
         e.1 -= lse;
     }
     TokenLogprobs {
-        logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |l| l - lse),
+        logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - lse),
         top,
     }
 }

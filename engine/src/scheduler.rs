@@ -160,6 +160,11 @@ impl Scheduler {
         self.alloc.n_in_use() as f64 / self.alloc.n_blocks().max(1) as f64
     }
 
+    /// (blocks held by requests, all blocks).
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.alloc.n_in_use(), self.alloc.n_blocks())
+    }
+
     /// Running totals.
     pub fn stats(&self) -> SchedulerStats {
         self.stats
@@ -234,7 +239,8 @@ impl Scheduler {
             seq.blocks = hits;
             seq.computed = computed;
             for _ in 0..need {
-                seq.blocks.push(self.alloc.allocate().expect("checked n_free"));
+                seq.blocks
+                    .push(self.alloc.allocate().expect("checked n_free"));
             }
             if !seq.admitted_before {
                 seq.admitted_before = true;
@@ -345,9 +351,15 @@ mod tests {
         s.add(2, prompt(2, 50));
         // Request 1 decodes one token; request 2 gets the rest of the budget.
         let p = step(&mut s, 7);
-        assert_eq!(p.chunks, vec![chunk(1, 20, 1, true), chunk(2, 0, 31, false)]);
+        assert_eq!(
+            p.chunks,
+            vec![chunk(1, 20, 1, true), chunk(2, 0, 31, false)]
+        );
         let p = step(&mut s, 7);
-        assert_eq!(p.chunks, vec![chunk(1, 21, 1, true), chunk(2, 31, 19, true)]);
+        assert_eq!(
+            p.chunks,
+            vec![chunk(1, 21, 1, true), chunk(2, 31, 19, true)]
+        );
         assert_eq!(s.get(2).unwrap().tokens.len(), 51);
         assert_eq!(s.get(1).unwrap().blocks.len(), 2); // 22 tokens
     }
@@ -402,7 +414,10 @@ mod tests {
         let p = step(&mut s, 5);
         assert_eq!(p.chunks, vec![chunk(3, 32, 3, true)]);
         let st = s.stats();
-        assert_eq!((st.prompt_tokens_queried, st.prompt_tokens_cached), (110, 64));
+        assert_eq!(
+            (st.prompt_tokens_queried, st.prompt_tokens_cached),
+            (110, 64)
+        );
     }
 
     #[test]

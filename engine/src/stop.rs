@@ -121,6 +121,9 @@ mod tests {
     #[test]
     fn without_stops_everything_passes_through() {
         let (out, stopped, rest) = run(&[], &["a", "b"]);
-        assert_eq!((out.concat(), stopped, rest.as_str()), ("ab".into(), false, ""));
+        assert_eq!(
+            (out.concat(), stopped, rest.as_str()),
+            ("ab".into(), false, "")
+        );
     }
 }

@@ -73,10 +73,12 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::QueueFull(_) | EngineError::Stopped => ApiError::Overloaded(e.to_string()),
-            EngineError::ContextLengthExceeded { .. } | EngineError::ExceedsKvCache { .. } => ApiError::InvalidRequest {
-                message: e.to_string(),
-                param: Some("messages".into()),
-            },
+            EngineError::ContextLengthExceeded { .. } | EngineError::ExceedsKvCache { .. } => {
+                ApiError::InvalidRequest {
+                    message: e.to_string(),
+                    param: Some("messages".into()),
+                }
+            }
             EngineError::EmptyPrompt | EngineError::InvalidToken(_) => ApiError::InvalidRequest {
                 message: e.to_string(),
                 param: Some("prompt".into()),

@@ -82,9 +82,9 @@ fn stop_strings(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
         Some(Value::Array(items)) => items
             .iter()
             .map(|i| {
-                i.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ApiError::invalid("stop", "stop must be a string or a list of strings"))
+                i.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::invalid("stop", "stop must be a string or a list of strings")
+                })
             })
             .collect::<Result<_, _>>()?,
         Some(_) => {
@@ -97,7 +97,10 @@ fn stop_strings(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
     if list.len() > MAX_STOPS {
         return Err(ApiError::invalid(
             "stop",
-            format!("at most {MAX_STOPS} stop strings are allowed, got {}", list.len()),
+            format!(
+                "at most {MAX_STOPS} stop strings are allowed, got {}",
+                list.len()
+            ),
         ));
     }
     if list.iter().any(|s| s.len() > MAX_STOP_BYTES) {
@@ -205,15 +208,21 @@ pub fn build_request(
         }
         for (k, v) in map {
             let id = k.parse::<i64>().map_err(|_| {
-                ApiError::invalid("logit_bias", format!("logit_bias key {k:?} is not a token id"))
-            })?;
-            let id = token_id("logit_bias", id, vocab)?;
-            let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
                 ApiError::invalid(
                     "logit_bias",
-                    format!("logit_bias values must be numbers in [-100, 100], got {v}"),
+                    format!("logit_bias key {k:?} is not a token id"),
                 )
             })?;
+            let id = token_id("logit_bias", id, vocab)?;
+            let b = v
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "logit_bias",
+                        format!("logit_bias values must be numbers in [-100, 100], got {v}"),
+                    )
+                })?;
             logit_bias.push((id, b as f32));
         }
     }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod error;
 pub mod extract;
 pub mod generation;
+pub mod metrics;
 pub mod model_store;
 pub mod respond;
 pub mod routes;

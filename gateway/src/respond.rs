@@ -161,8 +161,10 @@ type Merged = SelectAll<BoxStream<'static, (usize, Event)>>;
 
 fn merge(streams: Vec<RequestStream>) -> Merged {
     stream::select_all(streams.into_iter().enumerate().map(|(i, s)| {
-        stream::unfold(s, move |mut s| async move { s.recv().await.map(|e| ((i, e), s)) })
-            .boxed()
+        stream::unfold(s, move |mut s| async move {
+            s.recv().await.map(|e| ((i, e), s))
+        })
+        .boxed()
     }))
 }
 
@@ -232,13 +234,27 @@ async fn complete(
     let mut usage = Usage::default();
     while finish.iter().any(Option::is_none) {
         match events.next().await {
-            Some((i, Event::Token { id, text: t, logprobs: lp })) => {
+            Some((
+                i,
+                Event::Token {
+                    id,
+                    text: t,
+                    logprobs: lp,
+                },
+            )) => {
                 text[i].push_str(&t);
                 if let Some(lp) = lp {
                     lps[i].push(&meta, id, &lp);
                 }
             }
-            Some((i, Event::Done { reason, usage: u, error })) => {
+            Some((
+                i,
+                Event::Done {
+                    reason,
+                    usage: u,
+                    error,
+                },
+            )) => {
                 if reason == FinishReason::Error {
                     return Err(ApiError::Internal(
                         error.unwrap_or_else(|| "generation failed".into()),
@@ -320,7 +336,14 @@ impl SseState {
                 let c = self.meta.delta_choice(i, Some(&text), false, lp, None);
                 self.out.push_back(sse(&self.meta.chunk(Some(c), None)));
             }
-            Some((i, Event::Done { reason, usage, error })) => {
+            Some((
+                i,
+                Event::Done {
+                    reason,
+                    usage,
+                    error,
+                },
+            )) => {
                 if reason == FinishReason::Error {
                     return self.fail(error.unwrap_or_else(|| "generation failed".into()));
                 }

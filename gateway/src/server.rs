@@ -26,6 +26,7 @@ pub fn router(state: SharedState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(routes::health::health))
+        .route("/metrics", get(crate::metrics::metrics))
         .merge(protected)
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(req.uri().path().to_string()).into_response()

@@ -24,6 +24,7 @@ pub struct ServedModel {
 pub struct AppState {
     pub model: ServedModel,
     pub auth: crate::auth::AuthPolicy,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     next_id: AtomicU64,
 }
 
@@ -39,6 +40,7 @@ impl AppState {
         AppState {
             model,
             auth,
+            metrics: crate::metrics::handle(),
             next_id: AtomicU64::new(seed),
         }
     }

@@ -1,0 +1,193 @@
+//! The engine on the real model, in-process: batching, preemption, prefix reuse,
+//! cancellation and seeded sampling, observed through its public API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_engine::model::Model;
+use sluice_engine::sampling::SamplingParams;
+use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::{Engine, EngineConfig, Event, FinishReason, GenerationRequest, RequestStream};
+
+use crate::support::model_path;
+
+fn engine(cfg: EngineConfig) -> (Engine, Arc<Tokenizer>) {
+    let path = model_path();
+    let model = Model::load(&path, 2).expect("model");
+    let tokenizer = Arc::new(Tokenizer::load(&model.file, Some(&path)).expect("tokenizer"));
+    let e = Engine::start(model, tokenizer.clone(), cfg).expect("engine starts");
+    (e, tokenizer)
+}
+
+fn request(
+    tok: &Tokenizer,
+    text: &str,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> GenerationRequest {
+    GenerationRequest {
+        prompt: tok.encode(text, true).expect("encode"),
+        max_tokens,
+        sampling,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    }
+}
+
+/// Token ids until `Done`, and the finish reason.
+fn collect(s: &mut RequestStream) -> (Vec<u32>, FinishReason) {
+    let mut ids = Vec::new();
+    while let Some(ev) = s.blocking_recv() {
+        match ev {
+            Event::Token { id, .. } => ids.push(id),
+            Event::Done { reason, .. } => return (ids, reason),
+        }
+    }
+    panic!("stream ended without Done");
+}
+
+const PROMPTS: [&str; 4] = [
+    "The history of the printing press begins",
+    "def quicksort(xs):",
+    "Once upon a time, in a kingdom by the sea,",
+    "The three laws of thermodynamics are",
+];
+
+fn wait_until(e: &Engine, what: &str, ok: impl Fn(&sluice_engine::EngineStats) -> bool) {
+    let t = Instant::now();
+    while !ok(&e.stats()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}: {:?}",
+            e.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn batching_does_not_change_greedy_output() {
+    let (e, tok) = engine(EngineConfig::default());
+    let alone: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| collect(&mut e.submit(request(&tok, p, 24, greedy())).unwrap()).0)
+        .collect();
+    let mut streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| e.submit(request(&tok, p, 24, greedy())).unwrap())
+        .collect();
+    let batched: Vec<Vec<u32>> = streams.iter_mut().map(|s| collect(s).0).collect();
+    assert_eq!(alone, batched);
+}
+
+#[test]
+fn preempted_requests_finish_with_the_same_greedy_text() {
+    let (big, tok) = engine(EngineConfig::default());
+    let want: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| collect(&mut big.submit(request(&tok, p, 40, greedy())).unwrap()).0)
+        .collect();
+    drop(big);
+    // 8 blocks = 128 tokens; four requests of ~10 + 40 tokens need ~16 blocks together.
+    let (small, tok) = engine(EngineConfig {
+        kv_cache_tokens: 128,
+        ..EngineConfig::default()
+    });
+    let mut streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| small.submit(request(&tok, p, 40, greedy())).unwrap())
+        .collect();
+    let got: Vec<(Vec<u32>, FinishReason)> = streams.iter_mut().map(collect).collect();
+    for (i, (ids, reason)) in got.iter().enumerate() {
+        assert_eq!(*reason, FinishReason::Length);
+        assert_eq!(ids, &want[i], "prompt {i}");
+    }
+    let st = small.stats();
+    assert!(
+        st.preemptions > 0,
+        "the cache was too small to avoid preemption: {st:?}"
+    );
+    wait_until(&small, "blocks freed", |s| s.kv_blocks_in_use == 0);
+}
+
+#[test]
+fn a_repeated_prefix_is_served_from_the_cache() {
+    let (e, tok) = engine(EngineConfig::default());
+    let system = "You are a careful assistant who answers questions about astronomy, physics and \
+                  the history of science in short, precise sentences.";
+    let first = format!("{system} Question: why is the sky blue?");
+    let second = format!("{system} Question: what is a light year?");
+    let mut s = e.submit(request(&tok, &first, 4, greedy())).unwrap();
+    let usage = |s: &mut RequestStream| loop {
+        if let Some(Event::Done { usage, .. }) = s.blocking_recv() {
+            return usage;
+        }
+    };
+    assert_eq!(usage(&mut s).cached_tokens, 0);
+    let mut s = e.submit(request(&tok, &second, 4, greedy())).unwrap();
+    let u = usage(&mut s);
+    let shared = tok
+        .encode(&first, true)
+        .unwrap()
+        .iter()
+        .zip(tok.encode(&second, true).unwrap())
+        .take_while(|(a, b)| **a == *b)
+        .count();
+    assert!(shared >= 16, "the prompts share {shared} tokens");
+    assert_eq!(
+        u.cached_tokens,
+        shared / 16 * 16,
+        "every full shared block is reused"
+    );
+    assert_eq!(e.stats().prompt_tokens_cached, u.cached_tokens as u64);
+}
+
+#[test]
+fn dropping_a_stream_cancels_the_request_and_frees_its_blocks() {
+    let (e, tok) = engine(EngineConfig::default());
+    let mut s = e.submit(request(&tok, PROMPTS[0], 2000, greedy())).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(s.blocking_recv(), Some(Event::Token { .. })));
+    }
+    assert!(e.stats().kv_blocks_in_use > 0);
+    drop(s);
+    wait_until(&e, "the cancelled request to leave", |s| {
+        s.running == 0 && s.kv_blocks_in_use == 0
+    });
+    // The engine goes on serving.
+    let (ids, reason) = collect(&mut e.submit(request(&tok, PROMPTS[1], 3, greedy())).unwrap());
+    assert_eq!((ids.len(), reason), (3, FinishReason::Length));
+}
+
+#[test]
+fn a_seed_gives_the_same_sample_alone_or_batched() {
+    let (e, tok) = engine(EngineConfig::default());
+    let seeded = |seed| SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let alone = collect(&mut e.submit(request(&tok, PROMPTS[2], 32, seeded(11))).unwrap()).0;
+    let mut others: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| e.submit(request(&tok, p, 32, seeded(5))).unwrap())
+        .collect();
+    let again = collect(&mut e.submit(request(&tok, PROMPTS[2], 32, seeded(11))).unwrap()).0;
+    others.iter_mut().for_each(|s| {
+        collect(s);
+    });
+    assert_eq!(alone, again);
+    let other_seed = collect(&mut e.submit(request(&tok, PROMPTS[2], 32, seeded(12))).unwrap()).0;
+    assert_ne!(
+        alone, other_seed,
+        "a different seed should sample differently"
+    );
+}
