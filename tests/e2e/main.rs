@@ -3,5 +3,6 @@
 
 mod engine;
 mod parity;
+mod sampling_api;
 mod server;
 mod support;
