@@ -243,8 +243,11 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     hsum(acc)
 }
 
-/// Fused online-softmax attention over `n` cache rows (see `kernels::attend`); the same
-/// operations in the same order as `dot`, `scale` and `axpy` one row at a time.
+/// Fused online-softmax attention over `n` cache rows (see `kernels::attend`): the same
+/// operations, in the same order and rounding, as `dot`, `scale` and `axpy` one row at a
+/// time, but scheduled for the CPU. For each run of up to 16 rows the scores come first,
+/// then the softmax coefficients (the `exp` calls no longer wait on the accumulator),
+/// then the accumulation, with the output held in registers for the common head sizes.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `q.len()` is a multiple of 8 and the slices
@@ -262,28 +265,123 @@ pub(super) unsafe fn attend(
     state: &mut super::OnlineSoftmax,
     out: &mut [f32],
 ) {
+    match q.len() {
+        64 => attend_in_registers::<8>(q, k, v, stride, n, scale_by, round, state, out),
+        128 => attend_in_registers::<16>(q, k, v, stride, n, scale_by, round, state, out),
+        _ => attend_rows(q, k, v, stride, n, scale_by, round, state, out),
+    }
+}
+
+const RUN: usize = 16;
+
+/// Scores and softmax coefficients of rows `i..i + m`: for each row, the factor the
+/// accumulator is rescaled by (`None` when the maximum did not move) and the row's weight.
+#[inline(always)]
+unsafe fn coefficients(
+    q: &[f32],
+    k: &[f32],
+    stride: usize,
+    i: usize,
+    m: usize,
+    scale_by: f32,
+    state: &mut super::OnlineSoftmax,
+    rescale: &mut [Option<f32>; RUN],
+    weight: &mut [f32; RUN],
+) {
     let hd = q.len();
-    // The scores do not depend on the running state: computing a run of them first lets
-    // the CPU overlap their latency chains instead of waiting on each exp/axpy.
-    let mut scores = [0f32; 16];
-    for i in 0..n {
-        if i % 16 == 0 {
-            for (j, sc) in scores.iter_mut().enumerate().take((n - i).min(16)) {
-                let r = (i + j) * stride;
-                *sc = dot(q, &k[r..r + hd]) * scale_by;
+    let mut scores = [0f32; RUN];
+    for (j, sc) in scores.iter_mut().enumerate().take(m) {
+        let r = (i + j) * stride;
+        *sc = dot(q, &k[r..r + hd]) * scale_by;
+    }
+    for j in 0..m {
+        let sc = scores[j];
+        if sc > state.max {
+            let ms = (state.max - sc).exp();
+            state.max = sc;
+            rescale[j] = Some(ms);
+            weight[j] = 1.0;
+            state.sum = state.sum * ms + 1.0;
+        } else {
+            let vs = (sc - state.max).exp();
+            rescale[j] = None;
+            weight[j] = vs;
+            state.sum = state.sum * 1.0 + vs;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn attend_in_registers<const NV: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    n: usize,
+    scale_by: f32,
+    round: bool,
+    state: &mut super::OnlineSoftmax,
+    out: &mut [f32],
+) {
+    let op = out.as_mut_ptr();
+    let mut acc: [__m256; NV] = std::array::from_fn(|x| _mm256_loadu_ps(op.add(8 * x)));
+    let mut rescale = [None; RUN];
+    let mut weight = [0f32; RUN];
+    let mut i = 0;
+    while i < n {
+        let m = (n - i).min(RUN);
+        coefficients(q, k, stride, i, m, scale_by, state, &mut rescale, &mut weight);
+        for j in 0..m {
+            if let Some(ms) = rescale[j] {
+                let s = _mm256_set1_ps(ms);
+                for a in acc.iter_mut() {
+                    let o = _mm256_mul_ps(*a, s);
+                    *a = if round { round_f16x8(o) } else { o };
+                }
+            }
+            let w = _mm256_set1_ps(weight[j]);
+            let vp = v.as_ptr().add((i + j) * stride);
+            for (x, a) in acc.iter_mut().enumerate() {
+                let o = _mm256_fmadd_ps(_mm256_loadu_ps(vp.add(8 * x)), w, *a);
+                *a = if round { round_f16x8(o) } else { o };
             }
         }
-        let sc = scores[i % 16];
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if sc > state.max {
-            ms = (state.max - sc).exp();
-            state.max = sc;
-            scale(out, ms, round);
-        } else {
-            vs = (sc - state.max).exp();
+        i += m;
+    }
+    for (x, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(op.add(8 * x), *a);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn attend_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    n: usize,
+    scale_by: f32,
+    round: bool,
+    state: &mut super::OnlineSoftmax,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut rescale = [None; RUN];
+    let mut weight = [0f32; RUN];
+    let mut i = 0;
+    while i < n {
+        let m = (n - i).min(RUN);
+        coefficients(q, k, stride, i, m, scale_by, state, &mut rescale, &mut weight);
+        for j in 0..m {
+            if let Some(ms) = rescale[j] {
+                scale(out, ms, round);
+            }
+            let r = (i + j) * stride;
+            axpy(out, &v[r..r + hd], weight[j], round);
         }
-        axpy(out, &v[i * stride..i * stride + hd], vs, round);
-        state.sum = state.sum * ms + vs;
+        i += m;
     }
 }
 

@@ -460,7 +460,14 @@ mod tests {
 
     #[test]
     fn fused_attention_is_softmax_attention() {
-        let (hd, stride, n) = (64, 192, 37);
+        // 64: the in-register path; 40: the general one.
+        for hd in [64, 40] {
+            fused_attention_case(hd);
+        }
+    }
+
+    fn fused_attention_case(hd: usize) {
+        let (stride, n) = (192, 37);
         let q = pseudo(hd, 1);
         let k = pseudo(n * stride, 2);
         let v = pseudo(n * stride, 3);
