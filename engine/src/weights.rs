@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
-use crate::kernels::{self, KernelSet, PackedQ4_1x8};
+use crate::kernels::{self, KernelSet, PackedMatrix};
 use crate::quant::{dequantize_row, GgmlType};
 
 /// A weight matrix of `rows` rows of `cols` elements, left in its file encoding.
@@ -17,7 +17,7 @@ pub struct QMatrix {
     offset: usize,
     len: usize,
     /// The same weights regrouped for the faster kernel, when it applies.
-    pub packed: Option<PackedQ4_1x8>,
+    pub packed: Option<PackedMatrix>,
 }
 
 impl QMatrix {
@@ -39,7 +39,7 @@ impl QMatrix {
                 expected,
             });
         }
-        let mut m = QMatrix {
+        Ok(QMatrix {
             ty: info.ty,
             rows,
             cols,
@@ -47,11 +47,15 @@ impl QMatrix {
             offset: info.offset,
             len: info.n_bytes,
             packed: None,
-        };
+        })
+    }
+
+    /// A matrix that is multiplied (not just looked up) also gets the faster layout.
+    fn for_matmul(mut self) -> Self {
         if kernels::detected() == KernelSet::Avx2 {
-            m.packed = PackedQ4_1x8::pack(m.ty, m.bytes(), rows, cols);
+            self.packed = PackedMatrix::pack(self.ty, self.bytes(), self.rows, self.cols);
         }
-        Ok(m)
+        self
     }
 
     /// The raw bytes, `rows × row_bytes`.
@@ -133,23 +137,24 @@ impl ModelWeights {
             QMatrix::load(file, "output.weight", d, v)?
         } else {
             QMatrix::load(file, "token_embd.weight", d, v)?
-        };
+        }
+        .for_matmul();
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(LayerWeights {
                 attn_norm: vector(file, &n("attn_norm.weight"), d)?,
-                wq: QMatrix::load(file, &n("attn_q.weight"), d, d)?,
-                wk: QMatrix::load(file, &n("attn_k.weight"), d, kv)?,
-                wv: QMatrix::load(file, &n("attn_v.weight"), d, kv)?,
+                wq: QMatrix::load(file, &n("attn_q.weight"), d, d)?.for_matmul(),
+                wk: QMatrix::load(file, &n("attn_k.weight"), d, kv)?.for_matmul(),
+                wv: QMatrix::load(file, &n("attn_v.weight"), d, kv)?.for_matmul(),
                 bq: optional_vector(file, &n("attn_q.bias"), d)?,
                 bk: optional_vector(file, &n("attn_k.bias"), kv)?,
                 bv: optional_vector(file, &n("attn_v.bias"), kv)?,
-                wo: QMatrix::load(file, &n("attn_output.weight"), d, d)?,
+                wo: QMatrix::load(file, &n("attn_output.weight"), d, d)?.for_matmul(),
                 ffn_norm: vector(file, &n("ffn_norm.weight"), d)?,
-                w_gate: QMatrix::load(file, &n("ffn_gate.weight"), d, ff)?,
-                w_up: QMatrix::load(file, &n("ffn_up.weight"), d, ff)?,
-                w_down: QMatrix::load(file, &n("ffn_down.weight"), ff, d)?,
+                w_gate: QMatrix::load(file, &n("ffn_gate.weight"), d, ff)?.for_matmul(),
+                w_up: QMatrix::load(file, &n("ffn_up.weight"), d, ff)?.for_matmul(),
+                w_down: QMatrix::load(file, &n("ffn_down.weight"), ff, d)?.for_matmul(),
             });
         }
         let output_norm = vector(file, "output_norm.weight", d)?;

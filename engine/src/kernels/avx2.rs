@@ -276,6 +276,7 @@ const RUN: usize = 16;
 
 /// Scores and softmax coefficients of rows `i..i + m`: for each row, the factor the
 /// accumulator is rescaled by (`None` when the maximum did not move) and the row's weight.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn coefficients(
     q: &[f32],
@@ -331,7 +332,17 @@ unsafe fn attend_in_registers<const NV: usize>(
     let mut i = 0;
     while i < n {
         let m = (n - i).min(RUN);
-        coefficients(q, k, stride, i, m, scale_by, state, &mut rescale, &mut weight);
+        coefficients(
+            q,
+            k,
+            stride,
+            i,
+            m,
+            scale_by,
+            state,
+            &mut rescale,
+            &mut weight,
+        );
         for j in 0..m {
             if let Some(ms) = rescale[j] {
                 let s = _mm256_set1_ps(ms);
@@ -373,7 +384,17 @@ unsafe fn attend_rows(
     let mut i = 0;
     while i < n {
         let m = (n - i).min(RUN);
-        coefficients(q, k, stride, i, m, scale_by, state, &mut rescale, &mut weight);
+        coefficients(
+            q,
+            k,
+            stride,
+            i,
+            m,
+            scale_by,
+            state,
+            &mut rescale,
+            &mut weight,
+        );
         for j in 0..m {
             if let Some(ms) = rescale[j] {
                 scale(out, ms, round);

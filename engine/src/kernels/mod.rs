@@ -9,7 +9,7 @@ mod avx2;
 mod packed;
 mod scalar;
 
-pub use packed::{PackedQ4_1x8, PACK_ROWS};
+pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -286,9 +286,9 @@ pub fn gemm(
     }
 }
 
-/// [`gemm`] for a matrix repacked by [`PackedQ4_1x8::pack`]; `rows` are multiples of
+/// [`gemm`] for a matrix repacked by [`PackedMatrix::pack`]; `rows` are multiples of
 /// [`PACK_ROWS`]. Matrices are packed only when this CPU runs the AVX2 kernels.
-pub fn gemm_packed(w: &PackedQ4_1x8, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
+pub fn gemm_packed(w: &PackedMatrix, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
     assert_eq!(
         detected(),
         KernelSet::Avx2,
@@ -297,7 +297,7 @@ pub fn gemm_packed(w: &PackedQ4_1x8, rows: Range<usize>, acts: &QuantizedActs, o
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU reported avx2, fma and f16c.
     unsafe {
-        packed::gemm_avx2(w, rows, acts, out)
+        packed::gemm_packed_avx2(w, rows, acts, out)
     }
 }
 

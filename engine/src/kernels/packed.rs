@@ -67,6 +67,107 @@ impl PackedQ4_1x8 {
     }
 }
 
+const Q8_FILE_BLOCK_BYTES: usize = 34;
+const Q8_GROUP_BLOCK_BYTES: usize = PACK_ROWS * Q8_FILE_BLOCK_BYTES;
+
+/// A Q8_0 matrix in the x8 layout: per group of 8 rows and block, `d[8]` (f16) then for
+/// `j` in 0..8 and row `r` in 0..8 the quants `4j..4j+4` of row `r` (272 bytes).
+pub struct PackedQ8_0x8 {
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl PackedQ8_0x8 {
+    /// Repacks `src` (`rows` Q8_0 rows of `cols`), or `None` when the shape does not
+    /// divide into groups of 8 rows and blocks of 32.
+    pub fn pack(ty: GgmlType, src: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if ty != GgmlType::Q8_0
+            || rows == 0
+            || !rows.is_multiple_of(PACK_ROWS)
+            || !cols.is_multiple_of(QK8)
+            || src.len() != rows * cols / QK8 * Q8_FILE_BLOCK_BYTES
+        {
+            return None;
+        }
+        let nb = cols / QK8;
+        let mut data = vec![0u8; src.len()];
+        for g in 0..rows / PACK_ROWS {
+            for b in 0..nb {
+                let dst = &mut data[(g * nb + b) * Q8_GROUP_BLOCK_BYTES..][..Q8_GROUP_BLOCK_BYTES];
+                for r in 0..PACK_ROWS {
+                    let blk = &src[((g * PACK_ROWS + r) * nb + b) * Q8_FILE_BLOCK_BYTES..]
+                        [..Q8_FILE_BLOCK_BYTES];
+                    dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+                    for j in 0..8 {
+                        let at = 16 + 32 * j + 4 * r;
+                        dst[at..at + 4].copy_from_slice(&blk[2 + 4 * j..6 + 4 * j]);
+                    }
+                }
+            }
+        }
+        Some(PackedQ8_0x8 { rows, cols, data })
+    }
+}
+
+/// A weight matrix regrouped for the x8 kernels.
+pub enum PackedMatrix {
+    Q4_1(PackedQ4_1x8),
+    Q8_0(PackedQ8_0x8),
+}
+
+impl PackedMatrix {
+    /// Packs `src` when its type and shape have an x8 kernel.
+    pub fn pack(ty: GgmlType, src: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        match ty {
+            GgmlType::Q4_1 => PackedQ4_1x8::pack(ty, src, rows, cols).map(PackedMatrix::Q4_1),
+            GgmlType::Q8_0 => PackedQ8_0x8::pack(ty, src, rows, cols).map(PackedMatrix::Q8_0),
+            _ => None,
+        }
+    }
+}
+
+/// Runs the x8 kernel of `w` over `rows` (multiples of 8) and every token.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn gemm_packed_avx2(
+    w: &PackedMatrix,
+    rows: Range<usize>,
+    acts: &QuantizedActs,
+    out: OutMatrix,
+) {
+    match w {
+        PackedMatrix::Q4_1(p) => gemm_avx2(p, rows, acts, out),
+        PackedMatrix::Q8_0(p) => gemm_q8_avx2(p, rows, acts, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gemm_q8_avx2(w: &PackedQ8_0x8, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
+    assert!(rows.start.is_multiple_of(PACK_ROWS) && rows.end.is_multiple_of(PACK_ROWS));
+    assert!(rows.end <= w.rows && acts.row_len == w.cols);
+    assert!(acts.qs.len() >= acts.n_rows * w.cols && acts.d.len() >= acts.n_rows * (w.cols / QK8));
+    assert!(out.stride == w.rows && out.len >= acts.n_rows * w.rows);
+    let n = acts.n_rows;
+    for g in rows.start / PACK_ROWS..rows.end / PACK_ROWS {
+        let mut t = 0;
+        while t + 4 <= n {
+            avx2::tile_q8::<4>(w, g, t, acts, out);
+            t += 4;
+        }
+        match n - t {
+            3 => avx2::tile_q8::<3>(w, g, t, acts, out),
+            2 => avx2::tile_q8::<2>(w, g, t, acts, out),
+            1 => avx2::tile_q8::<1>(w, g, t, acts, out),
+            _ => {}
+        }
+    }
+}
+
 /// `out[t][r] = dot(row r, activation t)` for `r` in `rows` (multiples of 8) and every token.
 ///
 /// # Safety
@@ -103,7 +204,7 @@ pub(super) unsafe fn gemm_avx2(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{PackedQ4_1x8, GROUP_BLOCK_BYTES, PACK_ROWS};
+    use super::{PackedQ4_1x8, PackedQ8_0x8, GROUP_BLOCK_BYTES, PACK_ROWS, Q8_GROUP_BLOCK_BYTES};
     use crate::kernels::{OutMatrix, QuantizedActs, QK8};
 
     /// Rows `8g..8g+8` against tokens `t0..t0+C`.
@@ -152,6 +253,57 @@ mod avx2 {
             _mm256_storeu_ps(out.cells(t0 + c, g * PACK_ROWS, PACK_ROWS), *v);
         }
     }
+
+    /// Q8_0 rows `8g..8g+8` against tokens `t0..t0+C`. Signed weights use the sign
+    /// trick (`|w|` times `a` carrying `w`'s sign); each product pair fills an i16, so
+    /// every `maddubs` is widened to i32 at once.
+    #[inline(always)]
+    pub(super) unsafe fn tile_q8<const C: usize>(
+        w: &PackedQ8_0x8,
+        g: usize,
+        t0: usize,
+        acts: &QuantizedActs,
+        out: OutMatrix,
+    ) {
+        let k = w.cols;
+        let nb = k / QK8;
+        let ones = _mm256_set1_epi16(1);
+        let qa = acts.qs.as_ptr() as *const u8;
+        let mut acc = [_mm256_setzero_ps(); C];
+        let group = w.data.as_ptr().add(g * nb * Q8_GROUP_BLOCK_BYTES);
+        let next_group = group.wrapping_add(nb * Q8_GROUP_BLOCK_BYTES);
+        for b in 0..nb {
+            let blk = group.add(b * Q8_GROUP_BLOCK_BYTES);
+            if t0 == 0 {
+                // As in the row-major kernel: the LM head is streamed once per step, and
+                // the non-temporal hint keeps it from evicting the layers from L3.
+                let ahead = next_group.wrapping_add(b * Q8_GROUP_BLOCK_BYTES);
+                for line in (0..Q8_GROUP_BLOCK_BYTES).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_NTA>(ahead.wrapping_add(line) as *const i8);
+                }
+            }
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let mut isum = [_mm256_setzero_si256(); C];
+            for j in 0..8 {
+                let q = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
+                let aq = _mm256_sign_epi8(q, q);
+                for (c, s) in isum.iter_mut().enumerate() {
+                    let a = qa.add((t0 + c) * k + b * QK8 + 4 * j);
+                    let av = _mm256_set1_epi32((a as *const i32).read_unaligned());
+                    let p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(av, q));
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p16, ones));
+                }
+            }
+            for c in 0..C {
+                let ti = (t0 + c) * nb + b;
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*acts.d.get_unchecked(ti)));
+                acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[c]), acc[c]);
+            }
+        }
+        for (c, v) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.cells(t0 + c, g * PACK_ROWS, PACK_ROWS), *v);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -189,40 +341,35 @@ mod tests {
         if detected() != KernelSet::Avx2 {
             return; // no packed kernel to test on this CPU
         }
-        for &(rows, k, n_tok) in &[(8usize, 32usize, 1usize), (24, 576, 5), (16, 1536, 9)] {
-            let x = pseudo(n_tok * k, 3 + k as u64);
-            let w: Vec<u8> = pseudo(rows * k, 11 + rows as u64)
-                .chunks_exact(k)
-                .flat_map(|r| quantize_row(GgmlType::Q4_1, r))
-                .collect();
-            let mut q = QuantizedActs::default();
-            q.quantize(&x, n_tok, k);
-            let mut want = vec![0f32; n_tok * rows];
-            gemm(
-                KernelSet::Scalar,
-                GgmlType::Q4_1,
-                &w,
-                k,
-                0..rows,
-                &q,
-                &x,
-                OutMatrix::new(&mut want, rows),
-            );
-            let packed = PackedQ4_1x8::pack(GgmlType::Q4_1, &w, rows, k).unwrap();
-            let mut got = vec![f32::NAN; n_tok * rows];
-            let om = OutMatrix::new(&mut got, rows);
-            // Two calls, as two threads would split the rows.
-            let mid = rows / 16 * 8;
-            // SAFETY: detected above.
-            unsafe {
-                gemm_avx2(&packed, 0..mid, &q, om);
-                gemm_avx2(&packed, mid..rows, &q, om);
-            }
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                    "rows={rows} k={k} n_tok={n_tok} i={i}: {g} vs {w}"
-                );
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            for &(rows, k, n_tok) in &[(8usize, 32usize, 1usize), (24, 576, 5), (16, 1536, 9)] {
+                let x = pseudo(n_tok * k, 3 + k as u64);
+                let w: Vec<u8> = pseudo(rows * k, 11 + rows as u64)
+                    .chunks_exact(k)
+                    .flat_map(|r| quantize_row(ty, r))
+                    .collect();
+                let mut q = QuantizedActs::default();
+                q.quantize(&x, n_tok, k);
+                let mut want = vec![0f32; n_tok * rows];
+                let om = OutMatrix::new(&mut want, rows);
+                gemm(KernelSet::Scalar, ty, &w, k, 0..rows, &q, &x, om);
+                let packed = PackedMatrix::pack(ty, &w, rows, k).unwrap();
+                let mut got = vec![f32::NAN; n_tok * rows];
+                let om = OutMatrix::new(&mut got, rows);
+                // Two calls, as two threads would split the rows.
+                let mid = rows / 16 * 8;
+                // SAFETY: detected above.
+                unsafe {
+                    gemm_packed_avx2(&packed, 0..mid, &q, om);
+                    gemm_packed_avx2(&packed, mid..rows, &q, om);
+                }
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{} rows={rows} k={k} n_tok={n_tok} i={i}: {g} vs {w}",
+                        ty.name()
+                    );
+                }
             }
         }
     }
