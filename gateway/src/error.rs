@@ -20,6 +20,17 @@ pub enum ApiError {
     InvalidApiKey,
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
+    #[error("This API key may not use the model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: std::time::Duration,
+    },
+    #[error("The server is shutting down and takes no new requests.")]
+    Draining,
+    #[error("The request body is larger than this server's limit (limits.max_body_bytes).")]
+    PayloadTooLarge,
     #[error("Unknown route {0}.")]
     RouteNotFound(String),
     #[error("The server is overloaded: {0}. Retry shortly.")]
@@ -43,7 +54,10 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::MissingApiKey | ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +76,14 @@ impl ApiError {
                 Some("model".to_string()),
             ),
             ApiError::RouteNotFound(_) => ("invalid_request_error", Some("not_found"), None),
+            ApiError::ModelNotAllowed(_) => (
+                "permission_error",
+                Some("model_not_allowed"),
+                Some("model".to_string()),
+            ),
+            ApiError::RateLimited { .. } => ("rate_limit_error", Some("rate_limit_exceeded"), None),
+            ApiError::PayloadTooLarge => ("invalid_request_error", Some("payload_too_large"), None),
+            ApiError::Draining => ("server_error", Some("shutting_down"), None),
             ApiError::Overloaded(_) => ("server_error", Some("overloaded"), None),
             ApiError::Internal(_) => ("server_error", Some("internal_error"), None),
         };
@@ -91,10 +113,19 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            // Whole seconds, rounded up: retrying earlier would only be refused again.
+            ApiError::RateLimited { retry_after, .. } => {
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
+            }
+            ApiError::Draining => Some(5),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
         let mut resp = (status, axum::Json(self.body())).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(s) = retry_after {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()

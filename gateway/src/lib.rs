@@ -3,11 +3,13 @@
 pub mod api_types;
 pub mod auth;
 pub mod bench;
+pub mod config;
 pub mod error;
 pub mod extract;
 pub mod generation;
 pub mod metrics;
 pub mod model_store;
+pub mod rate_limit;
 pub mod respond;
 pub mod routes;
 pub mod server;

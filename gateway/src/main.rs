@@ -3,6 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -11,9 +12,10 @@ use sluice_engine::model::Model;
 use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
+use sluice_gateway::config::{Config, ModelEntry};
 use sluice_gateway::state::{unix_now, AppState, ServedModel};
 use sluice_gateway::{bench, model_store, server};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A streaming LLM inference gateway")]
@@ -33,6 +35,21 @@ enum Cmd {
     },
     /// Measure prefill and decode speed, against llama.cpp when it is installed.
     Bench(BenchArgs),
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Print a fresh random key (shown once) and its `[[keys]]` entry for the config file.
+    New {
+        /// Name that logs and metrics show for this key.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -43,30 +60,89 @@ enum ModelCmd {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to bind.
-    #[arg(long, env = "SLUICE_HOST", default_value = "127.0.0.1")]
-    host: IpAddr,
-    /// Port to bind (0 picks a free one).
-    #[arg(long, env = "SLUICE_PORT", default_value_t = 8080)]
-    port: u16,
-    /// GGUF model file; the default model is fetched when absent.
+    /// TOML configuration file (documented example: config/sluice.toml).
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to bind [config: server.host; default 127.0.0.1].
+    #[arg(long, env = "SLUICE_HOST")]
+    host: Option<IpAddr>,
+    /// Port to bind, 0 picks a free one [config: server.port; default 8080].
+    #[arg(long, env = "SLUICE_PORT")]
+    port: Option<u16>,
+    /// Serve this GGUF file instead of the configured models.
     #[arg(long, env = "SLUICE_MODEL")]
     model: Option<PathBuf>,
-    /// Name clients use in `model`; defaults to the file name without `.gguf`.
+    /// Name clients use in `model` for --model; defaults to the file name without `.gguf`.
     #[arg(long, env = "SLUICE_MODEL_NAME")]
     model_name: Option<String>,
-    /// Compute threads for the forward pass (default: all cores).
+    /// Compute threads per model [config: engine.threads; default all cores].
     #[arg(long, env = "SLUICE_THREADS")]
     threads: Option<usize>,
-    /// Requests decoded together.
-    #[arg(long, env = "SLUICE_MAX_RUNNING_REQUESTS", default_value_t = 16)]
-    max_running_requests: usize,
-    /// Requests that may wait for a slot before new ones get 503.
-    #[arg(long, env = "SLUICE_MAX_WAITING_REQUESTS", default_value_t = 256)]
-    max_waiting_requests: usize,
-    /// KV cache capacity in tokens.
-    #[arg(long, env = "SLUICE_KV_CACHE_TOKENS", default_value_t = 65536)]
-    kv_cache_tokens: usize,
+    /// Requests decoded together [config: limits.max_running_requests].
+    #[arg(long, env = "SLUICE_MAX_RUNNING_REQUESTS")]
+    max_running_requests: Option<usize>,
+    /// Requests that may wait for a slot before new ones get 503 [config: limits.max_waiting_requests].
+    #[arg(long, env = "SLUICE_MAX_WAITING_REQUESTS")]
+    max_waiting_requests: Option<usize>,
+    /// Tokens per forward step [config: limits.max_num_batched_tokens].
+    #[arg(long, env = "SLUICE_MAX_NUM_BATCHED_TOKENS")]
+    max_num_batched_tokens: Option<usize>,
+    /// KV cache capacity per model in tokens [config: engine.kv_cache_tokens].
+    #[arg(long, env = "SLUICE_KV_CACHE_TOKENS")]
+    kv_cache_tokens: Option<usize>,
+    /// Seconds streams may take to finish after SIGTERM [config: limits.shutdown_grace_seconds].
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECONDS")]
+    shutdown_grace_seconds: Option<u64>,
+}
+
+impl ServeArgs {
+    /// The configuration file's values with the flags (and their variables) on top.
+    fn config(&self) -> Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(h) = self.host {
+            c.server.host = h;
+        }
+        if let Some(p) = self.port {
+            c.server.port = p;
+        }
+        if self.threads.is_some() {
+            c.engine.threads = self.threads;
+        }
+        let l = &mut c.limits;
+        for (dst, src) in [
+            (&mut l.max_running_requests, self.max_running_requests),
+            (&mut l.max_waiting_requests, self.max_waiting_requests),
+            (&mut l.max_num_batched_tokens, self.max_num_batched_tokens),
+            (&mut c.engine.kv_cache_tokens, self.kv_cache_tokens),
+        ] {
+            if let Some(v) = src {
+                *dst = v;
+            }
+        }
+        if let Some(g) = self.shutdown_grace_seconds {
+            c.limits.shutdown_grace_seconds = g;
+        }
+        if self.model.is_some() || self.model_name.is_some() {
+            let name = self.model_name.clone().unwrap_or_else(|| {
+                self.model.as_deref().map_or_else(
+                    || model_stem(std::path::Path::new(model_store::DEFAULT_MODEL_FILE)),
+                    model_stem,
+                )
+            });
+            c.models = vec![ModelEntry {
+                name,
+                path: self.model.clone(),
+                aliases: Vec::new(),
+            }];
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn model_stem(p: &std::path::Path) -> String {
+    p.file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned())
 }
 
 #[derive(clap::Args)]
@@ -117,7 +193,8 @@ fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
 
 fn load_served_model(
     path: &std::path::Path,
-    name: Option<String>,
+    name: String,
+    aliases: Vec<String>,
     threads: usize,
     cfg: EngineConfig,
 ) -> Result<ServedModel> {
@@ -140,15 +217,12 @@ fn load_served_model(
         }
         None => None,
     };
-    let name = name.unwrap_or_else(|| {
-        path.file_stem()
-            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
-    });
     let context_length = model.cfg.context_length;
     info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = ?model.kernel_set(), threads, "model loaded");
     let engine = Engine::start(model, tokenizer.clone(), cfg)?;
     Ok(ServedModel {
         name,
+        aliases,
         engine,
         tokenizer,
         template,
@@ -177,28 +251,87 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    if !args.host.is_loopback() {
-        bail!("refusing to bind {}: no API keys are configured, and the development key sk-sluice-dev is only allowed on a loopback address (use --host 127.0.0.1)", args.host);
-    }
-    let path = resolve_model(args.model)?;
-    let threads = args.threads.unwrap_or_else(default_threads);
-    let cfg = EngineConfig {
-        max_running_requests: args.max_running_requests,
-        max_waiting_requests: args.max_waiting_requests,
-        kv_cache_tokens: args.kv_cache_tokens,
-        ..EngineConfig::default()
+    let config = args.config()?;
+    let threads = config.engine.threads.unwrap_or_else(default_threads);
+    let engine_cfg = EngineConfig {
+        max_running_requests: config.limits.max_running_requests,
+        max_waiting_requests: config.limits.max_waiting_requests,
+        max_num_batched_tokens: config.limits.max_num_batched_tokens,
+        kv_cache_tokens: config.engine.kv_cache_tokens,
     };
-    let model = load_served_model(&path, args.model_name, threads, cfg)?;
-    let state = Arc::new(AppState::new(model, AuthPolicy::dev_key_only()));
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port))
+    let entries = if config.models.is_empty() {
+        vec![ModelEntry {
+            name: model_stem(std::path::Path::new(model_store::DEFAULT_MODEL_FILE)),
+            path: None,
+            aliases: Vec::new(),
+        }]
+    } else {
+        config.models.clone()
+    };
+    let mut models = Vec::with_capacity(entries.len());
+    for e in entries {
+        let path = resolve_model(e.path)?;
+        models.push(load_served_model(
+            &path,
+            e.name,
+            e.aliases,
+            threads,
+            engine_cfg.clone(),
+        )?);
+    }
+    let auth = if config.keys.is_empty() {
+        AuthPolicy::dev_key_only()
+    } else {
+        AuthPolicy::from_config(&config.keys)
+    };
+    let mut state = AppState::new(models, auth);
+    state.log_payloads = config.log_payloads;
+    let state = Arc::new(state);
+    let (host, port) = (config.server.host, config.server.port);
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, port))
         .await
-        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        .with_context(|| format!("binding {host}:{port}"))?;
     let addr = listener.local_addr()?;
-    info!(%addr, "listening; no API keys configured, so the development key sk-sluice-dev is accepted");
+    if config.keys.is_empty() {
+        info!(%addr, "listening; no API keys configured, so the development key sk-sluice-dev is accepted");
+    } else {
+        info!(%addr, keys = config.keys.len(), "listening");
+    }
     // Printed plainly so scripts and tests can find the port when binding port 0.
     println!("sluice listening on http://{addr}");
-    server::serve(listener, state.clone(), shutdown_signal()).await?;
-    state.model.engine.shutdown();
+
+    // On SIGTERM/SIGINT: /ready turns false and new requests get 503, the listener
+    // closes, and streams in flight get `shutdown_grace_seconds` to finish.
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    let signal = async move {
+        shutdown_signal().await;
+        st.start_draining();
+        let _ = drain_tx.send(());
+    };
+    let grace = Duration::from_secs(config.limits.shutdown_grace_seconds);
+    let server = server::serve(
+        listener,
+        state.clone(),
+        config.server.clone(),
+        config.limits.max_body_bytes,
+        signal,
+    );
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async {
+            if drain_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => warn!(seconds = grace.as_secs(), "grace period over; closing the streams still open"),
+    }
+    for m in &state.models {
+        m.engine.shutdown();
+    }
+    info!("stopped");
     Ok(())
 }
 
@@ -262,5 +395,15 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => run_bench(args),
+        Cmd::Keys {
+            action: KeysCmd::New { name },
+        } => {
+            let (key, hash) = sluice_gateway::auth::new_key();
+            println!("API key (shown only now; store it): {key}");
+            println!();
+            println!("# Add to the config file; the server keeps only the hash.");
+            println!("[[keys]]\nname = {name:?}\nkey_sha256 = \"{hash}\"");
+            Ok(())
+        }
     }
 }

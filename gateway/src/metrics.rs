@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use metrics::counter;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sluice_engine::metrics as m;
 
@@ -47,4 +48,13 @@ pub async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// Requests refused by a key's limits, by key name and limit (`requests`, `tokens`,
+/// `streams`).
+pub const RATE_LIMITED: &str = "sluice_rate_limited_total";
+
+/// Counts one refusal by a key's limits.
+pub fn rate_limited(key: &str, limit: &'static str) {
+    counter!(RATE_LIMITED, "key" => key.to_string(), "limit" => limit).increment(1);
 }

@@ -16,6 +16,7 @@ use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::{Event, FinishReason, RequestStream, TokenLogprobs, Usage};
 
 use crate::api_types::{CommonParams, UsageBody};
+use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::generation::build_request;
 use crate::state::{unix_now, AppState, ServedModel};
@@ -179,6 +180,7 @@ fn add_usage(total: &mut Usage, u: Usage) {
 /// and answers with SSE when the client asked to stream, else with one JSON body.
 pub async fn generate(
     state: &AppState,
+    key: &ApiKey,
     model: &ServedModel,
     prompt: Vec<u32>,
     params: &CommonParams,
@@ -191,6 +193,12 @@ pub async fn generate(
         model.context_length,
         model.tokenizer.vocab_size(),
     )?;
+    let charged = request.prompt.len() + n * request.max_tokens;
+    let tokens = key.limits.take_tokens(charged).inspect_err(|e| {
+        if matches!(e, ApiError::RateLimited { .. }) {
+            crate::metrics::rate_limited(&key.name, "tokens");
+        }
+    })?;
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
         let mut r = request.clone();
@@ -214,11 +222,15 @@ pub async fn generate(
         tokenizer: model.tokenizer.clone(),
     };
     let logprobs = request.logprobs.is_some();
-    if params.stream {
-        Ok(stream_sse(merge(streams), n, logprobs, meta))
+    let mut resp = if params.stream {
+        stream_sse(merge(streams), n, logprobs, meta)
     } else {
-        complete(merge(streams), n, logprobs, meta).await
+        complete(merge(streams), n, logprobs, meta).await?
+    };
+    if let Some(t) = tokens {
+        crate::rate_limit::set_headers(resp.headers_mut(), "tokens", &t);
     }
+    Ok(resp)
 }
 
 /// Collects every choice into one response body.

@@ -1,22 +1,50 @@
 //! The HTTP server: routes, layers, and serving on a given listener until shutdown.
 
 use std::future::Future;
+use std::time::Duration;
 
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::auth::require_key;
+use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::routes;
 use crate::state::SharedState;
 
-/// Builds the application's router.
-pub fn router(state: SharedState) -> Router {
-    // Everything that reaches the model (or its vocabulary) needs a key.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+        ])
+        .max_age(Duration::from_secs(3600))
+}
+
+/// Builds the application's router. Layers run outside-in in the order listed last to
+/// first below, so each comment says why a layer sits where it does.
+pub fn router(state: SharedState, server: &ServerConfig, max_body_bytes: usize) -> Router {
+    // Everything that reaches a model (or its vocabulary) needs a key. Auth runs per
+    // route (route_layer), after routing, so unknown paths are 404 rather than 401, and
+    // before any body is parsed, so an anonymous caller costs no JSON parsing.
+    // The key layer also applies the key's request rate and stream cap.
     let protected = Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::completions::completions))
@@ -26,11 +54,32 @@ pub fn router(state: SharedState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(routes::health::health))
+        .route("/ready", get(routes::health::ready))
         .route("/metrics", get(crate::metrics::metrics))
         .merge(protected)
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(req.uri().path().to_string()).into_response()
         })
+        // Innermost: bodies larger than the limit are refused while being read (413),
+        // never buffered whole.
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        // CORS answers preflights before auth: browsers send them without credentials.
+        .layer(cors(&server.cors_origins))
+        // Tracing sees every request, including refused ones, with its request id. It
+        // logs method, path, status and latency only: never bodies (prompts) or headers
+        // (keys).
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        // Outermost: every request gets an id (the client's `x-request-id` if it sent
+        // one), echoed on the response, so client reports can be matched to logs.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
 }
 
@@ -38,9 +87,11 @@ pub fn router(state: SharedState) -> Router {
 pub async fn serve(
     listener: TcpListener,
     state: SharedState,
+    server: ServerConfig,
+    max_body_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state, &server, max_body_bytes))
         .with_graceful_shutdown(shutdown)
         .await
 }

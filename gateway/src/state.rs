@@ -1,6 +1,6 @@
-//! What request handlers share: the served model and its engine.
+//! What request handlers share: the served models, the key policy, and the drain flag.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -8,11 +8,14 @@ use sluice_engine::chat_template::ChatTemplate;
 use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::Engine;
 
+use crate::auth::{ApiKey, AuthPolicy};
 use crate::error::ApiError;
 
 /// One model being served.
 pub struct ServedModel {
     pub name: String,
+    /// Other names requests may use for it.
+    pub aliases: Vec<String>,
     pub engine: Engine,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
@@ -22,9 +25,13 @@ pub struct ServedModel {
 
 /// Shared application state.
 pub struct AppState {
-    pub model: ServedModel,
-    pub auth: crate::auth::AuthPolicy,
+    /// The first is the default for requests that name no model.
+    pub models: Vec<ServedModel>,
+    pub auth: AuthPolicy,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Log prompts and completions (off by default).
+    pub log_payloads: bool,
+    draining: AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -32,26 +39,50 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    /// State for `model` under `auth`.
-    pub fn new(model: ServedModel, auth: crate::auth::AuthPolicy) -> Self {
+    /// State for `models` (at least one) under `auth`.
+    pub fn new(models: Vec<ServedModel>, auth: AuthPolicy) -> Self {
+        assert!(!models.is_empty(), "at least one model is served");
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         AppState {
-            model,
+            models,
             auth,
             metrics: crate::metrics::handle(),
+            log_payloads: false,
+            draining: AtomicBool::new(false),
             next_id: AtomicU64::new(seed),
         }
     }
 
-    /// The model a request names (any name resolves when omitted).
-    pub fn resolve_model(&self, name: Option<&str>) -> Result<&ServedModel, ApiError> {
-        match name {
-            None => Ok(&self.model),
-            Some(n) if n == self.model.name => Ok(&self.model),
-            Some(n) => Err(ApiError::ModelNotFound(n.to_string())),
+    /// The model a request names (the default one when it names none), if `key` may use it.
+    pub fn resolve_model(
+        &self,
+        name: Option<&str>,
+        key: &ApiKey,
+    ) -> Result<&ServedModel, ApiError> {
+        let m = match name {
+            None => &self.models[0],
+            Some(n) => self
+                .models
+                .iter()
+                .find(|m| m.name == n || m.aliases.iter().any(|a| a == n))
+                .ok_or_else(|| ApiError::ModelNotFound(n.to_string()))?,
+        };
+        if !key.may_use(&m.name, &m.aliases) {
+            return Err(ApiError::ModelNotAllowed(m.name.clone()));
         }
+        Ok(m)
+    }
+
+    /// Stop taking new requests (shutdown has begun).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// A fresh response id with the given prefix.

@@ -1,10 +1,14 @@
 //! `POST /v1/completions`.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde_json::Value;
 
 use crate::api_types::CompletionRequest;
+use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::respond::{generate, Flavor};
@@ -52,9 +56,10 @@ fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiErr
 /// Plain text completion, streaming or not.
 pub async fn completions(
     State(state): State<SharedState>,
+    Extension(key): Extension<Arc<ApiKey>>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = state.resolve_model(req.common.model.as_deref())?;
+    let model = state.resolve_model(req.common.model.as_deref(), &key)?;
     let prompt = prompt_tokens(model, &req.prompt)?;
-    generate(&state, model, prompt, &req.common, Flavor::Completion).await
+    generate(&state, &key, model, prompt, &req.common, Flavor::Completion).await
 }

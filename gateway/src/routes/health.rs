@@ -1,9 +1,30 @@
-//! `GET /health`: the process is up and its model is loaded.
+//! `GET /health` (alive) and `GET /ready` (serving: models loaded, not draining).
 
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-/// Always 200 once the server answers: the model is loaded before the listener opens.
+use crate::state::SharedState;
+
+/// Always 200 once the server answers: the models are loaded before the listener opens.
 pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// 200 while the server takes requests; 503 once shutdown has begun, so load balancers
+/// stop sending traffic while streams in flight finish.
+pub async fn ready(State(state): State<SharedState>) -> (StatusCode, Json<Value>) {
+    if state.is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+    } else {
+        let models: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
+        (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "models": models})),
+        )
+    }
 }

@@ -1,10 +1,14 @@
 //! `POST /tokenize` and `POST /detokenize`, as vLLM serves them.
 
+use std::sync::Arc;
+
 use axum::extract::State;
+use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
 
 use crate::api_types::{DetokenizeRequest, TokenizeRequest};
+use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::state::SharedState;
@@ -12,9 +16,10 @@ use crate::state::SharedState;
 /// Text or chat messages to token ids.
 pub async fn tokenize(
     State(state): State<SharedState>,
+    Extension(key): Extension<Arc<ApiKey>>,
     OpenAiJson(req): OpenAiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let model = state.resolve_model(req.model.as_deref())?;
+    let model = state.resolve_model(req.model.as_deref(), &key)?;
     let tokens = match (&req.prompt, &req.messages) {
         (Some(p), None) => model
             .tokenizer
@@ -36,9 +41,10 @@ pub async fn tokenize(
 /// Token ids back to text.
 pub async fn detokenize(
     State(state): State<SharedState>,
+    Extension(key): Extension<Arc<ApiKey>>,
     OpenAiJson(req): OpenAiJson<DetokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let model = state.resolve_model(req.model.as_deref())?;
+    let model = state.resolve_model(req.model.as_deref(), &key)?;
     let vocab = model.tokenizer.vocab_size();
     let ids = req
         .tokens
