@@ -2,6 +2,7 @@
 //! llama.cpp (fixtures in tests/fixtures), and the `sluice` binary served on a free port.
 
 mod engine;
+mod gateway;
 mod parity;
 mod sampling_api;
 mod server;

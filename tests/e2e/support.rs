@@ -35,12 +35,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the real binary on a free port and waits until it listens.
+    /// Starts the real binary on the default model on a free port and waits until it
+    /// listens.
     pub fn start(extra: &[&str]) -> Server {
+        let model = model_path();
+        let mut args = vec!["--model", model.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Server::spawn(&args)
+    }
+
+    fn spawn(args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--port", "0", "--model"])
-            .arg(model_path())
-            .args(extra)
+            .args(["serve", "--port", "0"])
+            .args(args)
             .env("SLUICE_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -67,6 +74,35 @@ impl Server {
             .expect("client")
     }
 }
+
+impl Server {
+    /// Sends SIGTERM and waits for the process to exit; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        self.child.wait().expect("wait").code()
+    }
+
+    /// Writes `toml` (with `{model}` replaced by the default model's path) to a fresh
+    /// file and starts the server with `--config` on it.
+    pub fn with_config(toml: &str, extra: &[&str]) -> Server {
+        let toml = toml.replace("{model}", &model_path().display().to_string());
+        let path = std::env::temp_dir().join(format!(
+            "sluice-test-{}-{}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&path, toml).expect("writing the config");
+        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Server::spawn(&args)
+    }
+}
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Drop for Server {
     fn drop(&mut self) {

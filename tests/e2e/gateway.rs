@@ -1,0 +1,237 @@
+//! The gateway's policy over real sockets: configured keys and model allow-lists, rate
+//! limits and their headers, body limits, request ids, readiness and the SIGTERM drain.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::support::Server;
+
+/// A fresh key and its `[[keys]]` entry, from `sluice keys new`.
+fn new_key(name: &str, extra: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["keys", "new", "--name", name])
+        .output()
+        .expect("sluice keys new");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("API key (shown only now; store it): "))
+        .expect("key line")
+        .to_string();
+    let entry = &text[text.find("[[keys]]").expect("entry")..];
+    assert!(
+        !entry.contains(&key),
+        "the entry holds the hash, not the key"
+    );
+    (key, format!("{entry}{extra}\n"))
+}
+
+async fn chat(server: &Server, key: &str, body: Value) -> reqwest::Response {
+    Server::client()
+        .post(format!("{}/v1/chat/completions", server.base))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+fn hi(extra: Value) -> Value {
+    let mut b = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+async fn error_of(resp: reqwest::Response, status: u16) -> Value {
+    assert_eq!(resp.status().as_u16(), status);
+    let v: Value = resp.json().await.expect("error JSON");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    v
+}
+
+#[tokio::test]
+async fn configured_keys_replace_the_dev_key_and_limit_models() {
+    let (alice, alice_entry) = new_key("alice", "models = [\"small\"]");
+    let (bob, bob_entry) = new_key("bob", "");
+    let server = Server::with_config(
+        &format!(
+            "[engine]\nkv_cache_tokens = 4096\n\n[[models]]\nname = \"small\"\npath = \"{{model}}\"\n\
+             aliases = [\"smollm\"]\n\n[[models]]\nname = \"other\"\npath = \"{{model}}\"\n\n\
+             {alice_entry}\n{bob_entry}"
+        ),
+        &[],
+    );
+    let v = error_of(chat(&server, "sk-sluice-dev", hi(json!({}))).await, 401).await;
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    // The alias routes to the allowed model; the other model is forbidden for alice.
+    assert_eq!(
+        chat(&server, &alice, hi(json!({"model": "smollm"})))
+            .await
+            .status(),
+        200
+    );
+    let v = error_of(
+        chat(&server, &alice, hi(json!({"model": "other"}))).await,
+        403,
+    )
+    .await;
+    assert_eq!(v["error"]["code"], "model_not_allowed");
+    assert_eq!(
+        chat(&server, &bob, hi(json!({"model": "other"})))
+            .await
+            .status(),
+        200
+    );
+    let models = |key: String| {
+        let base = server.base.clone();
+        async move {
+            let v: Value = Server::client()
+                .get(format!("{base}/v1/models"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(models(alice.clone()).await, vec!["small"]);
+    assert_eq!(models(bob.clone()).await, vec!["small", "other"]);
+}
+
+#[tokio::test]
+async fn request_and_token_rates_give_429_with_openai_headers() {
+    let (key, entry) = new_key(
+        "limited",
+        "requests_per_minute = 2\ntokens_per_minute = 2000",
+    );
+    let server = Server::with_config(&entry, &[]);
+    let r = chat(&server, &key, hi(json!({}))).await;
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "1");
+    assert!(h["x-ratelimit-reset-requests"]
+        .to_str()
+        .unwrap()
+        .ends_with('s'));
+    assert_eq!(h["x-ratelimit-limit-tokens"], "2000");
+    let remaining: u64 = h["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let usage: Value = r.json().await.unwrap();
+    let prompt = usage["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(remaining, 2000 - prompt - 2, "charged prompt + max_tokens");
+    // Over the token rate: a request needing the whole budget while part of it is spent.
+    let r = chat(&server, &key, hi(json!({"max_tokens": 2000 - prompt}))).await;
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let v = error_of(r, 429).await;
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    // The token refusal still counted as a request: the third request is over the rate.
+    let r = chat(&server, &key, hi(json!({}))).await;
+    assert!(r.headers().contains_key("retry-after"));
+    let v = error_of(r, 429).await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 requests per minute"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_streams_per_key_are_capped() {
+    let (key, entry) = new_key("one-stream", "max_concurrent_streams = 1");
+    let server = Server::with_config(&entry, &[]);
+    let long = hi(json!({"max_tokens": 400, "ignore_eos": true, "stream": true}));
+    let first = chat(&server, &key, long.clone()).await;
+    assert_eq!(first.status(), 200);
+    let mut body = first.bytes_stream();
+    body.next().await.expect("first chunk").unwrap();
+    error_of(chat(&server, &key, hi(json!({}))).await, 429).await;
+    drop(body);
+    // The slot comes back once the first stream is gone.
+    let mut ok = false;
+    for _ in 0..100 {
+        if chat(&server, &key, hi(json!({}))).await.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the stream slot was never released");
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413_and_request_ids_are_echoed() {
+    let model = crate::support::model_path().display().to_string();
+    let server = Server::with_config("[limits]\nmax_body_bytes = 2000\n", &["--model", &model]);
+    let big = hi(json!({"user": "x".repeat(5000)}));
+    let v = error_of(chat(&server, "sk-sluice-dev", big).await, 413).await;
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    let r = Server::client()
+        .get(format!("{}/health", server.base))
+        .header("x-request-id", "client-chosen-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "client-chosen-id");
+    let r = Server::client()
+        .get(format!("{}/health", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"].len(), 36, "a UUID is assigned");
+}
+
+#[tokio::test]
+async fn sigterm_lets_streams_in_flight_finish_then_exits_cleanly() {
+    let mut server = Server::start(&[]);
+    let ready = Server::client()
+        .get(format!("{}/ready", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let resp = chat(
+        &server,
+        "sk-sluice-dev",
+        hi(json!({"max_tokens": 200, "ignore_eos": true, "stream": true})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut raw = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let code = tokio::task::spawn_blocking(move || server.terminate());
+    while let Some(chunk) = body.next().await {
+        raw.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(
+        raw.ends_with("data: [DONE]\n\n"),
+        "the stream was cut: {raw}"
+    );
+    let tokens = raw.matches("\"content\":").count();
+    assert!(tokens > 150, "only {tokens} content chunks arrived");
+    assert_eq!(code.await.unwrap(), Some(0), "exit status after the drain");
+}
