@@ -36,6 +36,17 @@ struct ResponseMeta {
     flavor: Flavor,
     include_usage: bool,
     tokenizer: Arc<Tokenizer>,
+    /// Set only with `log_payloads = true`: the key's name, for logging completions.
+    log_payloads_for: Option<String>,
+}
+
+impl ResponseMeta {
+    /// Logs the generated texts when payload logging is on (it is off by default).
+    fn log_completion(&self, texts: &[String]) {
+        if let Some(key) = &self.log_payloads_for {
+            tracing::info!(id = %self.id, key = %key, completion = ?texts, "completion payload");
+        }
+    }
 }
 
 /// Log-probabilities cannot be -inf in JSON; vLLM reports this floor instead.
@@ -220,7 +231,12 @@ pub async fn generate(
             .as_ref()
             .is_some_and(|o| o.include_usage),
         tokenizer: model.tokenizer.clone(),
+        log_payloads_for: state.log_payloads.then(|| key.name.clone()),
     };
+    if state.log_payloads {
+        let prompt = model.tokenizer.decode(&request.prompt, true);
+        tracing::info!(id = %meta.id, key = %key.name, model = %model.name, prompt = %prompt, "request payload");
+    }
     let logprobs = request.logprobs.is_some();
     let mut resp = if params.stream {
         stream_sse(merge(streams), n, logprobs, meta)
@@ -278,6 +294,7 @@ async fn complete(
             None => return Err(ApiError::Internal("the engine dropped the request".into())),
         }
     }
+    meta.log_completion(&text);
     let choices: Vec<Value> = (0..n)
         .map(|i| {
             let lp = if logprobs {
@@ -310,6 +327,8 @@ async fn complete(
 
 /// The SSE body's state between polls.
 struct SseState {
+    /// The texts so far, kept only when payload logging is on.
+    texts: Option<Vec<String>>,
     events: Merged,
     meta: ResponseMeta,
     n: usize,
@@ -338,6 +357,9 @@ impl SseState {
     fn on_event(&mut self, ev: Option<(usize, Event)>) {
         match ev {
             Some((i, Event::Token { id, text, logprobs })) => {
+                if let Some(t) = &mut self.texts {
+                    t[i].push_str(&text);
+                }
                 if let Some(lp) = logprobs {
                     self.lps[i].push(&self.meta, id, &lp);
                 }
@@ -367,6 +389,9 @@ impl SseState {
                 self.out.push_back(sse(&self.meta.chunk(Some(c), None)));
                 self.done += 1;
                 if self.done == self.n {
+                    if let Some(t) = &self.texts {
+                        self.meta.log_completion(t);
+                    }
                     if self.meta.include_usage {
                         let u = Some(self.usage.into());
                         self.out.push_back(sse(&self.meta.chunk(None, u)));
@@ -393,6 +418,10 @@ impl SseState {
 /// cancels the requests.
 fn stream_sse(events: Merged, n: usize, logprobs: bool, meta: ResponseMeta) -> Response {
     let mut st = SseState {
+        texts: meta
+            .log_payloads_for
+            .is_some()
+            .then(|| vec![String::new(); n]),
         events,
         n,
         logprobs,

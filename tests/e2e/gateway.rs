@@ -235,3 +235,36 @@ async fn sigterm_lets_streams_in_flight_finish_then_exits_cleanly() {
     assert!(tokens > 150, "only {tokens} content chunks arrived");
     assert_eq!(code.await.unwrap(), Some(0), "exit status after the drain");
 }
+
+#[tokio::test]
+async fn prompts_and_keys_stay_out_of_the_logs_unless_payload_logging_is_on() {
+    let canary = "zebra-canary-7731";
+    for (on, toml) in [(false, ""), (true, "log_payloads = true\n")] {
+        let mut server = Server::logs_at("trace", toml);
+        let r = chat(
+            &server,
+            "sk-sluice-dev",
+            hi(json!({"messages": [{"role": "user", "content": canary}]})),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await;
+        let logs = server.logs.clone().unwrap();
+        server.terminate();
+        std::thread::sleep(Duration::from_millis(100));
+        let logs = logs.lock().unwrap().clone();
+        assert!(
+            logs.contains("/v1/chat/completions"),
+            "requests are logged:\n{logs}"
+        );
+        assert_eq!(logs.contains(canary), on, "log_payloads = {on}:\n{logs}");
+        assert!(
+            !logs.contains("sk-sluice-dev\""),
+            "a key reached the logs:\n{logs}"
+        );
+        assert!(
+            !logs.contains("Bearer"),
+            "an Authorization header reached the logs"
+        );
+    }
+}

@@ -32,6 +32,8 @@ pub fn fixtures() -> Value {
 pub struct Server {
     child: Child,
     pub base: String,
+    /// Everything the server wrote to stderr, when started with `logs_at`.
+    pub logs: Option<std::sync::Arc<std::sync::Mutex<String>>>,
 }
 
 impl Server {
@@ -45,14 +47,47 @@ impl Server {
     }
 
     fn spawn(args: &[&str]) -> Server {
+        Server::spawn_logging(args, None)
+    }
+
+    /// Like `with_config`, with the server's logs at `level` captured into `logs`.
+    pub fn logs_at(level: &str, toml: &str) -> Server {
+        let path = Server::config_file(toml);
+        let model = model_path();
+        let args = [
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--model",
+            model.to_str().expect("utf-8 path"),
+        ];
+        Server::spawn_logging(&args, Some(level))
+    }
+
+    fn spawn_logging(args: &[&str], level: Option<&str>) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["serve", "--port", "0"])
             .args(args)
-            .env("SLUICE_LOG", "warn")
+            .env("SLUICE_LOG", level.unwrap_or("warn"))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if level.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("starting sluice");
+        let logs = child.stderr.take().map(|err| {
+            let buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let mut g = b.lock().unwrap();
+                    g.push_str(&line);
+                    g.push('\n');
+                }
+            });
+            buf
+        });
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout)
@@ -63,7 +98,7 @@ impl Server {
             .strip_prefix("sluice listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        Server { child, base }
+        Server { child, base, logs }
     }
 
     /// A client with a sane timeout.
@@ -89,6 +124,15 @@ impl Server {
     /// Writes `toml` (with `{model}` replaced by the default model's path) to a fresh
     /// file and starts the server with `--config` on it.
     pub fn with_config(toml: &str, extra: &[&str]) -> Server {
+        let path = Server::config_file(toml);
+        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Server::spawn(&args)
+    }
+}
+
+impl Server {
+    fn config_file(toml: &str) -> PathBuf {
         let toml = toml.replace("{model}", &model_path().display().to_string());
         let path = std::env::temp_dir().join(format!(
             "sluice-test-{}-{}.toml",
@@ -96,9 +140,7 @@ impl Server {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(&path, toml).expect("writing the config");
-        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
-        args.extend_from_slice(extra);
-        Server::spawn(&args)
+        path
     }
 }
 
