@@ -38,6 +38,7 @@ struct Active {
     logprobs: Option<usize>,
     prompt_len: usize,
     generated: usize,
+    accepted: Instant,
 }
 
 pub(crate) struct EngineLoop {
@@ -135,6 +136,7 @@ impl EngineLoop {
                 logprobs: r.logprobs,
                 prompt_len: r.prompt.len(),
                 generated: 0,
+                accepted: Instant::now(),
             },
         );
         self.scheduler.add(id, r.prompt);
@@ -167,6 +169,11 @@ impl EngineLoop {
             .filter_map(|&id| self.scheduler.get(id).map(|s| s.prompt_len))
             .sum();
         metrics::record_admissions(admitted_tokens, plan.preempted.len());
+        for id in &plan.admitted {
+            if let Some(a) = self.active.get(id) {
+                metrics::record_queue_time(a.accepted.elapsed());
+            }
+        }
         if plan.is_empty() {
             // `submit` only accepts requests that fit the cache alone, so with nothing
             // running the head of the queue always fits; an empty plan means nothing to do.

@@ -31,6 +31,14 @@ pub const STEP_TOKENS: &str = "sluice_step_tokens";
 /// Wall time of one forward step, sampling included.
 pub const STEP_SECONDS: &str = "sluice_step_duration_seconds";
 
+/// Time from submission to first admission into the running batch.
+pub const QUEUE_SECONDS: &str = "sluice_request_queue_seconds";
+
+/// A request entered the running batch for the first time after `waited`.
+pub fn record_queue_time(waited: Duration) {
+    histogram!(QUEUE_SECONDS).record(waited.as_secs_f64());
+}
+
 /// Queue and cache gauges, after every loop iteration.
 pub fn record_state(running: usize, waiting: usize, kv_usage: f64, stats: &SchedulerStats) {
     gauge!(REQUESTS_RUNNING).set(running as f64);

@@ -139,6 +139,7 @@ pub async fn require_key(
         },
     };
     if state.is_draining() {
+        crate::metrics::refused("draining");
         return ApiError::Draining.into_response();
     }
     let requests = match key.limits.take_request() {

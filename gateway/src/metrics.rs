@@ -17,21 +17,24 @@ pub fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let step_seconds = [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ];
             let sizes = [
                 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
             ];
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(m::STEP_SECONDS.into()), &step_seconds)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(m::STEP_BATCH_SIZE.into()), &sizes)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(m::STEP_TOKENS.into()), &sizes)
-                })
-                .expect("bucket lists are non-empty");
+            let histograms: [(&str, &[f64]); 7] = [
+                (m::STEP_SECONDS, &LATENCY_BUCKETS),
+                (m::STEP_BATCH_SIZE, &sizes),
+                (m::STEP_TOKENS, &sizes),
+                (m::QUEUE_SECONDS, &LATENCY_BUCKETS),
+                (TTFT, &LATENCY_BUCKETS),
+                (ITL, &LATENCY_BUCKETS),
+                (E2E, &LATENCY_BUCKETS),
+            ];
+            let mut builder = PrometheusBuilder::new();
+            for (name, buckets) in histograms {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                    .expect("bucket lists are non-empty");
+            }
             match builder.install_recorder() {
                 Ok(h) => h,
                 // Another recorder is already installed (an embedding application's):
@@ -57,4 +60,92 @@ pub const RATE_LIMITED: &str = "sluice_rate_limited_total";
 /// Counts one refusal by a key's limits.
 pub fn rate_limited(key: &str, limit: &'static str) {
     counter!(RATE_LIMITED, "key" => key.to_string(), "limit" => limit).increment(1);
+}
+
+/// HTTP requests, by matched route and status.
+pub const HTTP_REQUESTS: &str = "sluice_http_requests_total";
+/// Time from receiving a generation request to its first non-empty text.
+pub const TTFT: &str = "sluice_time_to_first_token_seconds";
+/// Gaps between consecutive non-empty text pieces of one choice.
+pub const ITL: &str = "sluice_inter_token_latency_seconds";
+/// Time from receiving a generation request to its last event.
+pub const E2E: &str = "sluice_request_duration_seconds";
+/// Prompt tokens of finished requests, by key name.
+pub const PROMPT_TOKENS_BY_KEY: &str = "sluice_key_prompt_tokens_total";
+/// Generated tokens of finished requests, by key name.
+pub const GENERATION_TOKENS_BY_KEY: &str = "sluice_key_generation_tokens_total";
+/// Requests refused because the server was full or shutting down, by reason.
+pub const REFUSED: &str = "sluice_requests_refused_total";
+
+/// Latency buckets shared by the request histograms (seconds).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Middleware: counts every request by route template (not raw path, which would let
+/// clients create unbounded label values) and status.
+pub async fn count_http(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    counter!(HTTP_REQUESTS, "route" => route, "status" => resp.status().as_u16().to_string())
+        .increment(1);
+    resp
+}
+
+/// One refusal of a request the server could not take.
+pub fn refused(reason: &'static str) {
+    counter!(REFUSED, "reason" => reason).increment(1);
+}
+
+/// Token counts of a finished request, by key.
+pub fn tokens_by_key(key: &str, prompt: usize, generated: usize) {
+    counter!(PROMPT_TOKENS_BY_KEY, "key" => key.to_string()).increment(prompt as u64);
+    counter!(GENERATION_TOKENS_BY_KEY, "key" => key.to_string()).increment(generated as u64);
+}
+
+/// Per-request latency bookkeeping for the TTFT, ITL and duration histograms.
+pub struct LatencyTracker {
+    model: String,
+    start: std::time::Instant,
+    first: bool,
+    last: Vec<Option<std::time::Instant>>,
+}
+
+impl LatencyTracker {
+    /// Starts the clock for a request of `n` choices on `model`.
+    pub fn new(model: &str, n: usize) -> Self {
+        LatencyTracker {
+            model: model.to_string(),
+            start: std::time::Instant::now(),
+            first: false,
+            last: vec![None; n],
+        }
+    }
+
+    /// A non-empty piece of text for choice `i`.
+    pub fn text(&mut self, i: usize) {
+        let now = std::time::Instant::now();
+        if !self.first {
+            self.first = true;
+            metrics::histogram!(TTFT, "model" => self.model.clone())
+                .record((now - self.start).as_secs_f64());
+        }
+        if let Some(prev) = self.last[i] {
+            metrics::histogram!(ITL, "model" => self.model.clone())
+                .record((now - prev).as_secs_f64());
+        }
+        self.last[i] = Some(now);
+    }
+
+    /// The request is over.
+    pub fn done(&self) {
+        metrics::histogram!(E2E, "model" => self.model.clone())
+            .record(self.start.elapsed().as_secs_f64());
+    }
 }

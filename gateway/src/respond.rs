@@ -38,9 +38,17 @@ struct ResponseMeta {
     tokenizer: Arc<Tokenizer>,
     /// Set only with `log_payloads = true`: the key's name, for logging completions.
     log_payloads_for: Option<String>,
+    key_name: String,
+    latency: crate::metrics::LatencyTracker,
 }
 
 impl ResponseMeta {
+    /// Records the finished request's latency and tokens.
+    fn finished(&self, usage: &Usage) {
+        self.latency.done();
+        crate::metrics::tokens_by_key(&self.key_name, usage.prompt_tokens, usage.completion_tokens);
+    }
+
     /// Logs the generated texts when payload logging is on (it is off by default).
     fn log_completion(&self, texts: &[String]) {
         if let Some(key) = &self.log_payloads_for {
@@ -216,7 +224,12 @@ pub async fn generate(
         // Distinct but reproducible choices under one seed.
         r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
         // On failure the streams submitted so far are dropped, which cancels them.
-        streams.push(model.engine.submit(r)?);
+        let stream = model.engine.submit(r).inspect_err(|e| {
+            if matches!(e, sluice_engine::EngineError::QueueFull(_)) {
+                crate::metrics::refused("queue_full");
+            }
+        })?;
+        streams.push(stream);
     }
     let meta = ResponseMeta {
         id: state.new_id(match flavor {
@@ -232,6 +245,8 @@ pub async fn generate(
             .is_some_and(|o| o.include_usage),
         tokenizer: model.tokenizer.clone(),
         log_payloads_for: state.log_payloads.then(|| key.name.clone()),
+        key_name: key.name.clone(),
+        latency: crate::metrics::LatencyTracker::new(&model.name, n),
     };
     if state.log_payloads {
         let prompt = model.tokenizer.decode(&request.prompt, true);
@@ -254,7 +269,7 @@ async fn complete(
     mut events: Merged,
     n: usize,
     logprobs: bool,
-    meta: ResponseMeta,
+    mut meta: ResponseMeta,
 ) -> Result<Response, ApiError> {
     let mut text = vec![String::new(); n];
     let mut lps: Vec<LogprobsAcc> = (0..n).map(|_| LogprobsAcc::default()).collect();
@@ -270,6 +285,9 @@ async fn complete(
                     logprobs: lp,
                 },
             )) => {
+                if !t.is_empty() {
+                    meta.latency.text(i);
+                }
                 text[i].push_str(&t);
                 if let Some(lp) = lp {
                     lps[i].push(&meta, id, &lp);
@@ -294,6 +312,7 @@ async fn complete(
             None => return Err(ApiError::Internal("the engine dropped the request".into())),
         }
     }
+    meta.finished(&usage);
     meta.log_completion(&text);
     let choices: Vec<Value> = (0..n)
         .map(|i| {
@@ -366,6 +385,7 @@ impl SseState {
                 if text.is_empty() {
                     return; // mid-character or a possible stop string: nothing to show yet
                 }
+                self.meta.latency.text(i);
                 let lp = self.logprobs_value(i);
                 let c = self.meta.delta_choice(i, Some(&text), false, lp, None);
                 self.out.push_back(sse(&self.meta.chunk(Some(c), None)));
@@ -389,6 +409,7 @@ impl SseState {
                 self.out.push_back(sse(&self.meta.chunk(Some(c), None)));
                 self.done += 1;
                 if self.done == self.n {
+                    self.meta.finished(&self.usage);
                     if let Some(t) = &self.texts {
                         self.meta.log_completion(t);
                     }

@@ -60,6 +60,8 @@ pub fn router(state: SharedState, server: &ServerConfig, max_body_bytes: usize) 
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(req.uri().path().to_string()).into_response()
         })
+        // Counts every answer by route and status, refusals included.
+        .layer(middleware::from_fn(crate::metrics::count_http))
         // Innermost: bodies larger than the limit are refused while being read (413),
         // never buffered whole.
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -158,6 +158,27 @@ async fn request_and_token_rates_give_429_with_openai_headers() {
             .contains("2 requests per minute"),
         "{v}"
     );
+
+    let m = Server::client()
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "sluice_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1".to_string(),
+        "sluice_http_requests_total{route=\"/v1/chat/completions\",status=\"429\"} 2".into(),
+        "sluice_rate_limited_total{key=\"limited\",limit=\"requests\"} 1".into(),
+        "sluice_rate_limited_total{key=\"limited\",limit=\"tokens\"} 1".into(),
+        format!("sluice_key_prompt_tokens_total{{key=\"limited\"}} {prompt}"),
+        "sluice_key_generation_tokens_total{key=\"limited\"} 2".into(),
+        "sluice_time_to_first_token_seconds_count{".into(),
+        "sluice_request_queue_seconds_count 1".into(),
+    ] {
+        assert!(m.contains(&line), "{line} missing from:\n{m}");
+    }
 }
 
 #[tokio::test]
