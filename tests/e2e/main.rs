@@ -3,6 +3,7 @@
 
 mod engine;
 mod gateway;
+mod openai_sdk;
 mod parity;
 mod sampling_api;
 mod server;

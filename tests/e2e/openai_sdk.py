@@ -1,0 +1,62 @@
+"""Drives a running sluice with the official `openai` Python SDK, as a user would.
+
+usage: openai_sdk.py BASE_URL API_KEY MODEL   (prints OK on success; any failure raises)
+"""
+import sys
+
+import openai
+
+base, key, model = sys.argv[1:4]
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+messages = [{"role": "user", "content": "Name three colors."}]
+
+assert model in [m.id for m in client.models.list().data]
+
+whole = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+assert whole.object == "chat.completion"
+answer = whole.choices[0].message.content
+assert answer and whole.choices[0].finish_reason in ("stop", "length")
+assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+
+text, usage = "", None
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=12, temperature=0,
+    stream=True, stream_options={"include_usage": True},
+):
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+    if chunk.usage:
+        usage = chunk.usage
+assert text == answer, (text, answer)
+assert usage.completion_tokens == whole.usage.completion_tokens
+
+done = client.completions.create(model=model, prompt="The capital of France is", max_tokens=6, temperature=0)
+assert done.choices[0].text and done.usage.completion_tokens == 6
+streamed = "".join(
+    c.choices[0].text
+    for c in client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+    )
+    if c.choices
+)
+assert streamed == done.choices[0].text, (streamed, done.choices[0].text)
+
+try:
+    openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401 and e.code == "invalid_api_key", e
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError as e:
+    assert e.status_code == 404 and e.code == "model_not_found", e
+
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=7)
+    raise AssertionError("temperature 7 was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and e.param == "temperature", e
+
+print("OK")
