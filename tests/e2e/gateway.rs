@@ -289,3 +289,31 @@ async fn prompts_and_keys_stay_out_of_the_logs_unless_payload_logging_is_on() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_full_queue_answers_503_at_once_and_accepted_requests_finish() {
+    let server = Server::start(&["--max-running-requests", "1", "--max-waiting-requests", "1"]);
+    let long = hi(json!({"max_tokens": 300, "ignore_eos": true, "stream": true}));
+    let running = chat(&server, "sk-sluice-dev", long.clone()).await;
+    assert_eq!(running.status(), 200);
+    let mut running = running.bytes_stream();
+    running.next().await.unwrap().unwrap();
+    let waiting = chat(&server, "sk-sluice-dev", long.clone()).await;
+    assert_eq!(waiting.status(), 200, "one request may wait");
+    let started = std::time::Instant::now();
+    let r = chat(&server, "sk-sluice-dev", hi(json!({}))).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v = error_of(r, 503).await;
+    assert_eq!(v["error"]["code"], "overloaded");
+    // Both accepted streams still complete.
+    for body in [running.boxed(), waiting.bytes_stream().boxed()] {
+        let raw: Vec<u8> = body.map(|c| c.unwrap().to_vec()).concat().await;
+        assert!(String::from_utf8(raw)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n"));
+    }
+}

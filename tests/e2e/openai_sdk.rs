@@ -15,7 +15,10 @@ fn sdk_python() -> PathBuf {
     let python = venv.join("bin/python");
     let has_sdk = |p: &PathBuf| {
         Command::new(p)
-            .args(["-c", "import openai, sys; sys.exit(openai.__version__ != '3.54.0')"])
+            .args([
+                "-c",
+                "import openai, sys; sys.exit(openai.__version__ != '3.54.0')",
+            ])
             .status()
             .is_ok_and(|s| s.success())
     };
