@@ -71,6 +71,9 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// How long streams in flight may take to finish after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// Longest a non-streaming generation may take before it is cancelled with 504
+    /// (streams are not cut: their client sees progress and can hang up).
+    pub request_timeout_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -81,6 +84,7 @@ impl Default for LimitsConfig {
             max_num_batched_tokens: 512,
             max_body_bytes: 4 << 20,
             shutdown_grace_seconds: 30,
+            request_timeout_seconds: 600,
         }
     }
 }
@@ -158,6 +162,10 @@ impl Config {
             ("limits.max_running_requests", l.max_running_requests),
             ("limits.max_num_batched_tokens", l.max_num_batched_tokens),
             ("limits.max_body_bytes", l.max_body_bytes),
+            (
+                "limits.request_timeout_seconds",
+                l.request_timeout_seconds as usize,
+            ),
             ("engine.kv_cache_tokens", self.engine.kv_cache_tokens),
         ] {
             if v == 0 {

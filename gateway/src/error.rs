@@ -29,6 +29,10 @@ pub enum ApiError {
     },
     #[error("The server is shutting down and takes no new requests.")]
     Draining,
+    #[error(
+        "The generation took longer than {0} s and was cancelled; stream it, or lower max_tokens."
+    )]
+    Timeout(u64),
     #[error("The request body is larger than this server's limit (limits.max_body_bytes).")]
     PayloadTooLarge,
     #[error("Unknown route {0}.")]
@@ -57,6 +61,7 @@ impl ApiError {
             ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Overloaded(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -84,6 +89,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             ApiError::PayloadTooLarge => ("invalid_request_error", Some("payload_too_large"), None),
             ApiError::Draining => ("server_error", Some("shutting_down"), None),
+            ApiError::Timeout(_) => ("server_error", Some("timeout"), None),
             ApiError::Overloaded(_) => ("server_error", Some("overloaded"), None),
             ApiError::Internal(_) => ("server_error", Some("internal_error"), None),
         };

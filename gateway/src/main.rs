@@ -93,6 +93,9 @@ struct ServeArgs {
     /// Seconds streams may take to finish after SIGTERM [config: limits.shutdown_grace_seconds].
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECONDS")]
     shutdown_grace_seconds: Option<u64>,
+    /// Seconds a non-streaming generation may take before 504 [config: limits.request_timeout_seconds].
+    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_SECONDS")]
+    request_timeout_seconds: Option<u64>,
 }
 
 impl ServeArgs {
@@ -121,6 +124,9 @@ impl ServeArgs {
         }
         if let Some(g) = self.shutdown_grace_seconds {
             c.limits.shutdown_grace_seconds = g;
+        }
+        if let Some(t) = self.request_timeout_seconds {
+            c.limits.request_timeout_seconds = t;
         }
         if self.model.is_some() || self.model_name.is_some() {
             let name = self.model_name.clone().unwrap_or_else(|| {
@@ -286,6 +292,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let mut state = AppState::new(models, auth);
     state.log_payloads = config.log_payloads;
+    state.request_timeout = Duration::from_secs(config.limits.request_timeout_seconds);
     let state = Arc::new(state);
     let (host, port) = (config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, port))

@@ -256,7 +256,13 @@ pub async fn generate(
     let mut resp = if params.stream {
         stream_sse(merge(streams), n, logprobs, meta)
     } else {
-        complete(merge(streams), n, logprobs, meta).await?
+        // Dropping the engine streams on timeout cancels the generation.
+        tokio::time::timeout(
+            state.request_timeout,
+            complete(merge(streams), n, logprobs, meta),
+        )
+        .await
+        .map_err(|_| ApiError::Timeout(state.request_timeout.as_secs()))??
     };
     if let Some(t) = tokens {
         crate::rate_limit::set_headers(resp.headers_mut(), "tokens", &t);

@@ -31,6 +31,8 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Log prompts and completions (off by default).
     pub log_payloads: bool,
+    /// Limit on non-streaming generations.
+    pub request_timeout: std::time::Duration,
     draining: AtomicBool,
     next_id: AtomicU64,
 }
@@ -50,6 +52,7 @@ impl AppState {
             auth,
             metrics: crate::metrics::handle(),
             log_payloads: false,
+            request_timeout: std::time::Duration::from_secs(600),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(seed),
         }

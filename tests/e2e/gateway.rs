@@ -317,3 +317,36 @@ async fn a_full_queue_answers_503_at_once_and_accepted_requests_finish() {
             .ends_with("data: [DONE]\n\n"));
     }
 }
+
+#[tokio::test]
+async fn a_slow_non_streaming_generation_times_out_with_504_and_is_cancelled() {
+    let server = Server::start(&["--request-timeout-seconds", "1"]);
+    let started = std::time::Instant::now();
+    let r = chat(
+        &server,
+        "sk-sluice-dev",
+        hi(json!({"max_tokens": 5000, "ignore_eos": true})),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let v = error_of(r, 504).await;
+    assert_eq!(v["error"]["code"], "timeout");
+    // The engine stops working on it.
+    let mut freed = false;
+    for _ in 0..100 {
+        let m = Server::client()
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("sluice_requests_running 0") && m.contains("sluice_kv_cache_usage_ratio 0") {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "the timed-out request kept running");
+}
