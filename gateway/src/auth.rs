@@ -7,17 +7,21 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use axum::extract::Request;
 use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tower::{Layer, Service};
 
 use crate::config::KeyConfig;
 use crate::error::ApiError;
-use crate::rate_limit::{self, KeyLimits};
+use crate::rate_limit::KeyLimits;
 use crate::state::SharedState;
 
 /// The development key accepted when no keys are configured on a loopback bind.
@@ -117,61 +121,81 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Middleware: identify the caller by `Authorization: Bearer KEY`, count the request
-/// against the key's request rate, hold one of its stream slots for as long as the
-/// response body lives, and add the `x-ratelimit-*-requests` headers.
-pub async fn require_key(
-    State(state): State<SharedState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let key = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let key = match key {
-        None => return ApiError::MissingApiKey.into_response(),
-        Some(k) => match state.auth.find(k) {
-            None => return ApiError::InvalidApiKey.into_response(),
-            Some(k) => k,
-        },
-    };
-    if state.is_draining() {
-        crate::metrics::refused("draining");
-        return ApiError::Draining.into_response();
+/// Layer that identifies the caller by `Authorization: Bearer KEY` and puts its
+/// [`ApiKey`] into the request's extensions; a missing or unknown key is a 401, and once
+/// shutdown has begun every request is a 503.
+#[derive(Clone)]
+pub struct ApiKeyLayer {
+    state: SharedState,
+}
+
+impl ApiKeyLayer {
+    /// Checks keys against `state`'s policy.
+    pub fn new(state: SharedState) -> Self {
+        ApiKeyLayer { state }
     }
-    let requests = match key.limits.take_request() {
-        Ok(s) => s,
-        Err(e) => {
-            crate::metrics::rate_limited(&key.name, "requests");
-            return e.into_response();
+}
+
+impl<S> Layer<S> for ApiKeyLayer {
+    type Service = ApiKeyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiKeyService {
+            inner,
+            state: self.state.clone(),
         }
-    };
-    let slot = match key.limits.take_stream() {
-        Ok(s) => s,
-        Err(e) => {
-            crate::metrics::rate_limited(&key.name, "streams");
-            return e.into_response();
-        }
-    };
-    req.extensions_mut().insert(key);
-    let resp = next.run(req).await;
-    let (mut parts, body) = resp.into_parts();
-    if let Some(s) = requests {
-        rate_limit::set_headers(&mut parts.headers, "requests", &s);
     }
-    // The slot is released when the body is dropped: after the last SSE event, or when
-    // the client goes away.
-    let body = axum::body::Body::from_stream(futures_util::StreamExt::map(
-        body.into_data_stream(),
-        move |chunk| {
-            let _held = &slot;
-            chunk
-        },
-    ));
-    Response::from_parts(parts, body)
+}
+
+/// The service [`ApiKeyLayer`] wraps around a route.
+#[derive(Clone)]
+pub struct ApiKeyService<S> {
+    inner: S,
+    state: SharedState,
+}
+
+impl<S> Service<Request> for ApiKeyService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let key = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let refusal = match key.map(|k| self.state.auth.find(k)) {
+            None => Some(ApiError::MissingApiKey),
+            Some(None) => Some(ApiError::InvalidApiKey),
+            Some(Some(_)) if self.state.is_draining() => {
+                crate::metrics::refused("draining");
+                Some(ApiError::Draining)
+            }
+            Some(Some(k)) => {
+                req.extensions_mut().insert(k);
+                None
+            }
+        };
+        // The clone that was polled ready serves this call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            match refusal {
+                Some(e) => Ok(e.into_response()),
+                None => inner.call(req).await,
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -7,17 +7,26 @@
 //! generated. Concurrent streams are a semaphore whose permit lives as long as the
 //! response body.
 
+use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{Layer, Service};
 
+use crate::auth::ApiKey;
 use crate::config::KeyConfig;
 use crate::error::ApiError;
 
@@ -150,6 +159,83 @@ impl KeyLimits {
                     retry_after: Duration::from_secs(1),
                 }),
         }
+    }
+}
+
+/// Layer that applies the caller's key limits (after [`crate::auth::ApiKeyLayer`]): it
+/// counts the request against the key's request rate, holds one of its stream slots for
+/// as long as the response body lives, and adds the `x-ratelimit-*-requests` headers.
+/// Token limits are charged by the generation handlers, which know the prompt's length.
+#[derive(Clone, Default)]
+pub struct RateLimitLayer;
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimitService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimitService { inner }
+    }
+}
+
+/// The service [`RateLimitLayer`] wraps around a route.
+#[derive(Clone)]
+pub struct RateLimitService<S> {
+    inner: S,
+}
+
+impl<S> Service<Request> for RateLimitService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(key) = req.extensions().get::<Arc<ApiKey>>().cloned() else {
+            // Only reachable if the layers were composed wrongly: refuse, do not serve.
+            return Box::pin(async {
+                Ok(
+                    ApiError::Internal("rate limiting without an identified key".into())
+                        .into_response(),
+                )
+            });
+        };
+        Box::pin(async move {
+            let requests = match key.limits.take_request() {
+                Ok(s) => s,
+                Err(e) => {
+                    crate::metrics::rate_limited(&key.name, "requests");
+                    return Ok(e.into_response());
+                }
+            };
+            let slot = match key.limits.take_stream() {
+                Ok(s) => s,
+                Err(e) => {
+                    crate::metrics::rate_limited(&key.name, "streams");
+                    return Ok(e.into_response());
+                }
+            };
+            let resp = inner.call(req).await?;
+            let (mut parts, body) = resp.into_parts();
+            if let Some(s) = requests {
+                set_headers(&mut parts.headers, "requests", &s);
+            }
+            // The slot is released when the body is dropped: after the last SSE event, or
+            // when the client goes away.
+            let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let _held = &slot;
+                chunk
+            }));
+            Ok(Response::from_parts(parts, body))
+        })
     }
 }
 

@@ -14,9 +14,10 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::require_key;
+use crate::auth::ApiKeyLayer;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::rate_limit::RateLimitLayer;
 use crate::routes;
 use crate::state::SharedState;
 
@@ -44,14 +45,15 @@ pub fn router(state: SharedState, server: &ServerConfig, max_body_bytes: usize) 
     // Everything that reaches a model (or its vocabulary) needs a key. Auth runs per
     // route (route_layer), after routing, so unknown paths are 404 rather than 401, and
     // before any body is parsed, so an anonymous caller costs no JSON parsing.
-    // The key layer also applies the key's request rate and stream cap.
+    // Rate limiting runs inside auth: it needs the identified key.
     let protected = Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::completions::completions))
         .route("/v1/models", get(routes::models::list_models))
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route_layer(RateLimitLayer)
+        .route_layer(ApiKeyLayer::new(state.clone()));
     Router::new()
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
