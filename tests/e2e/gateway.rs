@@ -350,3 +350,80 @@ async fn a_slow_non_streaming_generation_times_out_with_504_and_is_cancelled() {
     }
     assert!(freed, "the timed-out request kept running");
 }
+
+#[tokio::test]
+async fn cors_allows_only_configured_origins() {
+    let model = crate::support::model_path().display().to_string();
+    let server = Server::with_config(
+        "[server]\ncors_origins = [\"https://app.example\"]\n",
+        &["--model", &model],
+    );
+    let preflight = |origin: &'static str| {
+        Server::client()
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/v1/chat/completions", server.base),
+            )
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let ok = preflight("https://app.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let allowed = ok.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn sse_framing_is_exactly_openais() {
+    let server = Server::start(&[]);
+    let r = chat(
+        &server,
+        "sk-sluice-dev",
+        hi(json!({"max_tokens": 5, "temperature": 0, "stream": true})),
+    )
+    .await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(r.headers()["cache-control"], "no-cache");
+    let raw = r.text().await.unwrap();
+    assert!(!raw.contains('\r'), "LF line endings only");
+    let events: Vec<&str> = raw.split_inclusive("\n\n").collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]\n\n"));
+    for e in &events[..events.len() - 1] {
+        // One `data:` line per event, no `event:`/`id:` fields, compact JSON.
+        let json = e
+            .strip_prefix("data: ")
+            .and_then(|x| x.strip_suffix("\n\n"))
+            .unwrap_or_else(|| panic!("bad frame {e:?}"));
+        assert!(!json.contains('\n'));
+        let v: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            serde_json::to_string(&v).unwrap().len(),
+            json.len(),
+            "compact JSON"
+        );
+        assert_eq!(v["object"], "chat.completion.chunk");
+        assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    }
+    let first: Value = serde_json::from_str(&events[0][6..events[0].len() - 2]).unwrap();
+    assert_eq!(
+        first["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    let last = events[events.len() - 2];
+    let last: Value = serde_json::from_str(&last[6..last.len() - 2]).unwrap();
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+}
