@@ -69,6 +69,8 @@ pub struct LimitsConfig {
     pub max_num_batched_tokens: usize,
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Requests in flight across all keys (streams until they end); beyond it, 503.
+    pub max_concurrent_requests: usize,
     /// How long streams in flight may take to finish after SIGTERM.
     pub shutdown_grace_seconds: u64,
     /// Longest a non-streaming generation may take before it is cancelled with 504
@@ -83,6 +85,7 @@ impl Default for LimitsConfig {
             max_waiting_requests: 256,
             max_num_batched_tokens: 512,
             max_body_bytes: 4 << 20,
+            max_concurrent_requests: 4096,
             shutdown_grace_seconds: 30,
             request_timeout_seconds: 600,
         }
@@ -162,6 +165,7 @@ impl Config {
             ("limits.max_running_requests", l.max_running_requests),
             ("limits.max_num_batched_tokens", l.max_num_batched_tokens),
             ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.max_concurrent_requests", l.max_concurrent_requests),
             (
                 "limits.request_timeout_seconds",
                 l.request_timeout_seconds as usize,

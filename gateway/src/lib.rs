@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod generation;
+pub mod load_shed;
 pub mod metrics;
 pub mod model_store;
 pub mod rate_limit;

@@ -93,6 +93,9 @@ struct ServeArgs {
     /// Seconds streams may take to finish after SIGTERM [config: limits.shutdown_grace_seconds].
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECONDS")]
     shutdown_grace_seconds: Option<u64>,
+    /// Requests in flight before new ones get 503 [config: limits.max_concurrent_requests].
+    #[arg(long, env = "SLUICE_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
     /// Seconds a non-streaming generation may take before 504 [config: limits.request_timeout_seconds].
     #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_SECONDS")]
     request_timeout_seconds: Option<u64>,
@@ -124,6 +127,9 @@ impl ServeArgs {
         }
         if let Some(g) = self.shutdown_grace_seconds {
             c.limits.shutdown_grace_seconds = g;
+        }
+        if let Some(m) = self.max_concurrent_requests {
+            c.limits.max_concurrent_requests = m;
         }
         if let Some(t) = self.request_timeout_seconds {
             c.limits.request_timeout_seconds = t;
@@ -321,7 +327,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         listener,
         state.clone(),
         config.server.clone(),
-        config.limits.max_body_bytes,
+        config.limits.clone(),
         signal,
     );
     tokio::pin!(server);

@@ -15,8 +15,9 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::auth::ApiKeyLayer;
-use crate::config::ServerConfig;
+use crate::config::{LimitsConfig, ServerConfig};
 use crate::error::ApiError;
+use crate::load_shed::LoadShedLayer;
 use crate::rate_limit::RateLimitLayer;
 use crate::routes;
 use crate::state::SharedState;
@@ -41,7 +42,7 @@ fn cors(origins: &[String]) -> CorsLayer {
 
 /// Builds the application's router. Layers run outside-in in the order listed last to
 /// first below, so each comment says why a layer sits where it does.
-pub fn router(state: SharedState, server: &ServerConfig, max_body_bytes: usize) -> Router {
+pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) -> Router {
     // Everything that reaches a model (or its vocabulary) needs a key. Auth runs per
     // route (route_layer), after routing, so unknown paths are 404 rather than 401, and
     // before any body is parsed, so an anonymous caller costs no JSON parsing.
@@ -53,7 +54,9 @@ pub fn router(state: SharedState, server: &ServerConfig, max_body_bytes: usize) 
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
         .route_layer(RateLimitLayer)
-        .route_layer(ApiKeyLayer::new(state.clone()));
+        .route_layer(ApiKeyLayer::new(state.clone()))
+        // Outside auth: a flood is shed before any work, authenticated or not.
+        .route_layer(LoadShedLayer::new(limits.max_concurrent_requests));
     Router::new()
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
@@ -66,7 +69,7 @@ pub fn router(state: SharedState, server: &ServerConfig, max_body_bytes: usize) 
         .layer(middleware::from_fn(crate::metrics::count_http))
         // Innermost: bodies larger than the limit are refused while being read (413),
         // never buffered whole.
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         // CORS answers preflights before auth: browsers send them without credentials.
         .layer(cors(&server.cors_origins))
         // Tracing sees every request, including refused ones, with its request id. It
@@ -92,10 +95,10 @@ pub async fn serve(
     listener: TcpListener,
     state: SharedState,
     server: ServerConfig,
-    max_body_bytes: usize,
+    limits: LimitsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, &server, max_body_bytes))
+    axum::serve(listener, router(state, &server, &limits))
         .with_graceful_shutdown(shutdown)
         .await
 }

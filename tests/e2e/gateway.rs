@@ -427,3 +427,38 @@ async fn sse_framing_is_exactly_openais() {
     assert_eq!(last["choices"][0]["delta"], json!({}));
     assert_eq!(last["choices"][0]["finish_reason"], "length");
 }
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_cap_are_shed_with_503() {
+    let server = Server::start(&["--max-concurrent-requests", "1"]);
+    let r = chat(
+        &server,
+        "sk-sluice-dev",
+        hi(json!({"max_tokens": 300, "ignore_eos": true, "stream": true})),
+    )
+    .await;
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    let shed = chat(&server, "sk-sluice-dev", hi(json!({}))).await;
+    assert!(shed.headers().contains_key("retry-after"));
+    let v = error_of(shed, 503).await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in flight"),
+        "{v}"
+    );
+    // Health checks are never shed.
+    let h = Server::client()
+        .get(format!("{}/health", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.status(), 200);
+    while body.next().await.is_some() {}
+    assert_eq!(
+        chat(&server, "sk-sluice-dev", hi(json!({}))).await.status(),
+        200
+    );
+}
