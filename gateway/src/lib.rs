@@ -3,6 +3,7 @@
 pub mod api_types;
 pub mod auth;
 pub mod bench;
+pub mod body_guard;
 pub mod config;
 pub mod error;
 pub mod extract;

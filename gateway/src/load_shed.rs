@@ -7,11 +7,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
@@ -77,12 +75,8 @@ where
             return Box::pin(async move { Ok(e.into_response()) });
         };
         Box::pin(async move {
-            let (parts, body) = inner.call(req).await?.into_parts();
-            let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
-                let _held = &permit;
-                chunk
-            }));
-            Ok(Response::from_parts(parts, body))
+            let resp = inner.call(req).await?;
+            Ok(crate::body_guard::hold_until_body_ends(resp, permit))
         })
     }
 }

@@ -13,12 +13,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -223,18 +221,12 @@ where
                     return Ok(e.into_response());
                 }
             };
-            let resp = inner.call(req).await?;
-            let (mut parts, body) = resp.into_parts();
+            let mut resp = inner.call(req).await?;
             if let Some(s) = requests {
-                set_headers(&mut parts.headers, "requests", &s);
+                set_headers(resp.headers_mut(), "requests", &s);
             }
-            // The slot is released when the body is dropped: after the last SSE event, or
-            // when the client goes away.
-            let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
-                let _held = &slot;
-                chunk
-            }));
-            Ok(Response::from_parts(parts, body))
+            // The slot is released when the body ends, not when the handler returns.
+            Ok(crate::body_guard::hold_until_body_ends(resp, slot))
         })
     }
 }

@@ -159,14 +159,7 @@ async fn request_and_token_rates_give_429_with_openai_headers() {
         "{v}"
     );
 
-    let m = Server::client()
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = server.metrics().await;
     for line in [
         "sluice_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1".to_string(),
         "sluice_http_requests_total{route=\"/v1/chat/completions\",status=\"429\"} 2".into(),
@@ -334,14 +327,7 @@ async fn a_slow_non_streaming_generation_times_out_with_504_and_is_cancelled() {
     // The engine stops working on it.
     let mut freed = false;
     for _ in 0..100 {
-        let m = Server::client()
-            .get(format!("{}/metrics", server.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = server.metrics().await;
         if m.contains("sluice_requests_running 0") && m.contains("sluice_kv_cache_usage_ratio 0") {
             freed = true;
             break;

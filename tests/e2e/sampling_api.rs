@@ -210,16 +210,6 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_blocks() {
     let server = Server::start(&[]);
     let client = Server::client();
-    let metrics = || async {
-        client
-            .get(format!("{}/metrics", server.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
     let resp = client
         .post(format!("{}/v1/chat/completions", server.base))
         .header("Authorization", KEY)
@@ -236,7 +226,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_blocks() {
         let chunk = body.next().await.unwrap().unwrap();
         seen += chunk.windows(6).filter(|w| w == b"data: ").count();
     }
-    let during = metrics().await;
+    let during = server.metrics().await;
     assert_eq!(
         metric(&during, "sluice_requests_running"),
         Some(1.0),
@@ -246,7 +236,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_blocks() {
     drop(body);
     let t = Instant::now();
     loop {
-        let m = metrics().await;
+        let m = server.metrics().await;
         if metric(&m, "sluice_requests_running") == Some(0.0)
             && metric(&m, "sluice_kv_cache_usage_ratio") == Some(0.0)
         {

@@ -101,6 +101,18 @@ impl Server {
         Server { child, base, logs }
     }
 
+    /// The server's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        Server::client()
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     /// A client with a sane timeout.
     pub fn client() -> reqwest::Client {
         reqwest::Client::builder()

@@ -22,6 +22,47 @@ pub const PACK_ROWS: usize = 8;
 const FILE_BLOCK_BYTES: usize = 20;
 const GROUP_BLOCK_BYTES: usize = PACK_ROWS * FILE_BLOCK_BYTES;
 
+/// Regroups blocks of 32 (`block_bytes` each: `halves` f16 fields, then the quants) from
+/// row-major into groups of 8 rows: per group and block, each f16 field of the 8 rows,
+/// then the quants in 4-byte runs, run `j` of rows 0..8 side by side. `None` when the
+/// shape does not divide into groups of 8 rows and blocks of 32.
+fn interleave_x8(
+    src: &[u8],
+    rows: usize,
+    cols: usize,
+    block_bytes: usize,
+    halves: usize,
+) -> Option<Vec<u8>> {
+    if rows == 0
+        || !rows.is_multiple_of(PACK_ROWS)
+        || !cols.is_multiple_of(QK8)
+        || src.len() != rows * cols / QK8 * block_bytes
+    {
+        return None;
+    }
+    let (nb, group_block) = (cols / QK8, PACK_ROWS * block_bytes);
+    let header = 2 * halves;
+    let runs = (block_bytes - header) / 4;
+    let mut data = vec![0u8; src.len()];
+    for g in 0..rows / PACK_ROWS {
+        for b in 0..nb {
+            let dst = &mut data[(g * nb + b) * group_block..][..group_block];
+            for r in 0..PACK_ROWS {
+                let blk = &src[((g * PACK_ROWS + r) * nb + b) * block_bytes..][..block_bytes];
+                for h in 0..halves {
+                    let at = 16 * h + 2 * r;
+                    dst[at..at + 2].copy_from_slice(&blk[2 * h..2 * h + 2]);
+                }
+                for j in 0..runs {
+                    let at = 8 * header + 32 * j + 4 * r;
+                    dst[at..at + 4].copy_from_slice(&blk[header + 4 * j..header + 4 * j + 4]);
+                }
+            }
+        }
+    }
+    Some(data)
+}
+
 /// A Q4_1 matrix in the x8 layout (owned memory, same size as the file's).
 pub struct PackedQ4_1x8 {
     rows: usize,
@@ -33,31 +74,10 @@ impl PackedQ4_1x8 {
     /// Repacks `src` (`rows` Q4_1 rows of `cols`), or `None` when the shape does not
     /// divide into groups of 8 rows and blocks of 32.
     pub fn pack(ty: GgmlType, src: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if ty != GgmlType::Q4_1
-            || rows == 0
-            || !rows.is_multiple_of(PACK_ROWS)
-            || !cols.is_multiple_of(QK8)
-            || src.len() != rows * cols / QK8 * FILE_BLOCK_BYTES
-        {
+        if ty != GgmlType::Q4_1 {
             return None;
         }
-        let nb = cols / QK8;
-        let mut data = vec![0u8; src.len()];
-        for g in 0..rows / PACK_ROWS {
-            for b in 0..nb {
-                let dst = &mut data[(g * nb + b) * GROUP_BLOCK_BYTES..][..GROUP_BLOCK_BYTES];
-                for r in 0..PACK_ROWS {
-                    let blk = &src[((g * PACK_ROWS + r) * nb + b) * FILE_BLOCK_BYTES..]
-                        [..FILE_BLOCK_BYTES];
-                    dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-                    dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&blk[2..4]);
-                    for j in 0..4 {
-                        let at = 32 + 32 * j + 4 * r;
-                        dst[at..at + 4].copy_from_slice(&blk[4 + 4 * j..8 + 4 * j]);
-                    }
-                }
-            }
-        }
+        let data = interleave_x8(src, rows, cols, FILE_BLOCK_BYTES, 2)?;
         Some(PackedQ4_1x8 { rows, cols, data })
     }
 
@@ -82,30 +102,10 @@ impl PackedQ8_0x8 {
     /// Repacks `src` (`rows` Q8_0 rows of `cols`), or `None` when the shape does not
     /// divide into groups of 8 rows and blocks of 32.
     pub fn pack(ty: GgmlType, src: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if ty != GgmlType::Q8_0
-            || rows == 0
-            || !rows.is_multiple_of(PACK_ROWS)
-            || !cols.is_multiple_of(QK8)
-            || src.len() != rows * cols / QK8 * Q8_FILE_BLOCK_BYTES
-        {
+        if ty != GgmlType::Q8_0 {
             return None;
         }
-        let nb = cols / QK8;
-        let mut data = vec![0u8; src.len()];
-        for g in 0..rows / PACK_ROWS {
-            for b in 0..nb {
-                let dst = &mut data[(g * nb + b) * Q8_GROUP_BLOCK_BYTES..][..Q8_GROUP_BLOCK_BYTES];
-                for r in 0..PACK_ROWS {
-                    let blk = &src[((g * PACK_ROWS + r) * nb + b) * Q8_FILE_BLOCK_BYTES..]
-                        [..Q8_FILE_BLOCK_BYTES];
-                    dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-                    for j in 0..8 {
-                        let at = 16 + 32 * j + 4 * r;
-                        dst[at..at + 4].copy_from_slice(&blk[2 + 4 * j..6 + 4 * j]);
-                    }
-                }
-            }
-        }
+        let data = interleave_x8(src, rows, cols, Q8_FILE_BLOCK_BYTES, 1)?;
         Some(PackedQ8_0x8 { rows, cols, data })
     }
 }
