@@ -73,6 +73,13 @@ pub struct LimitsConfig {
     pub max_concurrent_requests: usize,
     /// How long streams in flight may take to finish after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// Events a WebSocket participant's queue holds; a reader further behind is cut off
+    /// (close 1013) and gets a snapshot when it rejoins.
+    pub ws_send_queue: usize,
+    /// Largest WebSocket message accepted (bigger: close 1009).
+    pub ws_max_message_bytes: usize,
+    /// Sessions with nobody in them expire after this long.
+    pub session_idle_seconds: u64,
     /// Longest a non-streaming generation may take before it is cancelled with 504
     /// (streams are not cut: their client sees progress and can hang up).
     pub request_timeout_seconds: u64,
@@ -88,6 +95,9 @@ impl Default for LimitsConfig {
             max_concurrent_requests: 4096,
             shutdown_grace_seconds: 30,
             request_timeout_seconds: 600,
+            ws_send_queue: 1024,
+            ws_max_message_bytes: 64 << 10,
+            session_idle_seconds: 3600,
         }
     }
 }
@@ -166,6 +176,8 @@ impl Config {
             ("limits.max_num_batched_tokens", l.max_num_batched_tokens),
             ("limits.max_body_bytes", l.max_body_bytes),
             ("limits.max_concurrent_requests", l.max_concurrent_requests),
+            ("limits.ws_send_queue", l.ws_send_queue),
+            ("limits.ws_max_message_bytes", l.ws_max_message_bytes),
             (
                 "limits.request_timeout_seconds",
                 l.request_timeout_seconds as usize,

@@ -15,4 +15,5 @@ pub mod rate_limit;
 pub mod respond;
 pub mod routes;
 pub mod server;
+pub mod sessions;
 pub mod state;

@@ -299,7 +299,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut state = AppState::new(models, auth);
     state.log_payloads = config.log_payloads;
     state.request_timeout = Duration::from_secs(config.limits.request_timeout_seconds);
+    state.sessions = sluice_gateway::sessions::SessionHub::new(
+        config.limits.ws_send_queue,
+        Duration::from_secs(config.limits.session_idle_seconds),
+    );
+    state.ws_max_message_bytes = config.limits.ws_max_message_bytes;
     let state = Arc::new(state);
+    let sweeper = state.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            every.tick().await;
+            sweeper.sessions.expire_idle();
+        }
+    });
     let (host, port) = (config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, port))
         .await

@@ -61,6 +61,8 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
         .route("/metrics", get(crate::metrics::metrics))
+        // The WebSocket authenticates itself: browsers cannot send headers on it.
+        .route("/v1/ws", get(routes::ws::ws_upgrade))
         .merge(protected)
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(req.uri().path().to_string()).into_response()

@@ -33,6 +33,10 @@ pub struct AppState {
     pub log_payloads: bool,
     /// Limit on non-streaming generations.
     pub request_timeout: std::time::Duration,
+    /// Collaborative WebSocket sessions.
+    pub sessions: crate::sessions::SessionHub,
+    /// Largest WebSocket message accepted.
+    pub ws_max_message_bytes: usize,
     draining: AtomicBool,
     next_id: AtomicU64,
 }
@@ -53,6 +57,8 @@ impl AppState {
             metrics: crate::metrics::handle(),
             log_payloads: false,
             request_timeout: std::time::Duration::from_secs(600),
+            sessions: crate::sessions::SessionHub::new(1024, std::time::Duration::from_secs(3600)),
+            ws_max_message_bytes: 64 << 10,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(seed),
         }

@@ -8,3 +8,4 @@ mod parity;
 mod sampling_api;
 mod server;
 mod support;
+mod websocket;

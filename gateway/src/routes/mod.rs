@@ -5,6 +5,7 @@ pub mod completions;
 pub mod health;
 pub mod models;
 pub mod tokenize;
+pub mod ws;
 
 use serde_json::Value;
 use sluice_engine::chat_template::ChatMessage;

@@ -1,0 +1,417 @@
+//! `GET /v1/ws`: WebSocket connections to collaborative sessions (protocol in
+//! docs/websocket.md).
+//!
+//! Each connection has two tasks: this reader, which handles the client's messages, and a
+//! writer, which drains the connection's bounded event queue into the socket and pings.
+//! Generations run in their own task and feed the session, which fans events out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::header::AUTHORIZATION;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sluice_engine::{Event, RequestStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::api_types::{CommonParams, InMessage};
+use crate::auth::ApiKey;
+use crate::error::ApiError;
+use crate::generation::build_request;
+use crate::respond::Flavor;
+use crate::sessions::{Refusal, Session, Subscriber};
+use crate::state::SharedState;
+
+/// Browsers cannot set headers on a WebSocket: they authenticate with a first message.
+const AUTH_DEADLINE: Duration = Duration::from_secs(5);
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// A write that cannot complete in this long means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_NAME_CHARS: usize = 64;
+
+/// Close codes (RFC 6455).
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_UNSUPPORTED: u16 = 1003;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_TRY_LATER: u16 = 1013;
+
+/// Upgrades to a WebSocket. A key in `Authorization` is checked here (401 before the
+/// upgrade when wrong); without one, the first message must be `auth`.
+pub async fn ws_upgrade(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if state.is_draining() {
+        return ApiError::Draining.into_response();
+    }
+    let key = match headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        None => None,
+        Some(k) => match state.auth.find(k.trim()) {
+            Some(k) => Some(k),
+            None => return ApiError::InvalidApiKey.into_response(),
+        },
+    };
+    let max = state.ws_max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| connection(state, socket, key))
+}
+
+/// What the reader asks the writer to do besides sending events.
+enum Control {
+    Close(u16, &'static str),
+}
+
+fn event_text(v: &Value) -> Arc<str> {
+    v.to_string().into()
+}
+
+fn error_event(code: &str, message: impl std::fmt::Display) -> Arc<str> {
+    event_text(&json!({"type": "error", "code": code, "message": message.to_string()}))
+}
+
+async fn writer(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut events: mpsc::Receiver<Arc<str>>,
+    mut control: mpsc::Receiver<Control>,
+    kick: Arc<Notify>,
+) {
+    let close = |code: u16, reason: &'static str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = kick.notified() => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close(CLOSE_TRY_LATER, "too slow: rejoin for a snapshot"))).await;
+                return;
+            }
+            c = control.recv() => match c {
+                Some(Control::Close(code, reason)) => {
+                    // Events queued before the close still go out first.
+                    while let Ok(t) = events.try_recv() {
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(t.as_ref().into()))).await;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close(code, reason))).await;
+                    return;
+                }
+                None => return,
+            },
+            e = events.recv() => match e {
+                Some(t) => Message::Text(t.as_ref().into()),
+                None => return,
+            },
+            _ = ping.tick() => Message::Ping(Vec::new().into()),
+        };
+        // A peer that stopped reading blocks the send once the socket buffers are full;
+        // being cut off ends that wait too (the socket is dropped: no close frame can
+        // get through a full buffer anyway).
+        tokio::select! {
+            biased;
+            _ = kick.notified() => return,
+            r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)) => {
+                if !matches!(r, Ok(Ok(()))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One connection: authenticate, then serve the client's messages until it leaves.
+async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<ApiKey>>) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel::<Arc<str>>(state.sessions.send_queue);
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(1);
+    let kick = Arc::new(Notify::new());
+    let mut writer = tokio::spawn(writer(sink, rx, ctl_rx, kick.clone()));
+    let mut writer_done = false;
+    let conn = state.sessions.connection_id();
+    let mut joined: Option<(Arc<Session>, String)> = None;
+    let deadline = tokio::time::Instant::now() + AUTH_DEADLINE;
+    let close = |code, reason| {
+        let _ = ctl_tx.try_send(Control::Close(code, reason));
+    };
+    // Replies to this client go through the same queue as session events, so they keep
+    // their order; a client too slow for its own replies is cut off like any other.
+    let reply = |text: Arc<str>| {
+        if tx.try_send(text).is_err() {
+            kick.notify_one();
+        }
+    };
+    loop {
+        let authed = key.is_some();
+        let next = tokio::select! {
+            // The writer ends when the connection is cut off or broken: stop reading too.
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
+            // Until authenticated, the first message must come before the deadline.
+            m = tokio::time::timeout_at(
+                if authed { tokio::time::Instant::now() + Duration::from_secs(86_400) } else { deadline },
+                stream.next(),
+            ) => match m {
+                Ok(m) => m,
+                Err(_) if authed => continue, // a quiet day; pings keep the socket alive
+                Err(_) => {
+                    reply(error_event("unauthenticated", "send {\"type\":\"auth\",\"api_key\":\"...\"} within 5 s"));
+                    close(CLOSE_POLICY, "authentication timed out");
+                    break;
+                }
+            },
+        };
+        let text = match next {
+            None | Some(Ok(Message::Close(_))) => break,
+            Some(Err(e)) => {
+                // The only read error a live client can cause is an oversized message.
+                let too_big = e.to_string().to_lowercase().contains("too long")
+                    || e.to_string().to_lowercase().contains("too big");
+                if too_big {
+                    close(CLOSE_TOO_BIG, "message too big");
+                }
+                break;
+            }
+            Some(Ok(Message::Binary(_))) => {
+                reply(error_event(
+                    "unsupported_data",
+                    "binary frames are not supported; send JSON text",
+                ));
+                close(CLOSE_UNSUPPORTED, "binary frames are not supported");
+                break;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(t))) => t,
+        };
+        let msg: Value = match serde_json::from_str(text.as_str()) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                reply(error_event(
+                    "bad_request",
+                    "messages are JSON objects with a \"type\"",
+                ));
+                continue;
+            }
+        };
+        let kind = msg["type"].as_str().unwrap_or("");
+        let Some(k) = key.clone() else {
+            if kind != "auth" {
+                reply(error_event(
+                    "unauthenticated",
+                    "authenticate first: {\"type\":\"auth\",\"api_key\":\"...\"}",
+                ));
+                close(CLOSE_POLICY, "not authenticated");
+                break;
+            }
+            match msg["api_key"].as_str().and_then(|s| state.auth.find(s)) {
+                Some(found) => {
+                    key = Some(found);
+                    reply(event_text(&json!({"type": "authenticated"})));
+                }
+                None => {
+                    reply(error_event(
+                        "invalid_api_key",
+                        "Incorrect API key provided.",
+                    ));
+                    close(CLOSE_POLICY, "invalid API key");
+                    break;
+                }
+            }
+            continue;
+        };
+        match kind {
+            "auth" => reply(error_event("bad_request", "already authenticated")),
+            "join" => {
+                let (Some(session), Some(user)) = (name(&msg["session"]), name(&msg["user"]))
+                else {
+                    reply(error_event("bad_request", format!("join needs \"session\" and \"user\": non-empty strings of at most {MAX_NAME_CHARS} characters")));
+                    continue;
+                };
+                if let Some((old, _)) = joined.take() {
+                    old.leave(conn);
+                }
+                let s = state.sessions.session(session);
+                s.join(Subscriber {
+                    conn,
+                    user: user.to_string(),
+                    tx: tx.clone(),
+                    kick: kick.clone(),
+                });
+                joined = Some((s, user.to_string()));
+            }
+            "leave" => {
+                if let Some((s, _)) = joined.take() {
+                    s.leave(conn);
+                }
+            }
+            "say" | "generate" | "cancel" => {
+                let Some((s, user)) = &joined else {
+                    reply(error_event("not_joined", "join a session first"));
+                    continue;
+                };
+                let result = match kind {
+                    "say" => say(s, user, &msg),
+                    "generate" => generate(&state, &k, s, user, msg.clone()),
+                    _ => s
+                        .cancel()
+                        .map_err(|r| (r.code(), "no generation is running".to_string())),
+                };
+                if let Err((code, message)) = result {
+                    reply(error_event(code, message));
+                }
+            }
+            other => reply(error_event(
+                "unknown_type",
+                format!("unknown message type {other:?}"),
+            )),
+        }
+    }
+    if let Some((s, _)) = joined {
+        s.leave(conn);
+    }
+    drop(tx);
+    drop(ctl_tx);
+    if !writer_done {
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        writer.abort();
+    }
+}
+
+/// A session or user name: a non-empty string of bounded length.
+fn name(v: &Value) -> Option<&str> {
+    v.as_str()
+        .filter(|s| !s.trim().is_empty() && s.chars().count() <= MAX_NAME_CHARS)
+}
+
+fn say(s: &Session, user: &str, msg: &Value) -> Result<(), (&'static str, String)> {
+    let content = msg["content"].as_str().filter(|c| !c.is_empty()).ok_or((
+        "bad_request",
+        "say needs a non-empty \"content\" string".to_string(),
+    ))?;
+    s.say(user, content);
+    Ok(())
+}
+
+/// Starts a generation from the session's conversation, with chat-completion parameters.
+fn generate(
+    state: &SharedState,
+    key: &ApiKey,
+    s: &Arc<Session>,
+    user: &str,
+    mut msg: Value,
+) -> Result<(), (&'static str, String)> {
+    if s.is_busy() {
+        return Err((
+            Refusal::Busy.code(),
+            "a generation is already running in this session".into(),
+        ));
+    }
+    let api = |e: ApiError| {
+        let code = match &e {
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Overloaded(_) | ApiError::Draining => "overloaded",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::ModelNotAllowed(_) => "model_not_allowed",
+            _ => "invalid_request",
+        };
+        (code, e.to_string())
+    };
+    if let Value::Object(o) = &mut msg {
+        o.remove("type");
+    }
+    let params: CommonParams = serde_json::from_value(msg)
+        .map_err(|e| ("invalid_request", format!("bad generate parameters: {e}")))?;
+    if params.n.is_some_and(|n| n != 1) {
+        return Err((
+            "invalid_request",
+            "a session generates one reply at a time (n = 1)".into(),
+        ));
+    }
+    let model = state
+        .resolve_model(params.model.as_deref(), key)
+        .map_err(api)?;
+    let messages: Vec<InMessage> = s
+        .transcript()
+        .into_iter()
+        .map(|(role, content)| InMessage {
+            role,
+            content: Some(Value::String(content)),
+        })
+        .collect();
+    if !messages.iter().any(|m| m.role == "user") {
+        return Err((
+            Refusal::EmptyConversation.code(),
+            "say something before generating".into(),
+        ));
+    }
+    let prompt = super::chat_prompt(model, &messages, true).map_err(api)?;
+    let (request, _) = build_request(
+        &params,
+        Flavor::Chat,
+        prompt,
+        model.context_length,
+        model.tokenizer.vocab_size(),
+    )
+    .map_err(api)?;
+    key.limits.take_request().map_err(api)?;
+    key.limits
+        .take_tokens(request.prompt.len() + request.max_tokens)
+        .map_err(api)?;
+    let prompt_tokens = request.prompt.len();
+    let stream = model.engine.submit(request).map_err(|e| api(e.into()))?;
+    let id = state.new_id("gen");
+    let (cancel_tx, cancel_rx) = oneshot::channel();
+    // Dropping `stream` on refusal cancels the engine request.
+    s.start_generation(&id, user, cancel_tx).map_err(|r| {
+        (
+            r.code(),
+            "a generation is already running in this session".to_string(),
+        )
+    })?;
+    tokio::spawn(drive(s.clone(), stream, cancel_rx, prompt_tokens));
+    Ok(())
+}
+
+/// Feeds a generation's events into its session until it ends or is cancelled.
+async fn drive(
+    session: Arc<Session>,
+    mut stream: RequestStream,
+    mut cancel: oneshot::Receiver<()>,
+    prompt_tokens: usize,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut cancel => {
+                drop(stream); // cancels the engine request
+                session.finish_generation("cancelled", prompt_tokens, None);
+                return;
+            }
+            ev = stream.recv() => match ev {
+                Some(Event::Token { text, .. }) => session.token(&text),
+                Some(Event::Done { reason, usage, .. }) => {
+                    session.finish_generation(reason.as_str(), usage.prompt_tokens, Some(usage.completion_tokens));
+                    return;
+                }
+                None => {
+                    session.finish_generation("error", prompt_tokens, None);
+                    return;
+                }
+            },
+        }
+    }
+}
