@@ -1,5 +1,7 @@
 //! The `sluice` binary.
 
+mod chat_cli;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +37,8 @@ enum Cmd {
     },
     /// Measure prefill and decode speed, against llama.cpp when it is installed.
     Bench(BenchArgs),
+    /// Chat in the terminal (or join a collaborative session) with a running server.
+    Chat(chat_cli::ChatArgs),
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -421,6 +425,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => run_bench(args),
+        Cmd::Chat(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(chat_cli::run(args)),
         Cmd::Keys {
             action: KeysCmd::New { name },
         } => {
