@@ -58,6 +58,7 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         // Outside auth: a flood is shed before any work, authenticated or not.
         .route_layer(LoadShedLayer::new(limits.max_concurrent_requests));
     Router::new()
+        .route("/", get(routes::page::index))
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
         .route("/metrics", get(crate::metrics::metrics))

@@ -1,6 +1,7 @@
 //! End-to-end tests on the real default model: tokenizer and greedy-output parity with
 //! llama.cpp (fixtures in tests/fixtures), and the `sluice` binary served on a free port.
 
+mod browser;
 mod clients;
 mod engine;
 mod gateway;
