@@ -149,3 +149,23 @@ impl LatencyTracker {
             .record(self.start.elapsed().as_secs_f64());
     }
 }
+
+/// Open WebSocket connections.
+pub const WS_CONNECTIONS: &str = "sluice_ws_connections";
+
+/// Counts an open WebSocket connection for as long as it lives.
+pub struct WsConnection;
+
+impl WsConnection {
+    /// One more open connection, until the guard is dropped.
+    pub fn open() -> Self {
+        metrics::gauge!(WS_CONNECTIONS).increment(1.0);
+        WsConnection
+    }
+}
+
+impl Drop for WsConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(WS_CONNECTIONS).decrement(1.0);
+    }
+}

@@ -141,6 +141,7 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
     let mut writer = tokio::spawn(writer(sink, rx, ctl_rx, kick.clone()));
     let mut writer_done = false;
     let conn = state.sessions.connection_id();
+    let _open = crate::metrics::WsConnection::open();
     let mut joined: Option<(Arc<Session>, String)> = None;
     let deadline = tokio::time::Instant::now() + AUTH_DEADLINE;
     let close = |code, reason| {
@@ -382,7 +383,13 @@ fn generate(
             "a generation is already running in this session".to_string(),
         )
     })?;
-    tokio::spawn(drive(s.clone(), stream, cancel_rx, prompt_tokens));
+    tokio::spawn(drive(
+        s.clone(),
+        stream,
+        cancel_rx,
+        prompt_tokens,
+        key.name.clone(),
+    ));
     Ok(())
 }
 
@@ -392,6 +399,7 @@ async fn drive(
     mut stream: RequestStream,
     mut cancel: oneshot::Receiver<()>,
     prompt_tokens: usize,
+    key_name: String,
 ) {
     loop {
         tokio::select! {
@@ -404,6 +412,7 @@ async fn drive(
             ev = stream.recv() => match ev {
                 Some(Event::Token { text, .. }) => session.token(&text),
                 Some(Event::Done { reason, usage, .. }) => {
+                    crate::metrics::tokens_by_key(&key_name, usage.prompt_tokens, usage.completion_tokens);
                     session.finish_generation(reason.as_str(), usage.prompt_tokens, Some(usage.completion_tokens));
                     return;
                 }
