@@ -1,6 +1,7 @@
 //! The `sluice` binary.
 
 mod chat_cli;
+mod loadtest_cli;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Chat in the terminal (or join a collaborative session) with a running server.
     Chat(chat_cli::ChatArgs),
+    /// Load-test any OpenAI-compatible server (TTFT, ITL, TPOT, throughput, goodput).
+    Loadtest(loadtest_cli::LoadtestArgs),
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -425,6 +428,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => run_bench(args),
+        Cmd::Loadtest(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(loadtest_cli::run_cli(args)),
         Cmd::Chat(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

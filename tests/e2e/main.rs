@@ -5,6 +5,7 @@ mod browser;
 mod clients;
 mod engine;
 mod gateway;
+mod loadtest;
 mod openai_sdk;
 mod parity;
 mod sampling_api;

@@ -1,0 +1,266 @@
+//! Running the load: closed loop (N clients back to back) or open loop (arrivals at a
+//! rate, each request on its own), and timing every streamed request.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use sluice_client::{ChatMessage, ChatRequest, Client, ClientError, CompletionRequest, Sampling};
+
+use crate::arrivals::Arrivals;
+use crate::report::Report;
+
+/// Which API the load uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+/// How requests are issued.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// `concurrency` clients, each sending its next request when the last one ends.
+    Closed { concurrency: usize },
+    /// Arrivals at `rate` per second (Poisson, or gamma gaps with `burstiness` ≠ 1).
+    Open { rate: f64, burstiness: f64 },
+}
+
+/// Service-level objectives for goodput: a request counts when it meets all that are set.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Slo {
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+}
+
+/// Everything about one load run.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub url: String,
+    pub api_key: Option<String>,
+    pub model: Option<String>,
+    pub endpoint: Endpoint,
+    pub load: Load,
+    /// Stop after this many requests (and/or after `duration`).
+    pub requests: Option<usize>,
+    pub duration: Option<Duration>,
+    pub max_tokens: u32,
+    pub prompts: Vec<String>,
+    pub slo: Slo,
+    /// A request taking longer than this counts as a `timeout` error.
+    pub timeout: Duration,
+    /// Print progress to stderr.
+    pub progress: bool,
+}
+
+/// What one request measured (seconds).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outcome {
+    pub error: Option<String>,
+    pub ttft: Option<f64>,
+    pub itl: Vec<f64>,
+    pub e2e: f64,
+    pub output_tokens: u64,
+    /// When it ended, from the start of the run.
+    pub ended_at: f64,
+}
+
+fn error_kind(e: &ClientError) -> String {
+    match e {
+        ClientError::Api { status: 0, .. } => "stream_error".into(),
+        ClientError::Api { status, .. } => format!("http_{status}"),
+        ClientError::Http(e) if e.is_timeout() => "timeout".into(),
+        ClientError::Http(e) if e.is_connect() => "connect".into(),
+        ClientError::Http(_) | ClientError::Protocol(_) => "broken_stream".into(),
+        ClientError::WebSocket(_) => "websocket".into(),
+    }
+}
+
+/// Sends one streamed request and times it.
+async fn one(client: &Client, spec: &LoadSpec, prompt: &str, run_start: Instant) -> Outcome {
+    let sampling = Sampling {
+        model: spec.model.clone(),
+        max_tokens: Some(spec.max_tokens),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Sampling::default()
+    };
+    let start = Instant::now();
+    let mut out = Outcome::default();
+    let mut last: Option<Instant> = None;
+    let mut on_text = |text: &str, out: &mut Outcome| {
+        if text.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        match last {
+            None => out.ttft = Some((now - start).as_secs_f64()),
+            Some(prev) => out.itl.push((now - prev).as_secs_f64()),
+        }
+        last = Some(now);
+    };
+    let work = async {
+        match spec.endpoint {
+            Endpoint::Chat => {
+                let req = ChatRequest {
+                    messages: vec![ChatMessage::user(prompt)],
+                    sampling,
+                };
+                let mut s = client.chat_stream(&req).await?;
+                while let Some(c) = s.next().await {
+                    let c = c?;
+                    on_text(c.text(), &mut out);
+                    if let Some(u) = c.usage {
+                        out.output_tokens = u.completion_tokens;
+                    }
+                }
+            }
+            Endpoint::Completions => {
+                let mut sampling = sampling;
+                sampling
+                    .extra
+                    .insert("stream_options".into(), json!({"include_usage": true}));
+                let req = CompletionRequest {
+                    prompt: prompt.to_string(),
+                    sampling,
+                };
+                let mut s = client.completion_stream(&req).await?;
+                while let Some(c) = s.next().await {
+                    let c = c?;
+                    on_text(c.text(), &mut out);
+                    if let Some(u) = c.usage {
+                        out.output_tokens = u.completion_tokens;
+                    }
+                }
+            }
+        }
+        Ok::<(), ClientError>(())
+    };
+    let result = tokio::time::timeout(spec.timeout, work).await;
+    out.error = match result {
+        Err(_) => Some("timeout".into()),
+        Ok(Err(e)) => Some(error_kind(&e)),
+        Ok(Ok(())) if out.output_tokens == 0 => Some("no_usage".into()),
+        Ok(Ok(())) => None,
+    };
+    out.e2e = start.elapsed().as_secs_f64();
+    out.ended_at = run_start.elapsed().as_secs_f64();
+    out
+}
+
+fn progress_line(done: usize, total: Option<usize>, started: Instant, tokens: u64) {
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let bar = match total {
+        Some(t) if t > 0 => {
+            let filled = done * 30 / t;
+            format!(
+                "[{}{}] {done}/{t}",
+                "#".repeat(filled),
+                ".".repeat(30 - filled)
+            )
+        }
+        _ => format!("{done} done"),
+    };
+    eprint!(
+        "\r{bar}  {:.0} output tok/s  {:.1} s ",
+        tokens as f64 / secs,
+        secs
+    );
+}
+
+/// Runs the load and summarises it.
+pub async fn run(spec: &LoadSpec) -> Report {
+    let client = Client::new(&spec.url, spec.api_key.clone());
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::new()));
+    let tokens = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let issued = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let deadline = spec.duration.map(|d| start + d);
+    // Claims the next request slot, or says the run is over.
+    let claim = {
+        let issued = issued.clone();
+        let limit = spec.requests;
+        move || -> Option<usize> {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            let i = issued.fetch_add(1, Ordering::Relaxed);
+            if limit.is_some_and(|l| i >= l) {
+                return None;
+            }
+            Some(i)
+        }
+    };
+    let progress = spec.progress.then(|| {
+        let (results, tokens, total) = (results.clone(), tokens.clone(), spec.requests);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let done = results.lock().map(|r| r.len()).unwrap_or(0);
+                progress_line(done, total, start, tokens.load(Ordering::Relaxed));
+            }
+        })
+    });
+    let record =
+        |o: Outcome, results: &Mutex<Vec<Outcome>>, tokens: &std::sync::atomic::AtomicU64| {
+            tokens.fetch_add(o.output_tokens, Ordering::Relaxed);
+            if let Ok(mut r) = results.lock() {
+                r.push(o);
+            }
+        };
+    match spec.load {
+        Load::Closed { concurrency } => {
+            let mut workers = Vec::new();
+            for _ in 0..concurrency.max(1) {
+                let (client, spec, results, tokens, claim) = (
+                    client.clone(),
+                    spec.clone(),
+                    results.clone(),
+                    tokens.clone(),
+                    claim.clone(),
+                );
+                workers.push(tokio::spawn(async move {
+                    while let Some(i) = claim() {
+                        let prompt = &spec.prompts[i % spec.prompts.len()];
+                        let o = one(&client, &spec, prompt, start).await;
+                        record(o, &results, &tokens);
+                    }
+                }));
+            }
+            for w in workers {
+                let _ = w.await;
+            }
+        }
+        Load::Open { rate, burstiness } => {
+            let mut arrivals = Arrivals::new(rate, burstiness, 42);
+            let mut tasks = Vec::new();
+            let mut next_at = start;
+            while let Some(i) = claim() {
+                tokio::time::sleep_until(next_at.into()).await;
+                let (client, spec, results, tokens) = (
+                    client.clone(),
+                    spec.clone(),
+                    results.clone(),
+                    tokens.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let prompt = &spec.prompts[i % spec.prompts.len()];
+                    let o = one(&client, &spec, prompt, start).await;
+                    record(o, &results, &tokens);
+                }));
+                next_at += Duration::from_secs_f64(arrivals.next_gap());
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    let outcomes = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
+    Report::from_outcomes(spec, &outcomes, start.elapsed().as_secs_f64())
+}

@@ -1,0 +1,94 @@
+//! `sluice loadtest` against the real gateway: its report counts what the server did.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::Server;
+
+fn loadtest(args: &[&str]) -> (String, Option<Value>) {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-loadtest-{}-{}",
+        std::process::id(),
+        args.len()
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("loadtest")
+        .args(args)
+        .arg("--output")
+        .arg(&dir)
+        .output()
+        .expect("sluice loadtest");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(dir.join("report.json"))
+        .ok()
+        .map(|t| serde_json::from_str(&t).unwrap());
+    (String::from_utf8(out.stdout).unwrap(), report)
+}
+
+#[test]
+fn a_closed_loop_run_reports_what_the_server_did() {
+    let server = Server::start(&[]);
+    let (table, report) = loadtest(&[
+        "--url",
+        &server.base,
+        "--api-key",
+        "sk-sluice-dev",
+        "--concurrency",
+        "4",
+        "--requests",
+        "8",
+        "--max-tokens",
+        "16",
+        "--slo",
+        "ttft=60000,tpot=60000",
+        "--compare",
+        &server.base,
+    ]);
+    let report = report.unwrap();
+    let run = &report["runs"][0];
+    assert_eq!(run["requests"], 8);
+    assert_eq!(run["completed"], 8);
+    assert_eq!(run["errors"], serde_json::json!({}));
+    assert_eq!(
+        run["total_output_tokens"],
+        8 * 16,
+        "usage-based token counts"
+    );
+    for m in ["ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"] {
+        assert!(run[m]["p50"].as_f64().unwrap() > 0.0, "{m}: {run}");
+    }
+    assert!(run["itl_ms"]["p50"].as_f64().unwrap() <= run["e2e_ms"]["p50"].as_f64().unwrap());
+    // Every request met the (generous) SLO.
+    let good = run["goodput_requests_per_s"].as_f64().unwrap();
+    assert!((good - run["requests_per_s"].as_f64().unwrap()).abs() < 1e-9);
+    assert_eq!(report["compare"][0]["completed"], 8);
+    assert!(table.contains("ratio") && table.contains("TTFT"), "{table}");
+}
+
+#[test]
+fn refusals_are_counted_by_kind() {
+    let server = Server::start(&[]);
+    let (_, report) = loadtest(&[
+        "--url",
+        &server.base,
+        "--api-key",
+        "sk-wrong",
+        "--requests",
+        "3",
+        "--max-tokens",
+        "4",
+        "--endpoint",
+        "completions",
+        "--rate",
+        "50",
+    ]);
+    let run = &report.unwrap()["runs"][0];
+    assert_eq!(run["completed"], 0);
+    assert_eq!(run["errors"], serde_json::json!({"http_401": 3}));
+    assert_eq!(run["request_rate"], 50.0);
+}
