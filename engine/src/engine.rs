@@ -13,7 +13,7 @@
 //!   every step and frees the request's KV blocks.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -25,6 +25,7 @@ use crate::kv_cache::{KvCache, BLOCK_SIZE};
 use crate::model::Model;
 use crate::request::{EngineStats, GenerationRequest, RequestStream};
 use crate::scheduler::SchedulerConfig;
+use crate::synthetic::SyntheticLoop;
 use crate::tokenizer::Tokenizer;
 
 /// Limits of one engine.
@@ -47,6 +48,15 @@ impl Default for EngineConfig {
             kv_cache_tokens: 65536,
         }
     }
+}
+
+/// What `submit` checks requests against.
+struct EngineLimits {
+    context_length: usize,
+    vocab_size: usize,
+    kv_capacity_tokens: usize,
+    max_waiting: usize,
+    kv_blocks: usize,
 }
 
 /// Handle to a running engine; cheap to clone.
@@ -73,36 +83,77 @@ impl Engine {
         tokenizer: Arc<Tokenizer>,
         cfg: EngineConfig,
     ) -> Result<Engine, EngineError> {
-        let (tx, rx) = mpsc::channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let context_length = model.cfg.context_length;
-        let vocab_size = model.cfg.vocab_size;
         let n_blocks = cfg.kv_cache_tokens.div_ceil(BLOCK_SIZE).max(1);
         let sched = SchedulerConfig {
             max_running_requests: cfg.max_running_requests.max(1),
             max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
         };
-        let w = waiting.clone();
+        let limits = EngineLimits {
+            context_length: model.cfg.context_length,
+            vocab_size: model.cfg.vocab_size,
+            kv_capacity_tokens: n_blocks * BLOCK_SIZE,
+            max_waiting: cfg.max_waiting_requests,
+            kv_blocks: n_blocks,
+        };
+        Self::spawn("sluice-engine", limits, move |rx, waiting, stats| {
+            let kv = KvCache::new(&model.cfg, n_blocks);
+            EngineLoop::new(model, tokenizer, sched, kv, rx, waiting, stats).run()
+        })
+    }
+
+    /// Starts a synthetic engine: no model, every request gets `tokens_per_second`
+    /// tokens of filler text until its `max_tokens`, through the same API, queue bounds
+    /// and cancellation. For testing clients and measuring the gateway itself.
+    pub fn start_synthetic(
+        context_length: usize,
+        vocab_size: usize,
+        tokens_per_second: f64,
+        cfg: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        if !(tokens_per_second.is_finite() && tokens_per_second > 0.0) {
+            return Err(EngineError::Internal(format!(
+                "tokens_per_second must be positive, got {tokens_per_second}"
+            )));
+        }
+        let limits = EngineLimits {
+            context_length,
+            vocab_size,
+            kv_capacity_tokens: usize::MAX,
+            max_waiting: cfg.max_waiting_requests,
+            kv_blocks: 0,
+        };
+        let max_running = cfg.max_running_requests.max(1);
+        Self::spawn("sluice-synthetic", limits, move |rx, waiting, stats| {
+            SyntheticLoop::new(rx, waiting, stats, tokens_per_second, max_running).run()
+        })
+    }
+
+    fn spawn(
+        name: &str,
+        l: EngineLimits,
+        body: impl FnOnce(Receiver<Submission>, Arc<AtomicUsize>, Arc<Mutex<EngineStats>>)
+            + Send
+            + 'static,
+    ) -> Result<Engine, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Mutex::new(EngineStats {
-            kv_blocks_total: n_blocks,
+            kv_blocks_total: l.kv_blocks,
             ..Default::default()
         }));
-        let st = stats.clone();
+        let (w, st) = (waiting.clone(), stats.clone());
         let thread = std::thread::Builder::new()
-            .name("sluice-engine".into())
-            .spawn(move || {
-                let kv = KvCache::new(&model.cfg, n_blocks);
-                EngineLoop::new(model, tokenizer, sched, kv, rx, w, st).run()
-            })
+            .name(name.into())
+            .spawn(move || body(rx, w, st))
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Engine {
             inner: Arc::new(EngineShared {
                 tx: Mutex::new(Some(tx)),
                 waiting,
-                max_waiting: cfg.max_waiting_requests,
-                context_length,
-                kv_capacity_tokens: n_blocks * BLOCK_SIZE,
-                vocab_size,
+                max_waiting: l.max_waiting,
+                context_length: l.context_length,
+                kv_capacity_tokens: l.kv_capacity_tokens,
+                vocab_size: l.vocab_size,
                 stats,
                 thread: Mutex::new(Some(thread)),
             }),

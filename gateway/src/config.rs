@@ -149,6 +149,10 @@ pub struct ModelEntry {
     pub path: Option<PathBuf>,
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// `model` (default: run it) or `synthetic` (its tokenizer only; filler tokens at
+    /// `tokens_per_second` per request, for testing clients and the gateway).
+    pub engine: Option<String>,
+    pub tokens_per_second: Option<f64>,
 }
 
 impl Config {
@@ -240,6 +244,22 @@ impl Config {
                 } else if !model_names.insert(n.as_str()) {
                     problems.push(format!("models[{i}]: the name {n:?} is used twice"));
                 }
+            }
+            if let Some(e) = m.engine.as_deref() {
+                if e != "model" && e != "synthetic" {
+                    problems.push(format!(
+                        "models[{i}] ({}): engine must be \"model\" or \"synthetic\", got {e:?}",
+                        m.name
+                    ));
+                }
+            }
+            if m.tokens_per_second
+                .is_some_and(|t| !(t.is_finite() && t > 0.0))
+            {
+                problems.push(format!(
+                    "models[{i}] ({}): tokens_per_second must be positive",
+                    m.name
+                ));
             }
             if let Some(p) = &m.path {
                 if !p.is_file() {

@@ -100,6 +100,13 @@ struct ServeArgs {
     /// Seconds streams may take to finish after SIGTERM [config: limits.shutdown_grace_seconds].
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECONDS")]
     shutdown_grace_seconds: Option<u64>,
+    /// `model` (inference) or `synthetic` (filler tokens at --tokens-per-second, no model
+    /// compute: for testing clients and measuring the gateway).
+    #[arg(long, env = "SLUICE_ENGINE")]
+    engine: Option<String>,
+    /// Pace of the synthetic engine, per request [default 50].
+    #[arg(long, env = "SLUICE_TOKENS_PER_SECOND")]
+    tokens_per_second: Option<f64>,
     /// Requests in flight before new ones get 503 [config: limits.max_concurrent_requests].
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_REQUESTS")]
     max_concurrent_requests: Option<usize>,
@@ -152,7 +159,28 @@ impl ServeArgs {
                 name,
                 path: self.model.clone(),
                 aliases: Vec::new(),
+                engine: None,
+                tokens_per_second: None,
             }];
+        }
+        if self.engine.is_some() || self.tokens_per_second.is_some() {
+            if c.models.is_empty() {
+                c.models.push(ModelEntry {
+                    name: model_stem(std::path::Path::new(model_store::DEFAULT_MODEL_FILE)),
+                    path: None,
+                    aliases: Vec::new(),
+                    engine: None,
+                    tokens_per_second: None,
+                });
+            }
+            for m in &mut c.models {
+                if self.engine.is_some() {
+                    m.engine = self.engine.clone();
+                }
+                if self.tokens_per_second.is_some() {
+                    m.tokens_per_second = self.tokens_per_second;
+                }
+            }
         }
         c.validate()?;
         Ok(c)
@@ -210,18 +238,27 @@ fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// How a served model generates.
+enum Backend {
+    /// Our inference engine on the GGUF's weights.
+    Model { threads: usize },
+    /// No inference: filler tokens at this many per second per request.
+    Synthetic { tokens_per_second: f64 },
+}
+
 fn load_served_model(
     path: &std::path::Path,
     name: String,
     aliases: Vec<String>,
-    threads: usize,
+    backend: Backend,
     cfg: EngineConfig,
 ) -> Result<ServedModel> {
-    let model =
-        Model::load(path, threads).with_context(|| format!("loading {}", path.display()))?;
-    let tokenizer = Arc::new(Tokenizer::load(&model.file, Some(path))?);
-    let template = match model
-        .file
+    let file = Arc::new(
+        sluice_engine::gguf::GgufFile::open(path)
+            .with_context(|| format!("loading {}", path.display()))?,
+    );
+    let tokenizer = Arc::new(Tokenizer::load(&file, Some(path))?);
+    let template = match file
         .meta("tokenizer.chat_template")
         .and_then(|v| v.as_str())
     {
@@ -236,9 +273,25 @@ fn load_served_model(
         }
         None => None,
     };
-    let context_length = model.cfg.context_length;
-    info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = ?model.kernel_set(), threads, "model loaded");
-    let engine = Engine::start(model, tokenizer.clone(), cfg)?;
+    let mcfg = sluice_engine::config::ModelConfig::from_gguf(&file)?;
+    let context_length = mcfg.context_length;
+    let engine = match backend {
+        Backend::Model { threads } => {
+            let model = Model::from_gguf(file, threads)
+                .with_context(|| format!("loading {}", path.display()))?;
+            info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = ?model.kernel_set(), threads, "model loaded");
+            Engine::start(model, tokenizer.clone(), cfg)?
+        }
+        Backend::Synthetic { tokens_per_second } => {
+            info!(model = %name, tokens_per_second, "synthetic engine: no inference, filler tokens at a fixed pace");
+            // No compute limits the batch: every accepted request runs at once.
+            let cfg = EngineConfig {
+                max_running_requests: usize::MAX,
+                ..cfg
+            };
+            Engine::start_synthetic(context_length, mcfg.vocab_size, tokens_per_second, cfg)?
+        }
+    };
     Ok(ServedModel {
         name,
         aliases,
@@ -283,6 +336,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             name: model_stem(std::path::Path::new(model_store::DEFAULT_MODEL_FILE)),
             path: None,
             aliases: Vec::new(),
+            engine: None,
+            tokens_per_second: None,
         }]
     } else {
         config.models.clone()
@@ -290,11 +345,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut models = Vec::with_capacity(entries.len());
     for e in entries {
         let path = resolve_model(e.path)?;
+        let backend = match e.engine.as_deref() {
+            Some("synthetic") => Backend::Synthetic {
+                tokens_per_second: e.tokens_per_second.unwrap_or(50.0),
+            },
+            _ => Backend::Model { threads },
+        };
         models.push(load_served_model(
             &path,
             e.name,
             e.aliases,
-            threads,
+            backend,
             engine_cfg.clone(),
         )?);
     }

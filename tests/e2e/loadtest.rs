@@ -7,10 +7,11 @@ use serde_json::Value;
 use crate::support::Server;
 
 fn loadtest(args: &[&str]) -> (String, Option<Value>) {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "sluice-loadtest-{}-{}",
         std::process::id(),
-        args.len()
+        RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("loadtest")
@@ -91,4 +92,28 @@ fn refusals_are_counted_by_kind() {
     assert_eq!(run["completed"], 0);
     assert_eq!(run["errors"], serde_json::json!({"http_401": 3}));
     assert_eq!(run["request_rate"], 50.0);
+}
+
+#[test]
+fn the_synthetic_engine_streams_at_its_pace_to_many_clients() {
+    let server = Server::start(&["--engine", "synthetic", "--tokens-per-second", "100"]);
+    let (_, report) = loadtest(&[
+        "--url",
+        &server.base,
+        "--api-key",
+        "sk-sluice-dev",
+        "--concurrency",
+        "200",
+        "--requests",
+        "400",
+        "--max-tokens",
+        "20",
+        "--no-progress",
+    ]);
+    let run = &report.unwrap()["runs"][0];
+    assert_eq!(run["completed"], 400, "{run}");
+    assert_eq!(run["total_output_tokens"], 400 * 20);
+    // 100 tokens/s per stream: 10 ms apart, whatever else is streaming.
+    let itl = run["itl_ms"]["p50"].as_f64().unwrap();
+    assert!((8.0..20.0).contains(&itl), "ITL p50 {itl} ms");
 }

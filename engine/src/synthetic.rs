@@ -1,0 +1,191 @@
+//! The synthetic engine loop: tokens at a fixed pace per request, no model. It honours
+//! the same queue bound, `max_tokens`, cancellation and event protocol as the real loop,
+//! so clients and the gateway can be tested and measured without inference costs.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::engine_loop::Submission;
+use crate::request::{EngineStats, Event, FinishReason, Usage};
+
+/// Filler words the synthetic engine "generates", one per token.
+const WORDS: [&str; 8] = [
+    " lorem",
+    " ipsum",
+    " dolor",
+    " sit",
+    " amet",
+    " consectetur",
+    " adipiscing",
+    " elit",
+];
+
+struct Stream {
+    sub: Submission,
+    generated: usize,
+    next_at: Instant,
+}
+
+pub(crate) struct SyntheticLoop {
+    rx: Receiver<Submission>,
+    waiting_count: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+    interval: Duration,
+    max_running: usize,
+    queued: std::collections::VecDeque<Submission>,
+    running: Vec<Stream>,
+}
+
+impl SyntheticLoop {
+    pub(crate) fn new(
+        rx: Receiver<Submission>,
+        waiting_count: Arc<AtomicUsize>,
+        stats: Arc<Mutex<EngineStats>>,
+        tokens_per_second: f64,
+        max_running: usize,
+    ) -> Self {
+        SyntheticLoop {
+            rx,
+            waiting_count,
+            stats,
+            interval: Duration::from_secs_f64(1.0 / tokens_per_second),
+            max_running,
+            queued: Default::default(),
+            running: Vec::new(),
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            // Sleep until the next token is due or a request arrives.
+            let wait = self
+                .running
+                .iter()
+                .map(|s| s.next_at)
+                .min()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            let got = match wait {
+                None if self.queued.is_empty() => {
+                    self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                }
+                None => Err(RecvTimeoutError::Timeout),
+                Some(d) => self.rx.recv_timeout(d),
+            };
+            match got {
+                Ok(s) => self.queued.push_back(s),
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every handle is gone: finish what runs, at its pace.
+                    if self.running.is_empty() && self.queued.is_empty() {
+                        return;
+                    }
+                    std::thread::sleep(wait.unwrap_or_default());
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                self.queued.push_back(s);
+            }
+            self.tick();
+        }
+    }
+
+    fn tick(&mut self) {
+        let before = self.queued.len();
+        self.queued.retain(|s| !s.tx.is_closed());
+        self.waiting_count
+            .fetch_sub(before - self.queued.len(), Ordering::AcqRel);
+        let now = Instant::now();
+        while self.running.len() < self.max_running {
+            let Some(sub) = self.queued.pop_front() else {
+                break;
+            };
+            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            self.running.push(Stream {
+                sub,
+                generated: 0,
+                next_at: now + self.interval,
+            });
+        }
+        let interval = self.interval;
+        self.running.retain_mut(|s| {
+            if s.sub.tx.is_closed() {
+                return false;
+            }
+            if s.next_at > now {
+                return true;
+            }
+            let id = (s.generated % WORDS.len()) as u32;
+            let text = WORDS[s.generated % WORDS.len()].to_string();
+            s.generated += 1;
+            // The channel holds every event a request can produce: this never fails
+            // for a live reader.
+            let _ = s.sub.tx.try_send(Event::Token {
+                id,
+                text,
+                logprobs: None,
+            });
+            if s.generated >= s.sub.req.max_tokens {
+                let _ = s.sub.tx.try_send(Event::Done {
+                    reason: FinishReason::Length,
+                    usage: Usage {
+                        prompt_tokens: s.sub.req.prompt.len(),
+                        completion_tokens: s.generated,
+                        cached_tokens: 0,
+                    },
+                    error: None,
+                });
+                return false;
+            }
+            // Keep the pace even when a tick runs late.
+            s.next_at = (s.next_at + interval).max(now);
+            true
+        });
+        if let Ok(mut st) = self.stats.lock() {
+            st.running = self.running.len();
+            st.queued = self.queued.len();
+        }
+        crate::metrics::record_state(
+            self.running.len(),
+            self.queued.len(),
+            0.0,
+            &Default::default(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::{Engine, EngineConfig};
+    use crate::request::{Event, FinishReason, GenerationRequest};
+
+    #[test]
+    fn tokens_come_at_the_set_pace_and_stop_at_max_tokens() {
+        let e = Engine::start_synthetic(4096, 100, 200.0, EngineConfig::default()).unwrap();
+        let started = std::time::Instant::now();
+        let mut s = e
+            .submit(GenerationRequest {
+                prompt: vec![1, 2, 3],
+                max_tokens: 20,
+                ..Default::default()
+            })
+            .unwrap();
+        let mut n = 0;
+        loop {
+            match s.blocking_recv().unwrap() {
+                Event::Token { .. } => n += 1,
+                Event::Done { reason, usage, .. } => {
+                    assert_eq!(reason, FinishReason::Length);
+                    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 20));
+                    break;
+                }
+            }
+        }
+        assert_eq!(n, 20);
+        // 20 tokens at 200/s take ~100 ms.
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(95), "{took:?}");
+        e.shutdown();
+    }
+}
