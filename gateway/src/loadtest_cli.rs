@@ -48,9 +48,16 @@ pub struct LoadtestArgs {
     /// SLOs for goodput, e.g. ttft=500,tpot=50 (milliseconds).
     #[arg(long)]
     slo: Option<String>,
-    /// Write report.json here.
+    /// Write report.json, report.html (charts as inline SVG) and, for sweeps, the
+    /// charts as .svg files here.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Name of the server in reports (default: its URL).
+    #[arg(long)]
+    name: Option<String>,
+    /// Name of the --compare server in reports.
+    #[arg(long)]
+    compare_name: Option<String>,
     /// Run the same load against this second server afterwards and compare.
     #[arg(long)]
     compare: Option<String>,
@@ -161,10 +168,29 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
     }
     if let Some(dir) = &a.output {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let body = serde_json::json!({"runs": runs, "compare": compared});
+        let name = a.name.clone().unwrap_or_else(|| a.url.clone());
+        let name2 = a
+            .compare_name
+            .clone()
+            .or(a.compare.clone())
+            .unwrap_or_default();
+        let body = serde_json::json!({
+            "name": name, "runs": runs, "compare_name": name2, "compare": compared,
+        });
         let path = dir.join("report.json");
         std::fs::write(&path, serde_json::to_string_pretty(&body)?)?;
-        println!("wrote {}", path.display());
+        let mut groups = vec![(name, runs)];
+        if !compared.is_empty() {
+            groups.push((name2, compared));
+        }
+        std::fs::write(
+            dir.join("report.html"),
+            sluice_loadtest::html::render("Sluice load test", &groups),
+        )?;
+        for (file, svg) in sluice_loadtest::html::sweep_charts(&groups) {
+            std::fs::write(dir.join(file), svg)?;
+        }
+        println!("wrote {} and report.html", path.display());
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //!   `usage`, never from counting chunks), and goodput under an SLO.
 
 mod arrivals;
+pub mod html;
 mod prompts;
 mod report;
 mod runner;

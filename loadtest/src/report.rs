@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::runner::{Endpoint, Load, LoadSpec, Outcome};
-use crate::stats::Summary;
+use crate::stats::{cdf, Summary};
 
 /// Aggregated results; field names carry their units.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +34,8 @@ pub struct Report {
     pub slo_tpot_ms: Option<f64>,
     /// Output tokens finished per one-second window, for throughput-over-time charts.
     pub output_tokens_per_s_timeline: Vec<f64>,
+    /// Percentiles 0, 2, …, 100 of TTFT, ITL and end-to-end latency (ms), for CDF charts.
+    pub cdf_ms: BTreeMap<String, Vec<f64>>,
 }
 
 impl Report {
@@ -46,6 +48,22 @@ impl Report {
             }
         }
         let ms = |v: Vec<f64>| Summary::of(&v.iter().map(|x| x * 1e3).collect::<Vec<_>>());
+        let to_ms = |v: Vec<f64>| v.iter().map(|x| x * 1e3).collect::<Vec<_>>();
+        let mut cdf_ms = BTreeMap::new();
+        cdf_ms.insert(
+            "ttft".into(),
+            cdf(&to_ms(ok.iter().filter_map(|o| o.ttft).collect())),
+        );
+        cdf_ms.insert(
+            "itl".into(),
+            cdf(&to_ms(
+                ok.iter().flat_map(|o| o.itl.iter().copied()).collect(),
+            )),
+        );
+        cdf_ms.insert(
+            "e2e".into(),
+            cdf(&to_ms(ok.iter().map(|o| o.e2e).collect())),
+        );
         let tpot = |o: &Outcome| {
             (o.output_tokens > 1)
                 .then(|| (o.e2e - o.ttft.unwrap_or(o.e2e)) / (o.output_tokens - 1) as f64)
@@ -100,6 +118,7 @@ impl Report {
             slo_ttft_ms: spec.slo.ttft_ms,
             slo_tpot_ms: spec.slo.tpot_ms,
             output_tokens_per_s_timeline: timeline,
+            cdf_ms,
         }
     }
 

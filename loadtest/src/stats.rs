@@ -22,6 +22,16 @@ fn percentile(xs: &[f64], p: f64) -> f64 {
     xs[f] + (xs[c] - xs[f]) * (k - f as f64)
 }
 
+/// The 0th, 2nd, …, 100th percentiles of `xs`: a compact distribution for CDF charts.
+pub fn cdf(xs: &[f64]) -> Vec<f64> {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return Vec::new();
+    }
+    (0..=50).map(|i| percentile(&v, i as f64 * 2.0)).collect()
+}
+
 impl Summary {
     /// Summarises `xs` (NaN everywhere when empty).
     pub fn of(xs: &[f64]) -> Summary {

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::support::Server;
 
-fn loadtest(args: &[&str]) -> (String, Option<Value>) {
+fn loadtest(args: &[&str]) -> (String, Option<Value>, std::path::PathBuf) {
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "sluice-loadtest-{}-{}",
@@ -28,13 +28,13 @@ fn loadtest(args: &[&str]) -> (String, Option<Value>) {
     let report = std::fs::read_to_string(dir.join("report.json"))
         .ok()
         .map(|t| serde_json::from_str(&t).unwrap());
-    (String::from_utf8(out.stdout).unwrap(), report)
+    (String::from_utf8(out.stdout).unwrap(), report, dir)
 }
 
 #[test]
 fn a_closed_loop_run_reports_what_the_server_did() {
     let server = Server::start(&[]);
-    let (table, report) = loadtest(&[
+    let (table, report, dir) = loadtest(&[
         "--url",
         &server.base,
         "--api-key",
@@ -74,7 +74,7 @@ fn a_closed_loop_run_reports_what_the_server_did() {
 #[test]
 fn refusals_are_counted_by_kind() {
     let server = Server::start(&[]);
-    let (_, report) = loadtest(&[
+    let (_, report, _) = loadtest(&[
         "--url",
         &server.base,
         "--api-key",
@@ -97,7 +97,7 @@ fn refusals_are_counted_by_kind() {
 #[test]
 fn the_synthetic_engine_streams_at_its_pace_to_many_clients() {
     let server = Server::start(&["--engine", "synthetic", "--tokens-per-second", "100"]);
-    let (_, report) = loadtest(&[
+    let (_, report, _) = loadtest(&[
         "--url",
         &server.base,
         "--api-key",
