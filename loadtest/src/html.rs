@@ -107,7 +107,7 @@ pub fn line_chart(
 }
 
 fn fmt(v: f64) -> String {
-    if v >= 100.0 || v == 0.0 {
+    if v >= 100.0 || v.fract() == 0.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
         format!("{v:.1}")

@@ -20,6 +20,8 @@ pub struct Report {
     pub completed: usize,
     /// Failed requests by kind: `http_<status>`, `timeout`, `broken_stream`, …
     pub errors: BTreeMap<String, usize>,
+    /// The first message seen for each kind of error.
+    pub error_examples: BTreeMap<String, String>,
     pub duration_s: f64,
     pub requests_per_s: f64,
     pub output_tokens_per_s: f64,
@@ -42,9 +44,13 @@ impl Report {
     pub(crate) fn from_outcomes(spec: &LoadSpec, outs: &[Outcome], duration_s: f64) -> Report {
         let ok: Vec<&Outcome> = outs.iter().filter(|o| o.error.is_none()).collect();
         let mut errors = BTreeMap::new();
+        let mut error_examples = BTreeMap::new();
         for o in outs {
             if let Some(e) = &o.error {
                 *errors.entry(e.clone()).or_insert(0) += 1;
+                if let Some(d) = &o.detail {
+                    error_examples.entry(e.clone()).or_insert_with(|| d.clone());
+                }
             }
         }
         let ms = |v: Vec<f64>| Summary::of(&v.iter().map(|x| x * 1e3).collect::<Vec<_>>());
@@ -106,6 +112,7 @@ impl Report {
             requests: outs.len(),
             completed: ok.len(),
             errors,
+            error_examples,
             duration_s,
             requests_per_s: ok.len() as f64 / duration_s,
             output_tokens_per_s: total_tokens as f64 / duration_s,
@@ -140,6 +147,9 @@ impl Report {
             "requests {} ok {} errors {:?} in {:.2} s\n",
             self.requests, self.completed, self.errors, self.duration_s
         );
+        for (kind, msg) in &self.error_examples {
+            s += &format!("  {kind}: {msg}\n");
+        }
         s += &format!(
             "throughput {:.2} req/s, {:.1} output tok/s",
             self.requests_per_s, self.output_tokens_per_s

@@ -59,6 +59,8 @@ pub struct LoadSpec {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Outcome {
     pub error: Option<String>,
+    /// The error's message, for the report's examples.
+    pub detail: Option<String>,
     pub ttft: Option<f64>,
     pub itl: Vec<f64>,
     pub e2e: f64,
@@ -139,11 +141,17 @@ async fn one(client: &Client, spec: &LoadSpec, prompt: &str, run_start: Instant)
         Ok::<(), ClientError>(())
     };
     let result = tokio::time::timeout(spec.timeout, work).await;
-    out.error = match result {
-        Err(_) => Some("timeout".into()),
-        Ok(Err(e)) => Some(error_kind(&e)),
-        Ok(Ok(())) if out.output_tokens == 0 => Some("no_usage".into()),
-        Ok(Ok(())) => None,
+    (out.error, out.detail) = match result {
+        Err(_) => (
+            Some("timeout".into()),
+            Some(format!("no end after {:?}", spec.timeout)),
+        ),
+        Ok(Err(e)) => (Some(error_kind(&e)), Some(e.to_string())),
+        Ok(Ok(())) if out.output_tokens == 0 => (
+            Some("no_usage".into()),
+            Some("the stream carried no usage with completion tokens".into()),
+        ),
+        Ok(Ok(())) => (None, None),
     };
     out.e2e = start.elapsed().as_secs_f64();
     out.ended_at = run_start.elapsed().as_secs_f64();
@@ -172,7 +180,16 @@ fn progress_line(done: usize, total: Option<usize>, started: Instant, tokens: u6
 
 /// Runs the load and summarises it.
 pub async fn run(spec: &LoadSpec) -> Report {
-    let client = Client::new(&spec.url, spec.api_key.clone());
+    // A fresh connection per request: reusing pooled keep-alive connections races with
+    // servers that close idle ones (llama-server does), which would count as errors of
+    // the server under test. On loopback a connect costs well under a millisecond, the
+    // same for every server.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_default();
+    let client = Client::with_http(&spec.url, spec.api_key.clone(), http);
     let results: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::new()));
     let tokens = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let issued = Arc::new(AtomicUsize::new(0));

@@ -39,8 +39,8 @@ fn a_closed_loop_run_reports_what_the_server_did() {
         &server.base,
         "--api-key",
         "sk-sluice-dev",
-        "--concurrency",
-        "4",
+        "--sweep",
+        "4,2",
         "--requests",
         "8",
         "--max-tokens",
@@ -49,8 +49,24 @@ fn a_closed_loop_run_reports_what_the_server_did() {
         "ttft=60000,tpot=60000",
         "--compare",
         &server.base,
+        "--name",
+        "us",
+        "--compare-name",
+        "again",
     ]);
     let report = report.unwrap();
+    assert_eq!(report["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(report["runs"][1]["concurrency"], 2);
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("again") && !html.contains("<script"));
+    for chart in ["throughput.svg", "ttft.svg", "itl.svg"] {
+        let svg = std::fs::read_to_string(dir.join(chart)).unwrap();
+        assert_eq!(
+            svg.matches("<polyline").count(),
+            2,
+            "{chart}: one line per server"
+        );
+    }
     let run = &report["runs"][0];
     assert_eq!(run["requests"], 8);
     assert_eq!(run["completed"], 8);

@@ -21,8 +21,13 @@ pub struct Client {
 impl Client {
     /// A client for the server at `base_url` (e.g. `http://127.0.0.1:8080`).
     pub fn new(base_url: &str, api_key: Option<String>) -> Self {
+        Self::with_http(base_url, api_key, reqwest::Client::new())
+    }
+
+    /// Like [`Client::new`], over a configured `reqwest::Client` (timeouts, pooling, …).
+    pub fn with_http(base_url: &str, api_key: Option<String>, http: reqwest::Client) -> Self {
         Client {
-            http: reqwest::Client::new(),
+            http,
             base: base_url
                 .trim_end_matches('/')
                 .trim_end_matches("/v1")
