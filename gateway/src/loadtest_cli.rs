@@ -18,7 +18,7 @@ pub struct LoadtestArgs {
     api_key: Option<String>,
     #[arg(long)]
     model: Option<String>,
-    /// `chat` or `completions`.
+    /// `chat`, `completions`, or `ws` (collaborative WebSocket sessions).
     #[arg(long, default_value = "chat")]
     endpoint: String,
     /// Closed loop: this many clients, each sending its next request when one ends.
@@ -93,7 +93,8 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
     let endpoint = match a.endpoint.as_str() {
         "chat" => Endpoint::Chat,
         "completions" => Endpoint::Completions,
-        other => bail!("--endpoint {other:?}: use chat or completions"),
+        "ws" => Endpoint::Ws,
+        other => bail!("--endpoint {other:?}: use chat, completions or ws"),
     };
     let prompts = match &a.prompts {
         Some(p) => load_prompts(p).map_err(anyhow::Error::msg)?,

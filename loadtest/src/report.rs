@@ -104,6 +104,7 @@ impl Report {
             endpoint: match spec.endpoint {
                 Endpoint::Chat => "chat",
                 Endpoint::Completions => "completions",
+                Endpoint::Ws => "ws",
             },
             concurrency,
             request_rate,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::json;
-use sluice_client::{ChatMessage, ChatRequest, Client, ClientError, CompletionRequest, Sampling};
+use sluice_client::{
+    ChatMessage, ChatRequest, Client, ClientError, CompletionRequest, Sampling, SessionEvent,
+};
 
 use crate::arrivals::Arrivals;
 use crate::report::Report;
@@ -17,6 +19,9 @@ use crate::report::Report;
 pub enum Endpoint {
     Chat,
     Completions,
+    /// Collaborative sessions over the WebSocket: each request joins a fresh session,
+    /// says the prompt and generates; timed from `generate` to the token events.
+    Ws,
 }
 
 /// How requests are issued.
@@ -54,6 +59,9 @@ pub struct LoadSpec {
     /// Print progress to stderr.
     pub progress: bool,
 }
+
+/// Distinct session names across the process.
+static SESSION: AtomicUsize = AtomicUsize::new(0);
 
 /// What one request measured (seconds).
 #[derive(Debug, Clone, Default)]
@@ -136,6 +144,42 @@ async fn one(client: &Client, spec: &LoadSpec, prompt: &str, run_start: Instant)
                         out.output_tokens = u.completion_tokens;
                     }
                 }
+            }
+            Endpoint::Ws => {
+                let session = format!("loadtest-{}", SESSION.fetch_add(1, Ordering::Relaxed));
+                let mut ws = client.join_session(&session, "loadtest").await?;
+                ws.say(prompt).await?;
+                ws.generate(&sampling).await?;
+                loop {
+                    match ws.next_event().await? {
+                        None => return Err(ClientError::WebSocket("closed mid-generation".into())),
+                        Some(SessionEvent::Token { text, .. }) => on_text(&text, &mut out),
+                        Some(SessionEvent::GenerationDone {
+                            finish_reason,
+                            usage,
+                            ..
+                        }) => {
+                            if finish_reason == "error" {
+                                return Err(ClientError::WebSocket("generation failed".into()));
+                            }
+                            out.output_tokens = usage["completion_tokens"].as_u64().unwrap_or(0);
+                            break;
+                        }
+                        Some(SessionEvent::Error { code, message }) => {
+                            return Err(ClientError::Api {
+                                status: 0,
+                                error: sluice_client::ApiErrorBody {
+                                    message,
+                                    kind: None,
+                                    param: None,
+                                    code: Some(code),
+                                },
+                            })
+                        }
+                        Some(_) => {}
+                    }
+                }
+                let _ = ws.leave().await;
             }
         }
         Ok::<(), ClientError>(())

@@ -133,3 +133,28 @@ fn the_synthetic_engine_streams_at_its_pace_to_many_clients() {
     let itl = run["itl_ms"]["p50"].as_f64().unwrap();
     assert!((8.0..20.0).contains(&itl), "ITL p50 {itl} ms");
 }
+
+#[test]
+fn collaborative_sessions_can_be_loaded_too() {
+    let server = Server::start(&[]);
+    let (_, report, _) = loadtest(&[
+        "--url",
+        &server.base,
+        "--api-key",
+        "sk-sluice-dev",
+        "--endpoint",
+        "ws",
+        "--concurrency",
+        "3",
+        "--requests",
+        "6",
+        "--max-tokens",
+        "8",
+        "--no-progress",
+    ]);
+    let run = &report.unwrap()["runs"][0];
+    assert_eq!(run["endpoint"], "ws");
+    assert_eq!(run["completed"], 6, "{run}");
+    assert_eq!(run["total_output_tokens"], 6 * 8);
+    assert!(run["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
+}

@@ -152,6 +152,11 @@ impl SessionClient {
     pub async fn next_event(&mut self) -> Result<Option<SessionEvent>, ClientError> {
         self.rx.next_event().await
     }
+
+    /// Leaves the session and closes the connection.
+    pub async fn leave(self) -> Result<(), ClientError> {
+        self.tx.leave().await
+    }
 }
 
 impl SessionSender {
