@@ -202,26 +202,6 @@ async fn one(client: &Client, spec: &LoadSpec, prompt: &str, run_start: Instant)
     out
 }
 
-fn progress_line(done: usize, total: Option<usize>, started: Instant, tokens: u64) {
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    let bar = match total {
-        Some(t) if t > 0 => {
-            let filled = done * 30 / t;
-            format!(
-                "[{}{}] {done}/{t}",
-                "#".repeat(filled),
-                ".".repeat(30 - filled)
-            )
-        }
-        _ => format!("{done} done"),
-    };
-    eprint!(
-        "\r{bar}  {:.0} output tok/s  {:.1} s ",
-        tokens as f64 / secs,
-        secs
-    );
-}
-
 /// Runs the load and summarises it.
 pub async fn run(spec: &LoadSpec) -> Report {
     // A fresh connection per request: reusing pooled keep-alive connections races with
@@ -254,15 +234,32 @@ pub async fn run(spec: &LoadSpec) -> Report {
             Some(i)
         }
     };
+    // A progress bar with live throughput (on a terminal only; see `LoadSpec::progress`).
     let progress = spec.progress.then(|| {
-        let (results, tokens, total) = (results.clone(), tokens.clone(), spec.requests);
-        tokio::spawn(async move {
+        let bar = match spec.requests {
+            Some(n) => indicatif::ProgressBar::new(n as u64),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} requests  {msg}  {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let (results, tokens, b) = (results.clone(), tokens.clone(), bar.clone());
+        let ticker = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 let done = results.lock().map(|r| r.len()).unwrap_or(0);
-                progress_line(done, total, start, tokens.load(Ordering::Relaxed));
+                let secs = start.elapsed().as_secs_f64().max(1e-9);
+                b.set_position(done as u64);
+                b.set_message(format!(
+                    "{:.0} output tok/s",
+                    tokens.load(Ordering::Relaxed) as f64 / secs
+                ));
             }
-        })
+        });
+        (bar, ticker)
     });
     let record =
         |o: Outcome, results: &Mutex<Vec<Outcome>>, tokens: &std::sync::atomic::AtomicU64| {
@@ -318,9 +315,9 @@ pub async fn run(spec: &LoadSpec) -> Report {
             }
         }
     }
-    if let Some(p) = progress {
-        p.abort();
-        eprintln!();
+    if let Some((bar, ticker)) = progress {
+        ticker.abort();
+        bar.finish_and_clear();
     }
     let outcomes = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
     Report::from_outcomes(spec, &outcomes, start.elapsed().as_secs_f64())
