@@ -9,8 +9,11 @@ const browser = await chromium.launch({
   args: ["--no-sandbox"],
 });
 const fail = (m) => { throw new Error(m); };
+// Generous waits: the test suite runs many servers at once on a 2-core machine.
+const TIMEOUT = 120000;
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 700 } });
+  page.setDefaultTimeout(TIMEOUT);
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
   await page.goto(base + "/#key=sk-sluice-dev");
@@ -25,14 +28,15 @@ try {
   if ((await page.locator(".msg.user").count()) !== 0) fail("Shift+Enter sent the message");
   await page.press("#input", "Enter");
   // The reply streams in: first partial text, then done.
-  await page.waitForSelector(".msg.assistant.streaming .text:not(:empty)", { timeout: 60000 });
-  await page.waitForSelector(".msg.assistant[data-done=true]", { timeout: 60000 });
+  await page.waitForSelector(".msg.assistant.streaming .text:not(:empty)", { timeout: TIMEOUT });
+  await page.waitForSelector(".msg.assistant[data-done=true]", { timeout: TIMEOUT });
   const reply = (await page.textContent(".msg.assistant .text")).trim();
   if (!reply) fail("empty reply");
   await page.screenshot({ path: shots + "/browser-chat.png" });
 
   // Shared session: two pages, one asks, both watch the same reply.
   const pages = [page, await browser.newPage({ viewport: { width: 1100, height: 700 } })];
+  pages[1].setDefaultTimeout(TIMEOUT);
   // A second browser (its own storage), given the key in the link.
   await pages[1].goto(base + "/#key=sk-sluice-dev");
   for (const [i, p] of pages.entries()) {
@@ -50,7 +54,7 @@ try {
   await pages[0].press("#input", "Enter");
   const shared = [];
   for (const p of pages) {
-    await p.waitForSelector(".msg.assistant[data-done=true]", { timeout: 60000 });
+    await p.waitForSelector(".msg.assistant[data-done=true]", { timeout: TIMEOUT });
     shared.push((await p.textContent(".msg.assistant .text")).trim());
     const said = await p.textContent(".msg.user .text");
     if (said !== "Say hello to everyone.") fail("the message did not reach every page: " + said);

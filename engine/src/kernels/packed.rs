@@ -155,7 +155,11 @@ unsafe fn gemm_q8_avx2(w: &PackedQ8_0x8, rows: Range<usize>, acts: &QuantizedAct
     let n = acts.n_rows;
     for g in rows.start / PACK_ROWS..rows.end / PACK_ROWS {
         let mut t = 0;
-        while t + 4 <= n {
+        while t + 8 <= n {
+            avx2::tile_q8::<8>(w, g, t, acts, out);
+            t += 8;
+        }
+        if t + 4 <= n {
             avx2::tile_q8::<4>(w, g, t, acts, out);
             t += 4;
         }
@@ -187,7 +191,11 @@ pub(super) unsafe fn gemm_avx2(
     let n = acts.n_rows;
     for g in rows.start / PACK_ROWS..rows.end / PACK_ROWS {
         let mut t = 0;
-        while t + 4 <= n {
+        while t + 8 <= n {
+            avx2::tile::<8>(w, g, t, acts, out);
+            t += 8;
+        }
+        if t + 4 <= n {
             avx2::tile::<4>(w, g, t, acts, out);
             t += 4;
         }
@@ -342,7 +350,12 @@ mod tests {
             return; // no packed kernel to test on this CPU
         }
         for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
-            for &(rows, k, n_tok) in &[(8usize, 32usize, 1usize), (24, 576, 5), (16, 1536, 9)] {
+            for &(rows, k, n_tok) in &[
+                (8usize, 32usize, 1usize),
+                (24, 576, 5),
+                (16, 1536, 9),
+                (16, 576, 15),
+            ] {
                 let x = pseudo(n_tok * k, 3 + k as u64);
                 let w: Vec<u8> = pseudo(rows * k, 11 + rows as u64)
                     .chunks_exact(k)
