@@ -145,31 +145,52 @@ pub(super) unsafe fn gemm_packed_avx2(
     }
 }
 
+/// Checks the shapes, then calls `tile(g, t0, width)` over every row group and token
+/// tile: 8 tokens wide while they last, then 4, then the rest.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn gemm_q8_avx2(w: &PackedQ8_0x8, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
+fn for_each_tile(
+    (w_rows, w_cols): (usize, usize),
+    rows: Range<usize>,
+    acts: &QuantizedActs,
+    out: &OutMatrix,
+    mut tile: impl FnMut(usize, usize, usize),
+) {
     assert!(rows.start.is_multiple_of(PACK_ROWS) && rows.end.is_multiple_of(PACK_ROWS));
-    assert!(rows.end <= w.rows && acts.row_len == w.cols);
-    assert!(acts.qs.len() >= acts.n_rows * w.cols && acts.d.len() >= acts.n_rows * (w.cols / QK8));
-    assert!(out.stride == w.rows && out.len >= acts.n_rows * w.rows);
+    assert!(rows.end <= w_rows && acts.row_len == w_cols);
+    assert!(acts.qs.len() >= acts.n_rows * w_cols && acts.d.len() >= acts.n_rows * (w_cols / QK8));
+    assert!(out.stride == w_rows && out.len >= acts.n_rows * w_rows);
     let n = acts.n_rows;
     for g in rows.start / PACK_ROWS..rows.end / PACK_ROWS {
         let mut t = 0;
-        while t + 8 <= n {
-            avx2::tile_q8::<8>(w, g, t, acts, out);
-            t += 8;
-        }
-        if t + 4 <= n {
-            avx2::tile_q8::<4>(w, g, t, acts, out);
-            t += 4;
-        }
-        match n - t {
-            3 => avx2::tile_q8::<3>(w, g, t, acts, out),
-            2 => avx2::tile_q8::<2>(w, g, t, acts, out),
-            1 => avx2::tile_q8::<1>(w, g, t, acts, out),
-            _ => {}
+        while t < n {
+            let width = match n - t {
+                r if r >= 8 => 8,
+                r if r >= 4 => 4,
+                r => r,
+            };
+            tile(g, t, width);
+            t += width;
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gemm_q8_avx2(w: &PackedQ8_0x8, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
+    for_each_tile(
+        (w.rows, w.cols),
+        rows,
+        acts,
+        &out,
+        |g, t, width| match width {
+            8 => avx2::tile_q8::<8>(w, g, t, acts, out),
+            4 => avx2::tile_q8::<4>(w, g, t, acts, out),
+            3 => avx2::tile_q8::<3>(w, g, t, acts, out),
+            2 => avx2::tile_q8::<2>(w, g, t, acts, out),
+            _ => avx2::tile_q8::<1>(w, g, t, acts, out),
+        },
+    );
 }
 
 /// `out[t][r] = dot(row r, activation t)` for `r` in `rows` (multiples of 8) and every token.
@@ -184,28 +205,19 @@ pub(super) unsafe fn gemm_avx2(
     acts: &QuantizedActs,
     out: OutMatrix,
 ) {
-    assert!(rows.start.is_multiple_of(PACK_ROWS) && rows.end.is_multiple_of(PACK_ROWS));
-    assert!(rows.end <= w.rows && acts.row_len == w.cols);
-    assert!(acts.qs.len() >= acts.n_rows * w.cols && acts.d.len() >= acts.n_rows * (w.cols / QK8));
-    assert!(out.stride == w.rows && out.len >= acts.n_rows * w.rows);
-    let n = acts.n_rows;
-    for g in rows.start / PACK_ROWS..rows.end / PACK_ROWS {
-        let mut t = 0;
-        while t + 8 <= n {
-            avx2::tile::<8>(w, g, t, acts, out);
-            t += 8;
-        }
-        if t + 4 <= n {
-            avx2::tile::<4>(w, g, t, acts, out);
-            t += 4;
-        }
-        match n - t {
+    for_each_tile(
+        (w.rows, w.cols),
+        rows,
+        acts,
+        &out,
+        |g, t, width| match width {
+            8 => avx2::tile::<8>(w, g, t, acts, out),
+            4 => avx2::tile::<4>(w, g, t, acts, out),
             3 => avx2::tile::<3>(w, g, t, acts, out),
             2 => avx2::tile::<2>(w, g, t, acts, out),
-            1 => avx2::tile::<1>(w, g, t, acts, out),
-            _ => {}
-        }
-    }
+            _ => avx2::tile::<1>(w, g, t, acts, out),
+        },
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
