@@ -369,6 +369,8 @@ fn generate(
     )
     .map_err(api)?;
     key.limits.take_request().map_err(api)?;
+    // A generation counts against the key's concurrent streams, as an HTTP stream does.
+    let slot = key.limits.take_stream().map_err(api)?;
     key.limits
         .take_tokens(request.prompt.len() + request.max_tokens)
         .map_err(api)?;
@@ -376,6 +378,7 @@ fn generate(
     let stream = model.engine.submit(request).map_err(|e| api(e.into()))?;
     let id = state.new_id("gen");
     let (cancel_tx, cancel_rx) = oneshot::channel();
+    let (s2, name) = (s.clone(), key.name.clone());
     // Dropping `stream` on refusal cancels the engine request.
     s.start_generation(&id, user, cancel_tx).map_err(|r| {
         (
@@ -383,13 +386,10 @@ fn generate(
             "a generation is already running in this session".to_string(),
         )
     })?;
-    tokio::spawn(drive(
-        s.clone(),
-        stream,
-        cancel_rx,
-        prompt_tokens,
-        key.name.clone(),
-    ));
+    tokio::spawn(async move {
+        drive(s2, stream, cancel_rx, prompt_tokens, name).await;
+        drop(slot);
+    });
     Ok(())
 }
 
