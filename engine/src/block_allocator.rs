@@ -123,6 +123,14 @@ impl KvBlockAllocator {
         Some(b)
     }
 
+    /// `n` blocks, or none at all (and `None`) when fewer than `n` are free.
+    pub fn allocate_n(&mut self, n: usize) -> Option<Vec<BlockId>> {
+        if self.n_free() < n {
+            return None;
+        }
+        (0..n).map(|_| self.allocate()).collect()
+    }
+
     /// Takes the cached blocks for the longest prefix of `hashes` that is cached (at most
     /// `max_blocks`); the caller owns one reference to each returned block.
     pub fn take_cached_prefix(&mut self, hashes: &[u64], max_blocks: usize) -> Vec<BlockId> {

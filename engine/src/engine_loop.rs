@@ -15,7 +15,7 @@ use crate::metrics;
 use crate::model::{ForwardScratch, Model, SeqChunk};
 use crate::request::{EngineStats, Event, FinishReason, GenerationRequest, Usage};
 use crate::sampling::{logprobs, Sampler, TokenLogprobs};
-use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::stop::StopMatcher;
 use crate::tokenizer::Tokenizer;
 
@@ -189,29 +189,32 @@ impl EngineLoop {
             scratch,
             ..
         } = self;
-        let chunks: Vec<SeqChunk> = plan
+        // Every planned sequence is tracked by the scheduler; one that were not (a bug)
+        // would be left out of the step rather than panic the loop.
+        let planned: Vec<(&ScheduledChunk, &Sequence)> = plan
             .chunks
             .iter()
-            .map(|c| {
-                let seq = scheduler.get(c.seq).expect("scheduled sequences exist");
-                SeqChunk {
-                    tokens: &seq.tokens[c.start..c.start + c.len],
-                    start_pos: c.start,
-                    block_table: &seq.blocks,
-                    want_logits: c.sample,
-                    decode_from: seq.prompt_len,
-                }
+            .filter_map(|c| scheduler.get(c.seq).map(|seq| (c, seq)))
+            .collect();
+        let chunks: Vec<SeqChunk> = planned
+            .iter()
+            .map(|(c, seq)| SeqChunk {
+                tokens: &seq.tokens[c.start..c.start + c.len],
+                start_pos: c.start,
+                block_table: &seq.blocks,
+                want_logits: c.sample,
+                decode_from: seq.prompt_len,
             })
             .collect();
         let logits = model.forward(&chunks, kv, scratch);
         let vocab = model.cfg.vocab_size;
         let mut sampled = Vec::new();
         let mut lps = Vec::new();
-        for (row, c) in plan.chunks.iter().filter(|c| c.sample).enumerate() {
+        for (row, (c, _)) in planned.iter().filter(|(c, _)| c.sample).enumerate() {
             let l = &logits[row * vocab..(row + 1) * vocab];
-            let a = active
-                .get_mut(&c.seq)
-                .expect("scheduled requests are active");
+            let Some(a) = active.get_mut(&c.seq) else {
+                continue;
+            };
             let banned: Vec<u32> = if a.generated < a.min_tokens {
                 tokenizer
                     .stop_tokens
@@ -236,7 +239,9 @@ impl EngineLoop {
         );
         for ((seq, id), lp) in sampled.into_iter().zip(lps) {
             let cached = scheduler.get(seq).map_or(0, |s| s.cached_prompt_tokens);
-            let a = active.get_mut(&seq).expect("sampled requests are active");
+            let Some(a) = active.get_mut(&seq) else {
+                continue;
+            };
             if let Some(reason) = emit(a, tokenizer, id, lp, cached) {
                 active.remove(&seq);
                 scheduler.remove(seq);

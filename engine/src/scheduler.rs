@@ -185,7 +185,10 @@ impl Scheduler {
                 .saturating_sub(seq.blocks.len());
             let mut preempted_self = false;
             while self.alloc.n_free() < need {
-                let victim = self.running.pop().expect("running is not empty");
+                // `i` is in `running`, so there is always a victim (at worst `i` itself).
+                let Some(victim) = self.running.pop() else {
+                    break;
+                };
                 plan.preempted.push(victim.id);
                 let is_self = self.running.len() == i;
                 self.preempt(victim);
@@ -197,11 +200,11 @@ impl Scheduler {
             if preempted_self {
                 break;
             }
+            let Some(blocks) = self.alloc.allocate_n(need) else {
+                break;
+            };
             let seq = &mut self.running[i];
-            for _ in 0..need {
-                let b = self.alloc.allocate().expect("checked n_free");
-                seq.blocks.push(b);
-            }
+            seq.blocks.extend(blocks);
             plan.chunks.push(ScheduledChunk {
                 seq: seq.id,
                 start: seq.computed,
@@ -228,20 +231,19 @@ impl Scheduler {
             let computed = hits.len() * BLOCK_SIZE;
             let n = (seq.tokens.len() - computed).min(budget);
             let need = (computed + n).div_ceil(BLOCK_SIZE) - hits.len();
-            if self.alloc.n_free() < need {
+            let Some(fresh) = self.alloc.allocate_n(need) else {
                 for b in hits {
                     self.alloc.free(b);
                 }
                 break; // the head of the queue waits for blocks; FCFS keeps its place
-            }
-            let mut seq = self.waiting.pop_front().expect("front exists");
+            };
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break; // unreachable: `front_mut` found it above
+            };
             seq.registered = hits.len();
             seq.blocks = hits;
+            seq.blocks.extend(fresh);
             seq.computed = computed;
-            for _ in 0..need {
-                seq.blocks
-                    .push(self.alloc.allocate().expect("checked n_free"));
-            }
             if !seq.admitted_before {
                 seq.admitted_before = true;
                 seq.cached_prompt_tokens = computed;

@@ -22,6 +22,9 @@ const WORDS: [&str; 8] = [
     " elit",
 ];
 
+/// Shortest gap between two ticks of the loop.
+const TICK: Duration = Duration::from_millis(1);
+
 struct Stream {
     sub: Submission,
     generated: usize,
@@ -58,14 +61,15 @@ impl SyntheticLoop {
     }
 
     pub(crate) fn run(mut self) {
+        let mut last_tick = Instant::now();
         loop {
-            // Sleep until the next token is due or a request arrives.
-            let wait = self
-                .running
-                .iter()
-                .map(|s| s.next_at)
-                .min()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            // Sleep until the next token is due or a request arrives. Ticks are at least
+            // TICK apart: each one scans every stream, and with thousands of streams at
+            // staggered times waking for each would cost a scan per token.
+            let wait = self.running.iter().map(|s| s.next_at).min().map(|t| {
+                t.max(last_tick + TICK)
+                    .saturating_duration_since(Instant::now())
+            });
             let got = match wait {
                 None if self.queued.is_empty() => {
                     self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
@@ -87,6 +91,7 @@ impl SyntheticLoop {
             while let Ok(s) = self.rx.try_recv() {
                 self.queued.push_back(s);
             }
+            last_tick = Instant::now();
             self.tick();
         }
     }

@@ -109,9 +109,12 @@ pub fn tokens_by_key(key: &str, prompt: usize, generated: usize) {
     counter!(GENERATION_TOKENS_BY_KEY, "key" => key.to_string()).increment(generated as u64);
 }
 
-/// Per-request latency bookkeeping for the TTFT, ITL and duration histograms.
+/// Per-request latency bookkeeping for the TTFT, ITL and duration histograms. The
+/// histogram handles are resolved once per request, not once per token.
 pub struct LatencyTracker {
-    model: String,
+    ttft: metrics::Histogram,
+    itl: metrics::Histogram,
+    e2e: metrics::Histogram,
     start: std::time::Instant,
     first: bool,
     last: Vec<Option<std::time::Instant>>,
@@ -120,8 +123,11 @@ pub struct LatencyTracker {
 impl LatencyTracker {
     /// Starts the clock for a request of `n` choices on `model`.
     pub fn new(model: &str, n: usize) -> Self {
+        let label = || ("model", model.to_string());
         LatencyTracker {
-            model: model.to_string(),
+            ttft: metrics::histogram!(TTFT, &[label()]),
+            itl: metrics::histogram!(ITL, &[label()]),
+            e2e: metrics::histogram!(E2E, &[label()]),
             start: std::time::Instant::now(),
             first: false,
             last: vec![None; n],
@@ -133,20 +139,17 @@ impl LatencyTracker {
         let now = std::time::Instant::now();
         if !self.first {
             self.first = true;
-            metrics::histogram!(TTFT, "model" => self.model.clone())
-                .record((now - self.start).as_secs_f64());
+            self.ttft.record((now - self.start).as_secs_f64());
         }
         if let Some(prev) = self.last[i] {
-            metrics::histogram!(ITL, "model" => self.model.clone())
-                .record((now - prev).as_secs_f64());
+            self.itl.record((now - prev).as_secs_f64());
         }
         self.last[i] = Some(now);
     }
 
     /// The request is over.
     pub fn done(&self) {
-        metrics::histogram!(E2E, "model" => self.model.clone())
-            .record(self.start.elapsed().as_secs_f64());
+        self.e2e.record(self.start.elapsed().as_secs_f64());
     }
 }
 
