@@ -291,6 +291,12 @@ async fn a_full_queue_answers_503_at_once_and_accepted_requests_finish() {
     assert_eq!(running.status(), 200);
     let mut running = running.bytes_stream();
     running.next().await.unwrap().unwrap();
+    // The role chunk comes before admission: wait until the engine runs the request.
+    let t = std::time::Instant::now();
+    while !server.metrics().await.contains("sluice_requests_running 1") {
+        assert!(t.elapsed() < Duration::from_secs(30), "never admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let waiting = chat(&server, "sk-sluice-dev", long.clone()).await;
     assert_eq!(waiting.status(), 200, "one request may wait");
     let started = std::time::Instant::now();
