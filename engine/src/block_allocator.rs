@@ -74,6 +74,7 @@ pub struct KvBlockAllocator {
     freed_at: Vec<u64>,
     clock: u64,
     in_use: usize,
+    touched: usize,
 }
 
 impl KvBlockAllocator {
@@ -88,6 +89,7 @@ impl KvBlockAllocator {
             freed_at: vec![0; n_blocks],
             clock: 0,
             in_use: 0,
+            touched: 0,
         }
     }
 
@@ -182,7 +184,14 @@ impl KvBlockAllocator {
         }
     }
 
+    /// Blocks ever handed out (fresh blocks go out in increasing order, so these are
+    /// blocks `0..touched`): the part of the KV cache whose memory has been written.
+    pub fn n_touched(&self) -> usize {
+        self.touched
+    }
+
     fn take(&mut self, b: BlockId) {
+        self.touched = self.touched.max(b as usize + 1);
         let rc = &mut self.ref_count[b as usize];
         if *rc == 0 {
             self.in_use += 1;

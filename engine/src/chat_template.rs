@@ -60,13 +60,19 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-        let out = tmpl
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos,
-                eos_token => self.eos,
-            })
+        let ctx = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        };
+        // minijinja can panic on some inputs (fuzzing found `''[::-1]` indexing out of
+        // bounds in 2.24); a template is untrusted code, so a panic is a failed render,
+        // not a failed request handler. Rendering only reads the compiled templates.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
+            .map_err(|_| {
+                ModelError::ChatTemplate("the chat template failed on this conversation".into())
+            })?
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
         if out.len() > MAX_RENDERED_BYTES {
             return Err(ModelError::ChatTemplate(format!(
@@ -127,6 +133,10 @@ mod tests {
             .to_string()
             .contains("no system role"));
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
+        // Found by fuzzing: minijinja 2.24 panics reversing an empty string.
+        let reverse = ChatTemplate::new("{{ messages[0]['content'][::-1] }}", "", "").unwrap();
+        assert!(reverse.render(&[msg("user", "")], true).is_err());
+        assert_eq!(reverse.render(&[msg("user", "ab")], true).unwrap(), "ba");
         let attr = ChatTemplate::new("{{ messages.__class__.__mro__ }}", "", "").unwrap();
         // Python internals are not reachable: the lookup is an error, not a leak.
         assert!(attr.render(&[], true).is_err());

@@ -19,12 +19,13 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc as tmpsc;
 
-use crate::engine_loop::{EngineLoop, Submission};
+use crate::engine_loop::{Command, EngineLoop, Submission};
 use crate::error::EngineError;
 use crate::kv_cache::{KvCache, BLOCK_SIZE};
 use crate::model::Model;
 use crate::request::{EngineStats, GenerationRequest, RequestStream};
 use crate::scheduler::SchedulerConfig;
+use crate::supervisor::{supervise, EngineHealth};
 use crate::synthetic::SyntheticLoop;
 use crate::tokenizer::Tokenizer;
 
@@ -66,7 +67,8 @@ pub struct Engine {
 }
 
 struct EngineShared {
-    tx: Mutex<Option<Sender<Submission>>>,
+    tx: Mutex<Option<Sender<Command>>>,
+    health: Arc<EngineHealth>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     context_length: usize,
@@ -95,10 +97,15 @@ impl Engine {
             max_waiting: cfg.max_waiting_requests,
             kv_blocks: n_blocks,
         };
-        Self::spawn("sluice-engine", limits, move |rx, waiting, stats| {
-            let kv = KvCache::new(&model.cfg, n_blocks);
-            EngineLoop::new(model, tokenizer, sched, kv, rx, waiting, stats).run()
-        })
+        Self::spawn(
+            "sluice-engine",
+            limits,
+            move |rx, waiting, stats, health| {
+                let kv = KvCache::new(&model.cfg, n_blocks);
+                let mut l = EngineLoop::new(model, tokenizer, sched, kv, rx, waiting, stats);
+                supervise(&mut l, &health, "model");
+            },
+        )
     }
 
     /// Starts a synthetic engine: no model, every request gets `tokens_per_second`
@@ -123,15 +130,20 @@ impl Engine {
             kv_blocks: 0,
         };
         let max_running = cfg.max_running_requests.max(1);
-        Self::spawn("sluice-synthetic", limits, move |rx, waiting, stats| {
-            SyntheticLoop::new(rx, waiting, stats, tokens_per_second, max_running).run()
-        })
+        Self::spawn(
+            "sluice-synthetic",
+            limits,
+            move |rx, waiting, stats, health| {
+                let mut l = SyntheticLoop::new(rx, waiting, stats, tokens_per_second, max_running);
+                supervise(&mut l, &health, "synthetic");
+            },
+        )
     }
 
     fn spawn(
         name: &str,
         l: EngineLimits,
-        body: impl FnOnce(Receiver<Submission>, Arc<AtomicUsize>, Arc<Mutex<EngineStats>>)
+        body: impl FnOnce(Receiver<Command>, Arc<AtomicUsize>, Arc<Mutex<EngineStats>>, Arc<EngineHealth>)
             + Send
             + 'static,
     ) -> Result<Engine, EngineError> {
@@ -141,14 +153,16 @@ impl Engine {
             kv_blocks_total: l.kv_blocks,
             ..Default::default()
         }));
-        let (w, st) = (waiting.clone(), stats.clone());
+        let health = Arc::new(EngineHealth::default());
+        let (w, st, h) = (waiting.clone(), stats.clone(), health.clone());
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || body(rx, w, st))
+            .spawn(move || body(rx, w, st, h))
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Engine {
             inner: Arc::new(EngineShared {
                 tx: Mutex::new(Some(tx)),
+                health,
                 waiting,
                 max_waiting: l.max_waiting,
                 context_length: l.context_length,
@@ -168,6 +182,9 @@ impl Engine {
     /// Queues a request. Fails at once when the waiting queue is full or the request
     /// cannot fit the context or the KV cache.
     pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream, EngineError> {
+        if !self.inner.health.is_ready() {
+            return Err(EngineError::Restarting);
+        }
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -203,17 +220,47 @@ impl Engine {
             return Err(EngineError::QueueFull(self.inner.max_waiting));
         }
         let (tx, rx) = tmpsc::channel(req.max_tokens + 1);
-        let sent = self
-            .inner
-            .tx
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().map(|s| s.send(Submission { req, tx }).is_ok()));
+        let sent = self.inner.tx.lock().ok().and_then(|g| {
+            g.as_ref()
+                .map(|s| s.send(Command::Submit(Submission { req, tx })).is_ok())
+        });
         if sent != Some(true) {
             w.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }
         Ok(RequestStream { rx })
+    }
+
+    /// False while the loop restarts after a panic (`submit` refuses meanwhile), and
+    /// once it has stopped.
+    pub fn is_ready(&self) -> bool {
+        self.inner.health.is_ready()
+            && self
+                .inner
+                .thread
+                .lock()
+                .is_ok_and(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+    }
+
+    /// Restarts after panics so far.
+    pub fn restarts(&self) -> u64 {
+        self.inner.health.restarts()
+    }
+
+    /// Makes the loop panic in its next step, failing what is in flight: for testing
+    /// the recovery path end to end. The gateway exposes it only when configured to.
+    pub fn inject_panic(&self) -> Result<(), EngineError> {
+        let sent = self
+            .inner
+            .tx
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|s| s.send(Command::InjectPanic).is_ok()));
+        if sent == Some(true) {
+            Ok(())
+        } else {
+            Err(EngineError::Stopped)
+        }
     }
 
     /// Accepted requests not yet admitted to the running batch.

@@ -17,12 +17,21 @@ use crate::request::{EngineStats, Event, FinishReason, GenerationRequest, Usage}
 use crate::sampling::{logprobs, Sampler, TokenLogprobs};
 use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::stop::StopMatcher;
+use crate::supervisor::SupervisedLoop;
 use crate::tokenizer::Tokenizer;
 
 /// A request on its way from `Engine::submit` to the loop.
 pub(crate) struct Submission {
     pub req: GenerationRequest,
     pub tx: tmpsc::Sender<Event>,
+}
+
+/// What engine handles send the loop.
+pub(crate) enum Command {
+    Submit(Submission),
+    /// Panic in the next step, with whatever is in flight: exercises the supervisor
+    /// (`Engine::inject_panic`, reachable only when fault injection is configured).
+    InjectPanic,
 }
 
 /// Per-request state the scheduler does not need: output side and stop conditions.
@@ -47,13 +56,18 @@ pub(crate) struct EngineLoop {
     kv: KvCache,
     scheduler: Scheduler,
     active: HashMap<SeqId, Active>,
-    rx: Receiver<Submission>,
+    rx: Receiver<Command>,
     /// Accepted requests not yet admitted; shared with `Engine::submit` for its bound.
     waiting_count: Arc<AtomicUsize>,
     next_id: SeqId,
     scratch: ForwardScratch,
     /// Published after every iteration for `Engine::stats`.
     stats: Arc<Mutex<EngineStats>>,
+    sched_cfg: SchedulerConfig,
+    /// Set by `Command::InjectPanic`.
+    panic_next_step: bool,
+    /// KV blocks touched by schedulers before the last restart (the memory stays).
+    kv_touched_before: usize,
 }
 
 impl EngineLoop {
@@ -62,7 +76,7 @@ impl EngineLoop {
         tokenizer: Arc<Tokenizer>,
         cfg: SchedulerConfig,
         kv: KvCache,
-        rx: Receiver<Submission>,
+        rx: Receiver<Command>,
         waiting_count: Arc<AtomicUsize>,
         stats: Arc<Mutex<EngineStats>>,
     ) -> Self {
@@ -78,6 +92,9 @@ impl EngineLoop {
             next_id: 0,
             scratch: ForwardScratch::default(),
             stats,
+            sched_cfg: cfg,
+            panic_next_step: false,
+            kv_touched_before: 0,
         }
     }
 
@@ -86,12 +103,17 @@ impl EngineLoop {
         let st = sch.stats();
         let (in_use, total) = sch.kv_blocks();
         metrics::record_state(sch.n_running(), sch.n_waiting(), sch.kv_usage(), &st);
+        let touched = self.kv_touched_before.max(sch.kv_blocks_touched());
+        metrics::record_kv_touched(
+            touched * crate::kv_cache::BLOCK_SIZE * KvCache::bytes_per_token(&self.model.cfg),
+        );
         if let Ok(mut s) = self.stats.lock() {
             *s = EngineStats {
                 running: sch.n_running(),
                 queued: sch.n_waiting(),
                 kv_blocks_in_use: in_use,
                 kv_blocks_total: total,
+                kv_blocks_touched: touched,
                 preemptions: st.preemptions,
                 prompt_tokens_admitted: st.prompt_tokens_queried,
                 prompt_tokens_cached: st.prompt_tokens_cached,
@@ -99,26 +121,14 @@ impl EngineLoop {
         }
     }
 
-    pub(crate) fn run(mut self) {
-        loop {
-            if self.active.is_empty() {
-                // Idle: block until work arrives (or every handle is gone).
-                self.publish();
-                match self.rx.recv() {
-                    Ok(s) => self.accept(s),
-                    Err(_) => return,
-                }
+    fn accept(&mut self, c: Command) {
+        let s = match c {
+            Command::Submit(s) => s,
+            Command::InjectPanic => {
+                self.panic_next_step = true;
+                return;
             }
-            while let Ok(s) = self.rx.try_recv() {
-                self.accept(s);
-            }
-            self.drop_cancelled();
-            self.step();
-            self.publish();
-        }
-    }
-
-    fn accept(&mut self, s: Submission) {
+        };
         let id = self.next_id;
         self.next_id += 1;
         let r = s.req;
@@ -160,6 +170,9 @@ impl EngineLoop {
     }
 
     fn step(&mut self) {
+        if std::mem::take(&mut self.panic_next_step) {
+            panic!("injected fault: engine loop panic");
+        }
         let plan = self.scheduler.schedule();
         self.waiting_count
             .fetch_sub(plan.admitted.len(), Ordering::AcqRel);
@@ -248,6 +261,56 @@ impl EngineLoop {
                 metrics::record_finished(reason);
             }
         }
+    }
+}
+
+impl SupervisedLoop for EngineLoop {
+    fn serve(&mut self) {
+        loop {
+            if self.active.is_empty() {
+                // Idle: block until work arrives (or every handle is gone).
+                self.publish();
+                match self.rx.recv() {
+                    Ok(c) => self.accept(c),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(c) = self.rx.try_recv() {
+                self.accept(c);
+            }
+            self.drop_cancelled();
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn fail_all(&mut self, message: &str) {
+        for (id, a) in self.active.drain() {
+            let queued = self.scheduler.get(id).is_some_and(|s| !s.was_admitted());
+            if queued {
+                self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            }
+            let _ = a.tx.try_send(Event::Done {
+                reason: FinishReason::Error,
+                usage: Usage {
+                    prompt_tokens: a.prompt_len,
+                    completion_tokens: a.generated,
+                    cached_tokens: 0,
+                },
+                error: Some(message.to_string()),
+            });
+            metrics::record_finished(FinishReason::Error);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.kv_touched_before = self
+            .kv_touched_before
+            .max(self.scheduler.kv_blocks_touched());
+        self.scheduler = Scheduler::new(self.sched_cfg, self.kv.n_blocks());
+        self.scratch = ForwardScratch::default();
+        self.panic_next_step = false;
+        self.publish();
     }
 }
 

@@ -66,6 +66,8 @@ pub enum EngineError {
     InvalidToken(u32),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the engine is restarting after a failure; retry shortly")]
+    Restarting,
     #[error("internal engine error: {0}")]
     Internal(String),
 }

@@ -22,6 +22,7 @@ pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;
+pub mod supervisor;
 mod synthetic;
 pub mod tokenizer;
 

@@ -31,6 +31,12 @@ pub const STEP_TOKENS: &str = "sluice_step_tokens";
 /// Wall time of one forward step, sampling included.
 pub const STEP_SECONDS: &str = "sluice_step_duration_seconds";
 
+/// Bytes of the KV cache written so far (its pages are touched lazily, block by block,
+/// so resident memory grows with this until the whole cache has been used once).
+pub const KV_CACHE_TOUCHED_BYTES: &str = "sluice_kv_cache_touched_bytes";
+/// Engine loops restarted after a panic.
+pub const ENGINE_RESTARTS: &str = "sluice_engine_restarts_total";
+
 /// Time from submission to first admission into the running batch.
 pub const QUEUE_SECONDS: &str = "sluice_request_queue_seconds";
 
@@ -48,6 +54,16 @@ pub fn record_state(running: usize, waiting: usize, kv_usage: f64, stats: &Sched
         gauge!(PREFIX_CACHE_HIT)
             .set(stats.prompt_tokens_cached as f64 / stats.prompt_tokens_queried as f64);
     }
+}
+
+/// How much of the KV cache has been written.
+pub fn record_kv_touched(bytes: usize) {
+    gauge!(KV_CACHE_TOUCHED_BYTES).set(bytes as f64);
+}
+
+/// An engine loop panicked and is being restarted.
+pub fn record_restart() {
+    counter!(ENGINE_RESTARTS).increment(1);
 }
 
 /// One forward step.

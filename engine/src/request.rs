@@ -97,6 +97,8 @@ pub struct EngineStats {
     pub queued: usize,
     pub kv_blocks_in_use: usize,
     pub kv_blocks_total: usize,
+    /// Blocks ever written: the KV cache's memory is touched lazily, block by block.
+    pub kv_blocks_touched: usize,
     pub preemptions: u64,
     pub prompt_tokens_admitted: u64,
     pub prompt_tokens_cached: u64,

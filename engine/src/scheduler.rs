@@ -46,6 +46,14 @@ pub struct Sequence {
     admitted_before: bool,
 }
 
+impl Sequence {
+    /// Whether the request has ever been in the running batch (it no longer counts
+    /// against the waiting-queue bound).
+    pub fn was_admitted(&self) -> bool {
+        self.admitted_before
+    }
+}
+
 /// Part of one sequence in a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScheduledChunk {
@@ -163,6 +171,11 @@ impl Scheduler {
     /// (blocks held by requests, all blocks).
     pub fn kv_blocks(&self) -> (usize, usize) {
         (self.alloc.n_in_use(), self.alloc.n_blocks())
+    }
+
+    /// KV blocks ever handed out (see `KvBlockAllocator::n_touched`).
+    pub fn kv_blocks_touched(&self) -> usize {
+        self.alloc.n_touched()
     }
 
     /// Running totals.

@@ -7,8 +7,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::engine_loop::Submission;
+use crate::engine_loop::{Command, Submission};
 use crate::request::{EngineStats, Event, FinishReason, Usage};
+use crate::supervisor::SupervisedLoop;
 
 /// Filler words the synthetic engine "generates", one per token.
 const WORDS: [&str; 8] = [
@@ -32,18 +33,20 @@ struct Stream {
 }
 
 pub(crate) struct SyntheticLoop {
-    rx: Receiver<Submission>,
+    rx: Receiver<Command>,
     waiting_count: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
     interval: Duration,
     max_running: usize,
     queued: std::collections::VecDeque<Submission>,
     running: Vec<Stream>,
+    /// Set by `Command::InjectPanic`.
+    panic_next_tick: bool,
 }
 
 impl SyntheticLoop {
     pub(crate) fn new(
-        rx: Receiver<Submission>,
+        rx: Receiver<Command>,
         waiting_count: Arc<AtomicUsize>,
         stats: Arc<Mutex<EngineStats>>,
         tokens_per_second: f64,
@@ -57,10 +60,20 @@ impl SyntheticLoop {
             max_running,
             queued: Default::default(),
             running: Vec::new(),
+            panic_next_tick: false,
         }
     }
 
-    pub(crate) fn run(mut self) {
+    fn take(&mut self, c: Command) {
+        match c {
+            Command::Submit(s) => self.queued.push_back(s),
+            Command::InjectPanic => self.panic_next_tick = true,
+        }
+    }
+}
+
+impl SupervisedLoop for SyntheticLoop {
+    fn serve(&mut self) {
         let mut last_tick = Instant::now();
         loop {
             // Sleep until the next token is due or a request arrives. Ticks are at least
@@ -78,7 +91,7 @@ impl SyntheticLoop {
                 Some(d) => self.rx.recv_timeout(d),
             };
             match got {
-                Ok(s) => self.queued.push_back(s),
+                Ok(c) => self.take(c),
                 Err(RecvTimeoutError::Disconnected) => {
                     // Every handle is gone: finish what runs, at its pace.
                     if self.running.is_empty() && self.queued.is_empty() {
@@ -88,15 +101,43 @@ impl SyntheticLoop {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            while let Ok(s) = self.rx.try_recv() {
-                self.queued.push_back(s);
+            while let Ok(c) = self.rx.try_recv() {
+                self.take(c);
             }
             last_tick = Instant::now();
             self.tick();
         }
     }
 
+    fn fail_all(&mut self, message: &str) {
+        let queued = self.queued.drain(..).map(|s| (s, 0, true));
+        let running = self.running.drain(..).map(|s| (s.sub, s.generated, false));
+        for (sub, generated, was_queued) in queued.chain(running).collect::<Vec<_>>() {
+            if was_queued {
+                self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            }
+            let _ = sub.tx.try_send(Event::Done {
+                reason: FinishReason::Error,
+                usage: Usage {
+                    prompt_tokens: sub.req.prompt.len(),
+                    completion_tokens: generated,
+                    cached_tokens: 0,
+                },
+                error: Some(message.to_string()),
+            });
+        }
+    }
+
+    fn reset(&mut self) {
+        self.panic_next_tick = false;
+    }
+}
+
+impl SyntheticLoop {
     fn tick(&mut self) {
+        if std::mem::take(&mut self.panic_next_tick) {
+            panic!("injected fault: synthetic loop panic");
+        }
         let before = self.queued.len();
         self.queued.retain(|s| !s.tx.is_closed());
         self.waiting_count
@@ -191,6 +232,55 @@ mod tests {
         // 20 tokens at 200/s take ~100 ms.
         let took = started.elapsed();
         assert!(took >= std::time::Duration::from_millis(95), "{took:?}");
+        e.shutdown();
+    }
+
+    #[test]
+    fn a_panic_fails_requests_in_flight_and_the_loop_restarts() {
+        let e = Engine::start_synthetic(4096, 100, 100.0, EngineConfig::default()).unwrap();
+        let req = || GenerationRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 1000,
+            ..Default::default()
+        };
+        let mut s = e.submit(req()).unwrap();
+        assert!(matches!(s.blocking_recv(), Some(Event::Token { .. })));
+        e.inject_panic().unwrap();
+        let done = loop {
+            match s.blocking_recv().unwrap() {
+                Event::Token { .. } => continue,
+                d => break d,
+            }
+        };
+        let Event::Done { reason, error, .. } = done else {
+            unreachable!()
+        };
+        assert_eq!(reason, FinishReason::Error);
+        assert_eq!(error.as_deref(), Some(crate::supervisor::RESTART_MESSAGE));
+        // Refused while restarting, then served again.
+        assert!(matches!(
+            e.submit(req()),
+            Err(crate::EngineError::Restarting)
+        ));
+        assert!(!e.is_ready());
+        let t = std::time::Instant::now();
+        while !e.is_ready() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(e.restarts(), 1);
+        assert_eq!(e.waiting(), 0);
+        let mut s = e
+            .submit(GenerationRequest {
+                max_tokens: 3,
+                ..req()
+            })
+            .unwrap();
+        let mut n = 0;
+        while let Some(Event::Token { .. }) = s.blocking_recv() {
+            n += 1;
+        }
+        assert_eq!(n, 3);
         e.shutdown();
     }
 }

@@ -35,6 +35,16 @@ pub struct Config {
     pub models: Vec<ModelEntry>,
     /// Write prompts and completions to the logs (off: they never appear there).
     pub log_payloads: bool,
+    pub debug: DebugSection,
+}
+
+/// `[debug]`: switches for testing the server itself; all off in production.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugSection {
+    /// Enables `POST /admin/models/{model}/inject-panic` (admin keys only), which makes
+    /// the model's engine loop panic to exercise recovery.
+    pub fault_injection: bool,
 }
 
 /// `[server]`.
@@ -83,6 +93,16 @@ pub struct LimitsConfig {
     /// Longest a non-streaming generation may take before it is cancelled with 504
     /// (streams are not cut: their client sees progress and can hang up).
     pub request_timeout_seconds: u64,
+    /// Open connections, WebSockets included; one more gets 503 and is closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; idle keep-alive connections are
+    /// closed after it too.
+    pub header_read_timeout_seconds: u64,
+    /// Time a client has to send a request body once its headers are in (408 after).
+    pub body_read_timeout_seconds: u64,
+    /// A response write that makes no progress this long (the client stopped reading)
+    /// closes the connection and cancels the generation.
+    pub write_stall_timeout_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -98,6 +118,10 @@ impl Default for LimitsConfig {
             ws_send_queue: 1024,
             ws_max_message_bytes: 64 << 10,
             session_idle_seconds: 3600,
+            max_connections: 16384,
+            header_read_timeout_seconds: 30,
+            body_read_timeout_seconds: 30,
+            write_stall_timeout_seconds: 60,
         }
     }
 }
@@ -187,6 +211,19 @@ impl Config {
                 l.request_timeout_seconds as usize,
             ),
             ("engine.kv_cache_tokens", self.engine.kv_cache_tokens),
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.header_read_timeout_seconds",
+                l.header_read_timeout_seconds as usize,
+            ),
+            (
+                "limits.body_read_timeout_seconds",
+                l.body_read_timeout_seconds as usize,
+            ),
+            (
+                "limits.write_stall_timeout_seconds",
+                l.write_stall_timeout_seconds as usize,
+            ),
         ] {
             if v == 0 {
                 problems.push(format!("{name} must be at least 1"));

@@ -35,6 +35,14 @@ pub enum ApiError {
     Timeout(u64),
     #[error("The request body is larger than this server's limit (limits.max_body_bytes).")]
     PayloadTooLarge,
+    #[error("This operation needs an admin key.")]
+    AdminOnly,
+    #[error("The request body did not arrive within {0} s.")]
+    BodyTimeout(u64),
+    #[error("Request bodies must be JSON: send 'Content-Type: application/json'.")]
+    UnsupportedMediaType,
+    #[error("Method {0} is not allowed on {1}.")]
+    MethodNotAllowed(String, String),
     #[error("Unknown route {0}.")]
     RouteNotFound(String),
     #[error("The server is overloaded: {0}. Retry shortly.")]
@@ -58,7 +66,10 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::MissingApiKey | ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::ModelNotAllowed(_) | ApiError::AdminOnly => StatusCode::FORBIDDEN,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -86,6 +97,16 @@ impl ApiError {
                 Some("model_not_allowed"),
                 Some("model".to_string()),
             ),
+            ApiError::AdminOnly => ("permission_error", Some("admin_required"), None),
+            ApiError::BodyTimeout(_) => ("invalid_request_error", Some("body_timeout"), None),
+            ApiError::MethodNotAllowed(..) => {
+                ("invalid_request_error", Some("method_not_allowed"), None)
+            }
+            ApiError::UnsupportedMediaType => (
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                None,
+            ),
             ApiError::RateLimited { .. } => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             ApiError::PayloadTooLarge => ("invalid_request_error", Some("payload_too_large"), None),
             ApiError::Draining => ("server_error", Some("shutting_down"), None),
@@ -100,7 +121,9 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::QueueFull(_) | EngineError::Stopped => ApiError::Overloaded(e.to_string()),
+            EngineError::QueueFull(_) | EngineError::Stopped | EngineError::Restarting => {
+                ApiError::Overloaded(e.to_string())
+            }
             EngineError::ContextLengthExceeded { .. } | EngineError::ExceedsKvCache { .. } => {
                 ApiError::InvalidRequest {
                     message: e.to_string(),

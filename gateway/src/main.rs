@@ -2,6 +2,7 @@
 
 mod chat_cli;
 mod loadtest_cli;
+mod soak_cli;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ enum Cmd {
     Chat(chat_cli::ChatArgs),
     /// Load-test any OpenAI-compatible server (TTFT, ITL, TPOT, throughput, goodput).
     Loadtest(loadtest_cli::LoadtestArgs),
+    /// Run a long mixed load (streams, WebSockets, cancellations, bad requests) against a
+    /// server and check nothing is lost or leaked.
+    Soak(soak_cli::SoakArgs),
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -113,6 +117,9 @@ struct ServeArgs {
     /// Seconds a non-streaming generation may take before 504 [config: limits.request_timeout_seconds].
     #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_SECONDS")]
     request_timeout_seconds: Option<u64>,
+    /// Open connections before new ones get 503 [config: limits.max_connections].
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
 }
 
 impl ServeArgs {
@@ -134,6 +141,7 @@ impl ServeArgs {
             (&mut l.max_waiting_requests, self.max_waiting_requests),
             (&mut l.max_num_batched_tokens, self.max_num_batched_tokens),
             (&mut c.engine.kv_cache_tokens, self.kv_cache_tokens),
+            (&mut l.max_connections, self.max_connections),
         ] {
             if let Some(v) = src {
                 *dst = v;
@@ -372,6 +380,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Duration::from_secs(config.limits.session_idle_seconds),
     );
     state.ws_max_message_bytes = config.limits.ws_max_message_bytes;
+    state.fault_injection = config.debug.fault_injection;
+    if state.fault_injection {
+        warn!("fault injection is on ([debug] fault_injection): admin keys can make engines panic");
+    }
     let state = Arc::new(state);
     let sweeper = state.clone();
     tokio::spawn(async move {
@@ -493,6 +505,10 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?
             .block_on(loadtest_cli::run_cli(args)),
+        Cmd::Soak(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(soak_cli::run_cli(args)),
         Cmd::Chat(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

@@ -153,6 +153,26 @@ impl LatencyTracker {
     }
 }
 
+/// Open HTTP connections (WebSockets included).
+pub const HTTP_CONNECTIONS: &str = "sluice_http_connections";
+
+/// Counts an open TCP connection for as long as hyper serves it.
+pub struct HttpConnection;
+
+impl HttpConnection {
+    /// One more open connection, until the guard is dropped.
+    pub fn open() -> Self {
+        metrics::gauge!(HTTP_CONNECTIONS).increment(1.0);
+        HttpConnection
+    }
+}
+
+impl Drop for HttpConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(HTTP_CONNECTIONS).decrement(1.0);
+    }
+}
+
 /// Open WebSocket connections.
 pub const WS_CONNECTIONS: &str = "sluice_ws_connections";
 

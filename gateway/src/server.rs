@@ -8,15 +8,18 @@ use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::ApiKeyLayer;
 use crate::config::{LimitsConfig, ServerConfig};
+use crate::connections::ConnectionLimits;
 use crate::error::ApiError;
+use crate::extract::BodyReadTimeout;
 use crate::load_shed::LoadShedLayer;
 use crate::rate_limit::RateLimitLayer;
 use crate::routes;
@@ -57,6 +60,16 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         .route_layer(ApiKeyLayer::new(state.clone()))
         // Outside auth: a flood is shed before any work, authenticated or not.
         .route_layer(LoadShedLayer::new(limits.max_concurrent_requests));
+    let mut admin = Router::new().route("/admin/models", get(routes::admin::engines));
+    if state.fault_injection {
+        admin = admin.route(
+            "/admin/models/{model}/inject-panic",
+            post(routes::admin::inject_panic),
+        );
+    }
+    let admin = admin
+        .route_layer(middleware::from_fn(routes::admin::require_admin))
+        .route_layer(ApiKeyLayer::new(state.clone()));
     Router::new()
         .route("/", get(routes::page::index))
         .route("/health", get(routes::health::health))
@@ -65,11 +78,24 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         // The WebSocket authenticates itself: browsers cannot send headers on it.
         .route("/v1/ws", get(routes::ws::ws_upgrade))
         .merge(protected)
+        .merge(admin)
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(req.uri().path().to_string()).into_response()
         })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::MethodNotAllowed(req.method().to_string(), req.uri().path().to_string())
+                .into_response()
+        })
         // Counts every answer by route and status, refusals included.
         .layer(middleware::from_fn(crate::metrics::count_http))
+        // A panicking handler answers 500 in OpenAI's format instead of dropping the
+        // connection; the panic itself goes to the logs.
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::Internal("the request handler failed".into()).into_response()
+        }))
+        .layer(Extension(BodyReadTimeout(Duration::from_secs(
+            limits.body_read_timeout_seconds,
+        ))))
         // Innermost: bodies larger than the limit are refused while being read (413),
         // never buffered whole.
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
@@ -101,7 +127,16 @@ pub async fn serve(
     limits: LimitsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, &server, &limits))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let conn_limits = ConnectionLimits {
+        max_connections: limits.max_connections,
+        header_read_timeout: Duration::from_secs(limits.header_read_timeout_seconds),
+        write_stall_timeout: Duration::from_secs(limits.write_stall_timeout_seconds),
+    };
+    crate::connections::serve(
+        listener,
+        router(state, &server, &limits),
+        conn_limits,
+        shutdown,
+    )
+    .await
 }

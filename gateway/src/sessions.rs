@@ -48,6 +48,8 @@ struct LiveGeneration {
 
 struct SessionState {
     messages: Vec<SessionMessage>,
+    /// Bytes of all message contents, bounded by `MAX_CONVERSATION_BYTES`.
+    bytes: usize,
     participants: Vec<Subscriber>,
     generation: Option<LiveGeneration>,
     last_active: Instant,
@@ -68,6 +70,10 @@ pub enum Refusal {
     NoGeneration,
     /// Generate with no user message yet.
     EmptyConversation,
+    /// The conversation reached `MAX_CONVERSATION_BYTES`.
+    ConversationFull,
+    /// The hub holds `MAX_SESSIONS` sessions and none can be evicted.
+    TooManySessions,
 }
 
 impl Refusal {
@@ -77,6 +83,8 @@ impl Refusal {
             Refusal::Busy => "busy",
             Refusal::NoGeneration => "no_generation",
             Refusal::EmptyConversation => "empty_conversation",
+            Refusal::ConversationFull => "conversation_full",
+            Refusal::TooManySessions => "too_many_sessions",
         }
     }
 }
@@ -148,11 +156,24 @@ impl Session {
             &mut st,
             &json!({"type": "participant_left", "user": p.user}),
         );
+        // Nobody is left to read the reply: stop spending compute on it, as an HTTP
+        // request is cancelled when its client hangs up. (A participant cut off for
+        // being slow was removed without `leave`, so its reply keeps going for the
+        // snapshot it will get on rejoining.)
+        if st.participants.is_empty() {
+            if let Some(c) = st.generation.as_mut().and_then(|g| g.cancel.take()) {
+                let _ = c.send(());
+            }
+        }
     }
 
-    /// Adds a user message.
-    pub fn say(&self, user: &str, content: &str) {
+    /// Adds a user message, unless the conversation is full.
+    pub fn say(&self, user: &str, content: &str) -> Result<(), Refusal> {
         let mut st = self.lock();
+        if st.bytes + content.len() > MAX_CONVERSATION_BYTES {
+            return Err(Refusal::ConversationFull);
+        }
+        st.bytes += content.len();
         st.last_active = Instant::now();
         st.messages.push(SessionMessage {
             role: "user",
@@ -163,6 +184,7 @@ impl Session {
             &mut st,
             &json!({"type": "message", "role": "user", "user": user, "content": content}),
         );
+        Ok(())
     }
 
     /// The conversation as (role, content) pairs, for the chat template.
@@ -231,6 +253,9 @@ impl Session {
         };
         st.last_active = Instant::now();
         if !g.text.is_empty() {
+            // Replies are bounded by max_tokens; they may take the conversation past the
+            // limit, after which `say` refuses.
+            st.bytes += g.text.len();
             st.messages.push(SessionMessage {
                 role: "assistant",
                 user: None,
@@ -254,6 +279,11 @@ impl Session {
         Ok(())
     }
 }
+
+/// Most sessions a server holds at once.
+pub const MAX_SESSIONS: usize = 10_000;
+/// Most text one conversation holds (user messages and replies), in bytes.
+pub const MAX_CONVERSATION_BYTES: usize = 1 << 20;
 
 /// Every live session.
 pub struct SessionHub {
@@ -280,22 +310,41 @@ impl SessionHub {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The session called `id`, created when new.
-    pub fn session(&self, id: &str) -> Arc<Session> {
+    /// The session called `id`, created when new. At `MAX_SESSIONS`, the empty session
+    /// idle longest makes room; with none empty, new sessions are refused.
+    pub fn session(&self, id: &str) -> Result<Arc<Session>, Refusal> {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(id.to_string())
-            .or_insert_with(|| {
-                Arc::new(Session {
-                    id: id.to_string(),
-                    state: Mutex::new(SessionState {
-                        messages: Vec::new(),
-                        participants: Vec::new(),
-                        generation: None,
-                        last_active: Instant::now(),
-                    }),
+        if let Some(s) = map.get(id) {
+            return Ok(s.clone());
+        }
+        if map.len() >= MAX_SESSIONS {
+            let evict = map
+                .iter()
+                .filter_map(|(k, s)| {
+                    let st = s.lock();
+                    (st.participants.is_empty() && st.generation.is_none())
+                        .then(|| (st.last_active, k.clone()))
                 })
-            })
-            .clone()
+                .min();
+            match evict {
+                Some((_, k)) => {
+                    map.remove(&k);
+                }
+                None => return Err(Refusal::TooManySessions),
+            }
+        }
+        let s = Arc::new(Session {
+            id: id.to_string(),
+            state: Mutex::new(SessionState {
+                messages: Vec::new(),
+                bytes: 0,
+                participants: Vec::new(),
+                generation: None,
+                last_active: Instant::now(),
+            }),
+        });
+        map.insert(id.to_string(), s.clone());
+        Ok(s)
     }
 
     /// Drops sessions with nobody in them, nothing running, idle longer than the limit.
@@ -350,12 +399,12 @@ mod tests {
     #[test]
     fn everyone_sees_the_same_events_and_a_late_joiner_gets_the_partial_text() {
         let hub = SessionHub::new(64, Duration::from_secs(60));
-        let s = hub.session("s1");
+        let s = hub.session("s1").unwrap();
         let (a, mut ra) = sub(&hub, "ann", 64);
         let (b, mut rb) = sub(&hub, "bob", 64);
         s.join(a);
         s.join(b);
-        s.say("ann", "hello");
+        s.say("ann", "hello").unwrap();
         let (tx, _cancel) = oneshot::channel();
         s.start_generation("g1", "bob", tx).unwrap();
         s.token("Hel");
@@ -391,13 +440,13 @@ mod tests {
     #[test]
     fn one_generation_at_a_time_and_cancel_reaches_it() {
         let hub = SessionHub::new(64, Duration::from_secs(60));
-        let s = hub.session("s");
+        let s = hub.session("s").unwrap();
         let (tx, _) = oneshot::channel();
         assert_eq!(
             s.start_generation("g0", "x", tx),
             Err(Refusal::EmptyConversation)
         );
-        s.say("x", "hi");
+        s.say("x", "hi").unwrap();
         let (tx, mut rx) = oneshot::channel();
         s.start_generation("g1", "x", tx).unwrap();
         let (tx2, _) = oneshot::channel();
@@ -411,14 +460,14 @@ mod tests {
     #[test]
     fn a_slow_reader_is_cut_off_and_the_others_are_told() {
         let hub = SessionHub::new(4, Duration::from_secs(60));
-        let s = hub.session("s");
+        let s = hub.session("s").unwrap();
         let (fast, mut rf) = sub(&hub, "fast", 1000);
         let (slow, _rs) = sub(&hub, "slow", 2);
         let kick = slow.kick.clone();
         s.join(fast);
         s.join(slow);
         for i in 0..5 {
-            s.say("fast", &format!("m{i}"));
+            s.say("fast", &format!("m{i}")).unwrap();
         }
         let events = drain(&mut rf);
         assert!(events
@@ -433,7 +482,7 @@ mod tests {
     #[test]
     fn empty_idle_sessions_expire() {
         let hub = SessionHub::new(4, Duration::from_millis(0));
-        let s = hub.session("s");
+        let s = hub.session("s").unwrap();
         let (a, _ra) = sub(&hub, "a", 8);
         let conn = a.conn;
         s.join(a);
@@ -443,5 +492,38 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(hub.expire_idle(), 1);
         assert!(hub.is_empty());
+    }
+
+    #[test]
+    fn conversations_and_the_number_of_sessions_are_bounded() {
+        let hub = SessionHub::new(8, Duration::from_secs(60));
+        let s = hub.session("big").unwrap();
+        let chunk = "x".repeat(MAX_CONVERSATION_BYTES / 4);
+        for _ in 0..4 {
+            s.say("u", &chunk).unwrap();
+        }
+        assert_eq!(s.say("u", "one more"), Err(Refusal::ConversationFull));
+        assert_eq!(s.transcript().len(), 4);
+
+        // A full hub evicts the empty session idle longest...
+        let (occupant, _rx) = sub(&hub, "here", 8);
+        let busy = hub.session("occupied").unwrap();
+        busy.join(occupant);
+        for i in 0..MAX_SESSIONS - 2 {
+            hub.session(&format!("s{i}")).unwrap();
+        }
+        assert_eq!(hub.len(), MAX_SESSIONS);
+        hub.session("new").unwrap();
+        assert_eq!(hub.len(), MAX_SESSIONS);
+        assert!(hub.sessions.lock().unwrap().contains_key("occupied"));
+        assert!(!hub.sessions.lock().unwrap().contains_key("big"));
+        // ...and refuses when every session has someone in it.
+        let mut keep = Vec::new();
+        for (i, sess) in hub.sessions.lock().unwrap().values().enumerate() {
+            let (p, rx) = sub(&hub, &format!("p{i}"), 8);
+            sess.join(p);
+            keep.push(rx);
+        }
+        assert_eq!(hub.session("refused").err(), Some(Refusal::TooManySessions));
     }
 }

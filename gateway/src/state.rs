@@ -37,6 +37,8 @@ pub struct AppState {
     pub sessions: crate::sessions::SessionHub,
     /// Largest WebSocket message accepted.
     pub ws_max_message_bytes: usize,
+    /// `[debug] fault_injection`: the admin route that panics an engine exists.
+    pub fault_injection: bool,
     draining: AtomicBool,
     next_id: AtomicU64,
 }
@@ -59,6 +61,7 @@ impl AppState {
             request_timeout: std::time::Duration::from_secs(600),
             sessions: crate::sessions::SessionHub::new(1024, std::time::Duration::from_secs(3600)),
             ws_max_message_bytes: 64 << 10,
+            fault_injection: false,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(seed),
         }
@@ -82,6 +85,11 @@ impl AppState {
             return Err(ApiError::ModelNotAllowed(m.name.clone()));
         }
         Ok(m)
+    }
+
+    /// Whether every model's engine takes requests (false while one restarts).
+    pub fn engines_ready(&self) -> bool {
+        self.models.iter().all(|m| m.engine.is_ready())
     }
 
     /// Stop taking new requests (shutdown has begun).

@@ -11,6 +11,7 @@ pub mod html;
 mod prompts;
 mod report;
 mod runner;
+pub mod soak;
 mod stats;
 
 pub use prompts::{builtin_prompts, load_prompts};

@@ -8,6 +8,7 @@ mod gateway;
 mod loadtest;
 mod openai_sdk;
 mod parity;
+mod reliability;
 mod sampling_api;
 mod server;
 mod support;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::Server;
+use crate::support::{metric, Server};
 
 const KEY: &str = "Bearer sk-sluice-dev";
 
@@ -199,13 +199,6 @@ async fn bad_sampling_parameters_are_400_naming_the_field() {
 }
 
 /// The value of an unlabelled metric in Prometheus text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.split(' ').next() == Some(name))
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_blocks() {
     let server = Server::start(&[]);

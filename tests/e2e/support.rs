@@ -133,6 +133,51 @@ impl Server {
         self.child.wait().expect("wait").code()
     }
 
+    /// Like `with_config` (no `--model`, so `[[models]]` in `toml` count), with the
+    /// server's logs at `level` captured into `logs`.
+    pub fn with_config_logs(toml: &str, level: &str) -> Server {
+        let path = Server::config_file(toml);
+        Server::spawn_logging(
+            &["--config", path.to_str().expect("utf-8 path")],
+            Some(level),
+        )
+    }
+
+    /// The server's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("reading /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Waits until the engine holds nothing: no request running or waiting and no KV
+    /// block in use. Panics after 30 s with the metrics it last saw.
+    pub async fn wait_until_idle(&self) {
+        let t = std::time::Instant::now();
+        loop {
+            let m = self.metrics().await;
+            let idle = [
+                "sluice_requests_running",
+                "sluice_requests_waiting",
+                "sluice_kv_cache_usage_ratio",
+            ]
+            .iter()
+            .all(|name| metric(&m, name).is_none_or(|v| v == 0.0));
+            if idle {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the engine never went idle:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Writes `toml` (with `{model}` replaced by the default model's path) to a fresh
     /// file and starts the server with `--config` on it.
     pub fn with_config(toml: &str, extra: &[&str]) -> Server {
@@ -163,4 +208,13 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value of an unlabelled metric (or the first series of `name{...}` when `name`
+/// includes its labels) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|v| v.parse().ok())
 }

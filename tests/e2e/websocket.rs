@@ -12,9 +12,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::support::Server;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-async fn connect(server: &Server, key: Option<&str>) -> Ws {
+pub(crate) async fn connect(server: &Server, key: Option<&str>) -> Ws {
     let url = server.base.replacen("http://", "ws://", 1) + "/v1/ws";
     let mut req = url.into_client_request().unwrap();
     if let Some(k) = key {
@@ -27,7 +27,7 @@ async fn connect(server: &Server, key: Option<&str>) -> Ws {
         .0
 }
 
-async fn send(ws: &mut Ws, v: Value) {
+pub(crate) async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::Text(v.to_string().into())).await.unwrap();
 }
 
@@ -47,7 +47,7 @@ async fn next(ws: &mut Ws) -> Option<Value> {
 }
 
 /// Events up to and including the first one `stop` accepts.
-async fn until(ws: &mut Ws, stop: impl Fn(&Value) -> bool) -> Vec<Value> {
+pub(crate) async fn until(ws: &mut Ws, stop: impl Fn(&Value) -> bool) -> Vec<Value> {
     let mut out = Vec::new();
     while let Some(v) = next(ws).await {
         let done = stop(&v);
@@ -73,7 +73,7 @@ async fn close_code(ws: &mut Ws) -> Option<u16> {
     }
 }
 
-fn is(kind: &'static str) -> impl Fn(&Value) -> bool {
+pub(crate) fn is(kind: &'static str) -> impl Fn(&Value) -> bool {
     move |v| v["type"] == kind
 }
 

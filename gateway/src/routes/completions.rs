@@ -14,8 +14,16 @@ use crate::extract::OpenAiJson;
 use crate::respond::{generate, Flavor};
 use crate::state::{ServedModel, SharedState};
 
-/// The prompt as token ids: a string, a one-string array, or an array of ids.
-fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiError> {
+/// A completion prompt as the client sent it.
+#[derive(Debug, PartialEq)]
+pub enum CompletionPrompt<'a> {
+    Text(&'a str),
+    Tokens(Vec<u32>),
+}
+
+/// Reads `prompt`: a string, a one-string array, or an array of token ids (checked
+/// against the vocabulary by the engine).
+pub fn completion_prompt(prompt: &Value) -> Result<CompletionPrompt<'_>, ApiError> {
     let text = match prompt {
         Value::String(s) => s.as_str(),
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
@@ -29,7 +37,8 @@ fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiErr
                         .and_then(|id| u32::try_from(id).ok())
                         .ok_or_else(|| ApiError::invalid("prompt", format!("invalid token id {v}")))
                 })
-                .collect();
+                .collect::<Result<_, _>>()
+                .map(CompletionPrompt::Tokens);
         }
         Value::Array(_) => {
             return Err(ApiError::invalid(
@@ -47,10 +56,17 @@ fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiErr
     if text.is_empty() {
         return Err(ApiError::invalid("prompt", "prompt must not be empty"));
     }
-    model
-        .tokenizer
-        .encode(text, true)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+    Ok(CompletionPrompt::Text(text))
+}
+
+/// The prompt as token ids.
+fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiError> {
+    match completion_prompt(prompt)? {
+        CompletionPrompt::Tokens(ids) => Ok(ids),
+        CompletionPrompt::Text(text) => model.tokenizer.encode(text, true).map_err(|e| {
+            ApiError::invalid("prompt", format!("the prompt cannot be tokenized: {e}"))
+        }),
+    }
 }
 
 /// Plain text completion, streaming or not.

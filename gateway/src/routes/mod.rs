@@ -1,5 +1,6 @@
 //! HTTP handlers, one file per API area.
 
+pub mod admin;
 pub mod chat;
 pub mod completions;
 pub mod health;
@@ -16,7 +17,7 @@ use crate::error::ApiError;
 use crate::state::ServedModel;
 
 /// Flattens OpenAI message content (a string or a list of text parts) to text.
-pub(crate) fn message_text(m: &InMessage, index: usize) -> Result<String, ApiError> {
+pub fn message_text(m: &InMessage, index: usize) -> Result<String, ApiError> {
     let param = format!("messages[{index}].content");
     match &m.content {
         None | Some(Value::Null) => Ok(String::new()),
@@ -46,12 +47,8 @@ pub(crate) fn message_text(m: &InMessage, index: usize) -> Result<String, ApiErr
     }
 }
 
-/// Renders messages with the model's chat template and tokenizes the result.
-pub(crate) fn chat_prompt(
-    model: &ServedModel,
-    messages: &[InMessage],
-    add_generation_prompt: bool,
-) -> Result<Vec<u32>, ApiError> {
+/// Checks roles and flattens contents into what a chat template renders.
+pub fn chat_messages(messages: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
@@ -76,6 +73,16 @@ pub(crate) fn chat_prompt(
             content: message_text(m, i)?,
         });
     }
+    Ok(msgs)
+}
+
+/// Renders messages with the model's chat template and tokenizes the result.
+pub(crate) fn chat_prompt(
+    model: &ServedModel,
+    messages: &[InMessage],
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let msgs = chat_messages(messages)?;
     let template = model.template.as_ref().ok_or_else(|| {
         ApiError::invalid(
             "messages",
@@ -92,8 +99,10 @@ pub(crate) fn chat_prompt(
         .map(|b| model.tokenizer.decode(&[b], true))
         .unwrap_or_default();
     let add_special = bos_text.is_empty() || !text.starts_with(&bos_text);
-    model
-        .tokenizer
-        .encode(&text, add_special)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+    model.tokenizer.encode(&text, add_special).map_err(|e| {
+        ApiError::invalid(
+            "messages",
+            format!("the conversation cannot be tokenized: {e}"),
+        )
+    })
 }

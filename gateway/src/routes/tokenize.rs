@@ -24,7 +24,9 @@ pub async fn tokenize(
         (Some(p), None) => model
             .tokenizer
             .encode(p, req.add_special_tokens.unwrap_or(true))
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
+            .map_err(|e| {
+                ApiError::invalid("prompt", format!("the prompt cannot be tokenized: {e}"))
+            })?,
         (None, Some(m)) => super::chat_prompt(model, m, req.add_generation_prompt)?,
         _ => {
             return Err(ApiError::invalid(

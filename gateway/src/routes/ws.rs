@@ -25,13 +25,13 @@ use crate::generation::build_request;
 use crate::respond::Flavor;
 use crate::sessions::{Refusal, Session, Subscriber};
 use crate::state::SharedState;
+use crate::ws_protocol::{ClientMessage, ProtocolError};
 
 /// Browsers cannot set headers on a WebSocket: they authenticate with a first message.
 const AUTH_DEADLINE: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(20);
 /// A write that cannot complete in this long means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_NAME_CHARS: usize = 64;
 
 /// Close codes (RFC 6455).
 const CLOSE_POLICY: u16 = 1008;
@@ -198,87 +198,93 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Text(t))) => t,
         };
-        let msg: Value = match serde_json::from_str(text.as_str()) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                reply(error_event(
-                    "bad_request",
-                    "messages are JSON objects with a \"type\"",
-                ));
-                continue;
-            }
-        };
-        let kind = msg["type"].as_str().unwrap_or("");
+        let msg = ClientMessage::parse(text.as_str());
         let Some(k) = key.clone() else {
-            if kind != "auth" {
-                reply(error_event(
-                    "unauthenticated",
-                    "authenticate first: {\"type\":\"auth\",\"api_key\":\"...\"}",
-                ));
-                close(CLOSE_POLICY, "not authenticated");
-                break;
-            }
-            match msg["api_key"].as_str().and_then(|s| state.auth.find(s)) {
-                Some(found) => {
-                    key = Some(found);
-                    reply(event_text(&json!({"type": "authenticated"})));
-                }
-                None => {
+            match msg {
+                Ok(ClientMessage::Auth { api_key }) => match state.auth.find(&api_key) {
+                    Some(found) => {
+                        key = Some(found);
+                        reply(event_text(&json!({"type": "authenticated"})));
+                    }
+                    None => {
+                        reply(error_event(
+                            "invalid_api_key",
+                            "Incorrect API key provided.",
+                        ));
+                        close(CLOSE_POLICY, "invalid API key");
+                        break;
+                    }
+                },
+                Err(e @ ProtocolError::NotAnObject) => reply(error_event(e.code(), e)),
+                _ => {
                     reply(error_event(
-                        "invalid_api_key",
-                        "Incorrect API key provided.",
+                        "unauthenticated",
+                        "authenticate first: {\"type\":\"auth\",\"api_key\":\"...\"}",
                     ));
-                    close(CLOSE_POLICY, "invalid API key");
+                    close(CLOSE_POLICY, "not authenticated");
                     break;
                 }
             }
             continue;
         };
-        match kind {
-            "auth" => reply(error_event("bad_request", "already authenticated")),
-            "join" => {
-                let (Some(session), Some(user)) = (name(&msg["session"]), name(&msg["user"]))
-                else {
-                    reply(error_event("bad_request", format!("join needs \"session\" and \"user\": non-empty strings of at most {MAX_NAME_CHARS} characters")));
-                    continue;
-                };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                reply(error_event(e.code(), &e));
+                continue;
+            }
+        };
+        let result = match msg {
+            ClientMessage::Auth { .. } => Err(("bad_request", "already authenticated".into())),
+            ClientMessage::Join { session, user } => {
                 if let Some((old, _)) = joined.take() {
                     old.leave(conn);
                 }
-                let s = state.sessions.session(session);
-                s.join(Subscriber {
-                    conn,
-                    user: user.to_string(),
-                    tx: tx.clone(),
-                    kick: kick.clone(),
-                });
-                joined = Some((s, user.to_string()));
+                match state.sessions.session(&session) {
+                    Ok(s) => {
+                        s.join(Subscriber {
+                            conn,
+                            user: user.clone(),
+                            tx: tx.clone(),
+                            kick: kick.clone(),
+                        });
+                        joined = Some((s, user));
+                        Ok(())
+                    }
+                    Err(r) => Err((r.code(), "the server holds too many sessions".into())),
+                }
             }
-            "leave" => {
+            ClientMessage::Leave => {
                 if let Some((s, _)) = joined.take() {
                     s.leave(conn);
                 }
+                Ok(())
             }
-            "say" | "generate" | "cancel" => {
-                let Some((s, user)) = &joined else {
-                    reply(error_event("not_joined", "join a session first"));
-                    continue;
-                };
-                let result = match kind {
-                    "say" => say(s, user, &msg),
-                    "generate" => generate(&state, &k, s, user, msg.clone()),
-                    _ => s
-                        .cancel()
-                        .map_err(|r| (r.code(), "no generation is running".to_string())),
-                };
-                if let Err((code, message)) = result {
-                    reply(error_event(code, message));
-                }
-            }
-            other => reply(error_event(
-                "unknown_type",
-                format!("unknown message type {other:?}"),
-            )),
+            ClientMessage::Say { content } => match &joined {
+                Some((s, user)) => s.say(user, &content).map_err(|r| {
+                    (
+                        r.code(),
+                        format!(
+                            "the conversation holds at most {} bytes",
+                            crate::sessions::MAX_CONVERSATION_BYTES
+                        ),
+                    )
+                }),
+                None => Err(("not_joined", "join a session first".into())),
+            },
+            ClientMessage::Generate(params) => match &joined {
+                Some((s, user)) => generate(&state, &k, s, user, *params),
+                None => Err(("not_joined", "join a session first".into())),
+            },
+            ClientMessage::Cancel => match &joined {
+                Some((s, _)) => s
+                    .cancel()
+                    .map_err(|r| (r.code(), "no generation is running".to_string())),
+                None => Err(("not_joined", "join a session first".into())),
+            },
+        };
+        if let Err((code, message)) = result {
+            reply(error_event(code, message));
         }
     }
     if let Some((s, _)) = joined {
@@ -292,28 +298,13 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
     }
 }
 
-/// A session or user name: a non-empty string of bounded length.
-fn name(v: &Value) -> Option<&str> {
-    v.as_str()
-        .filter(|s| !s.trim().is_empty() && s.chars().count() <= MAX_NAME_CHARS)
-}
-
-fn say(s: &Session, user: &str, msg: &Value) -> Result<(), (&'static str, String)> {
-    let content = msg["content"].as_str().filter(|c| !c.is_empty()).ok_or((
-        "bad_request",
-        "say needs a non-empty \"content\" string".to_string(),
-    ))?;
-    s.say(user, content);
-    Ok(())
-}
-
 /// Starts a generation from the session's conversation, with chat-completion parameters.
 fn generate(
     state: &SharedState,
     key: &ApiKey,
     s: &Arc<Session>,
     user: &str,
-    mut msg: Value,
+    params: CommonParams,
 ) -> Result<(), (&'static str, String)> {
     if s.is_busy() {
         return Err((
@@ -331,17 +322,6 @@ fn generate(
         };
         (code, e.to_string())
     };
-    if let Value::Object(o) = &mut msg {
-        o.remove("type");
-    }
-    let params: CommonParams = serde_json::from_value(msg)
-        .map_err(|e| ("invalid_request", format!("bad generate parameters: {e}")))?;
-    if params.n.is_some_and(|n| n != 1) {
-        return Err((
-            "invalid_request",
-            "a session generates one reply at a time (n = 1)".into(),
-        ));
-    }
     let model = state
         .resolve_model(params.model.as_deref(), key)
         .map_err(api)?;
