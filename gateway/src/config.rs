@@ -90,6 +90,8 @@ pub struct LimitsConfig {
     pub ws_max_message_bytes: usize,
     /// Sessions with nobody in them expire after this long.
     pub session_idle_seconds: u64,
+    /// Most text one collaborative conversation holds, in bytes (`say` is refused past it).
+    pub session_max_bytes: usize,
     /// Longest a non-streaming generation may take before it is cancelled with 504
     /// (streams are not cut: their client sees progress and can hang up).
     pub request_timeout_seconds: u64,
@@ -118,6 +120,7 @@ impl Default for LimitsConfig {
             ws_send_queue: 1024,
             ws_max_message_bytes: 64 << 10,
             session_idle_seconds: 3600,
+            session_max_bytes: 1 << 20,
             max_connections: 16384,
             header_read_timeout_seconds: 30,
             body_read_timeout_seconds: 30,
@@ -212,6 +215,7 @@ impl Config {
             ),
             ("engine.kv_cache_tokens", self.engine.kv_cache_tokens),
             ("limits.max_connections", l.max_connections),
+            ("limits.session_max_bytes", l.session_max_bytes),
             (
                 "limits.header_read_timeout_seconds",
                 l.header_read_timeout_seconds as usize,

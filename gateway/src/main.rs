@@ -380,6 +380,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Duration::from_secs(config.limits.session_idle_seconds),
     );
     state.ws_max_message_bytes = config.limits.ws_max_message_bytes;
+    state.sessions.max_conversation_bytes = config.limits.session_max_bytes;
     state.fault_injection = config.debug.fault_injection;
     if state.fault_injection {
         warn!("fault injection is on ([debug] fault_injection): admin keys can make engines panic");

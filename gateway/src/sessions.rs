@@ -48,7 +48,7 @@ struct LiveGeneration {
 
 struct SessionState {
     messages: Vec<SessionMessage>,
-    /// Bytes of all message contents, bounded by `MAX_CONVERSATION_BYTES`.
+    /// Bytes of all message contents, bounded by `Session::max_bytes`.
     bytes: usize,
     participants: Vec<Subscriber>,
     generation: Option<LiveGeneration>,
@@ -58,6 +58,8 @@ struct SessionState {
 /// One shared conversation.
 pub struct Session {
     pub id: String,
+    /// Most text the conversation may hold, in bytes.
+    pub max_bytes: usize,
     state: Mutex<SessionState>,
 }
 
@@ -70,7 +72,7 @@ pub enum Refusal {
     NoGeneration,
     /// Generate with no user message yet.
     EmptyConversation,
-    /// The conversation reached `MAX_CONVERSATION_BYTES`.
+    /// The conversation reached `Session::max_bytes`.
     ConversationFull,
     /// The hub holds `MAX_SESSIONS` sessions and none can be evicted.
     TooManySessions,
@@ -170,7 +172,7 @@ impl Session {
     /// Adds a user message, unless the conversation is full.
     pub fn say(&self, user: &str, content: &str) -> Result<(), Refusal> {
         let mut st = self.lock();
-        if st.bytes + content.len() > MAX_CONVERSATION_BYTES {
+        if st.bytes + content.len() > self.max_bytes {
             return Err(Refusal::ConversationFull);
         }
         st.bytes += content.len();
@@ -282,7 +284,8 @@ impl Session {
 
 /// Most sessions a server holds at once.
 pub const MAX_SESSIONS: usize = 10_000;
-/// Most text one conversation holds (user messages and replies), in bytes.
+/// Default for the most text one conversation holds (user messages and replies), in
+/// bytes (`limits.session_max_bytes`).
 pub const MAX_CONVERSATION_BYTES: usize = 1 << 20;
 
 /// Every live session.
@@ -292,6 +295,8 @@ pub struct SessionHub {
     /// Events a participant's queue holds before it is cut off.
     pub send_queue: usize,
     idle: Duration,
+    /// Most text one conversation holds (`limits.session_max_bytes`).
+    pub max_conversation_bytes: usize,
 }
 
 impl SessionHub {
@@ -302,6 +307,7 @@ impl SessionHub {
             next_conn: AtomicU64::new(1),
             send_queue,
             idle,
+            max_conversation_bytes: MAX_CONVERSATION_BYTES,
         }
     }
 
@@ -335,6 +341,7 @@ impl SessionHub {
         }
         let s = Arc::new(Session {
             id: id.to_string(),
+            max_bytes: self.max_conversation_bytes,
             state: Mutex::new(SessionState {
                 messages: Vec::new(),
                 bytes: 0,

@@ -279,7 +279,11 @@ async fn a_client_that_never_authenticates_is_closed_after_five_seconds() {
 #[tokio::test]
 async fn a_slow_reader_is_cut_off_and_loses_nothing_on_rejoin() {
     let model = crate::support::model_path().display().to_string();
-    let server = Server::with_config("[limits]\nws_send_queue = 4\n", &["--model", &model]);
+    // Big enough a conversation that the socket buffers fill before it is full.
+    let server = Server::with_config(
+        "[limits]\nws_send_queue = 4\nsession_max_bytes = 100000000\n",
+        &["--model", &model],
+    );
     let (mut fast, mut slow) = (
         connect(&server, Some(KEY)).await,
         connect(&server, Some(KEY)).await,

@@ -264,10 +264,7 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
                 Some((s, user)) => s.say(user, &content).map_err(|r| {
                     (
                         r.code(),
-                        format!(
-                            "the conversation holds at most {} bytes",
-                            crate::sessions::MAX_CONVERSATION_BYTES
-                        ),
+                        format!("the conversation holds at most {} bytes", s.max_bytes),
                     )
                 }),
                 None => Err(("not_joined", "join a session first".into())),
