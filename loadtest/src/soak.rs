@@ -383,7 +383,8 @@ async fn ws_session(s: &Shared, rng: &mut StdRng, worker: usize, n: u64) {
     let _ = tx.leave().await;
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// Resident memory of process `pid` in KiB, from /proc (Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
@@ -401,6 +402,11 @@ async fn gauge(s: &Shared, name: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
+    metric_value(&text, name)
+}
+
+/// The value of series `name` (labels included, as written) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.split(' ').next() == Some(name))
         .and_then(|l| l.split(' ').nth(1))

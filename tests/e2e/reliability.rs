@@ -270,10 +270,13 @@ async fn every_route_refuses_bad_keys_model_allow_lists_hold_and_admin_routes_ne
             "{path}"
         );
     }
-    let models: Value = client
-        .get(format!("{}/v1/models", server.base))
-        .bearer_auth(&user)
-        .send()
+    let get_json = |path: &str, key: &str| {
+        client
+            .get(format!("{}{path}", server.base))
+            .bearer_auth(key)
+            .send()
+    };
+    let models: Value = get_json("/v1/models", &user)
         .await
         .unwrap()
         .json()
@@ -293,17 +296,9 @@ async fn every_route_refuses_bad_keys_model_allow_lists_hold_and_admin_routes_ne
 
     // Admin routes: 403 for the user key, 200 for the admin key; fault injection is
     // not even routed unless configured.
-    let r = client
-        .get(format!("{}/admin/models", server.base))
-        .bearer_auth(&user)
-        .send()
-        .await
-        .unwrap();
+    let r = get_json("/admin/models", &user).await.unwrap();
     assert_eq!(error_of(r, 403).await["error"]["code"], "admin_required");
-    let engines: Value = client
-        .get(format!("{}/admin/models", server.base))
-        .bearer_auth(&ops)
-        .send()
+    let engines: Value = get_json("/admin/models", &ops)
         .await
         .unwrap()
         .json()

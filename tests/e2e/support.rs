@@ -145,13 +145,7 @@ impl Server {
 
     /// The server's resident memory, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("reading /proc/PID/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .expect("VmRSS")
+        sluice_loadtest::soak::rss_kib(self.child.id()).expect("VmRSS of the server")
     }
 
     /// Waits until the engine holds nothing: no request running or waiting and no KV
@@ -210,11 +204,4 @@ impl Drop for Server {
     }
 }
 
-/// The value of an unlabelled metric (or the first series of `name{...}` when `name`
-/// includes its labels) in Prometheus text.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.split(' ').next() == Some(name))
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|v| v.parse().ok())
-}
+pub use sluice_loadtest::soak::metric_value as metric;
