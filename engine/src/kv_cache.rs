@@ -5,9 +5,8 @@
 //! llama.cpp's default F16 cache holds: the same numbers at twice the bytes, in
 //! exchange for no conversion in the attention loop.
 
-use half::f16;
-
 use crate::config::ModelConfig;
+use crate::kernels;
 
 /// Token slots per block.
 pub const BLOCK_SIZE: usize = 16;
@@ -54,12 +53,8 @@ impl KvCache {
     pub fn write(&mut self, layer: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let s = self.slot(table, pos);
         let d = self.kv_dim;
-        for (dst, &x) in self.k[layer][s..s + d].iter_mut().zip(k) {
-            *dst = f16::from_f32(x).to_f32();
-        }
-        for (dst, &x) in self.v[layer][s..s + d].iter_mut().zip(v) {
-            *dst = f16::from_f32(x).to_f32();
-        }
+        kernels::round_f16(&mut self.k[layer][s..s + d], &k[..d]);
+        kernels::round_f16(&mut self.v[layer][s..s + d], &v[..d]);
     }
 
     /// K rows of the `n` tokens from `pos`, which must lie in one block: `n × kv_dim`.

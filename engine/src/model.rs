@@ -7,8 +7,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use half::f16;
-
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
@@ -83,6 +81,11 @@ impl Model {
     /// The kernel family in use.
     pub fn kernel_set(&self) -> KernelSet {
         self.kernels
+    }
+
+    /// The kernels in use, for logs (e.g. `avx2+avx512-vnni`).
+    pub fn kernel_name(&self) -> &'static str {
+        kernels::describe()
     }
 
     /// Threads used by the forward pass.
@@ -176,9 +179,7 @@ impl Model {
                 n,
                 &mut s.acts,
             );
-            for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            kernels::swiglu(&mut s.gate, &s.up);
             self.matmul(&mut [(&w.w_down, &mut s.xb)], &s.gate, n, &mut s.acts);
             add_in_place(&mut s.x, &s.xb);
         }
@@ -318,8 +319,10 @@ impl Model {
                 // tokens (decode) multiply an f16 copy of q and accumulate V in f16.
                 let decode = pos >= batch[tok_seq[t]].decode_from;
                 let qsrc = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
-                for (d, &x) in qh.iter_mut().zip(qsrc) {
-                    *d = if decode { round_f16(x) } else { x };
+                if decode {
+                    kernels::round_f16(&mut qh, qsrc);
+                } else {
+                    qh.copy_from_slice(qsrc);
                 }
                 let mut state = kernels::OnlineSoftmax::default();
                 out.iter_mut().for_each(|o| *o = 0.0);
@@ -343,19 +346,34 @@ impl Model {
     }
 }
 
-#[inline]
-fn round_f16(x: f32) -> f32 {
-    f16::from_f32(x).to_f32()
-}
-
-/// RMSNorm of each row of `x` (row length = `w.len()`), summing squares in f64 as ggml does.
+/// RMSNorm of each row of `x` (row length = `w.len()`), summing squares in f64 in
+/// element order as ggml does.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
-        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * scale * g;
+    // Each row's sum is one long chain of dependent f64 adds; running four rows side by
+    // side lets the CPU overlap their latencies without changing any row's order.
+    const ROWS: usize = 4;
+    let mut ss = [0f64; ROWS];
+    for (xs, os) in x.chunks(ROWS * d).zip(out.chunks_mut(ROWS * d)) {
+        let rows = xs.len() / d;
+        ss.iter_mut().for_each(|s| *s = 0.0);
+        if rows == ROWS {
+            for i in 0..d {
+                for (r, s) in ss.iter_mut().enumerate() {
+                    let v = xs[r * d + i];
+                    *s += (v * v) as f64;
+                }
+            }
+        } else {
+            for (r, s) in ss.iter_mut().enumerate().take(rows) {
+                *s = xs[r * d..(r + 1) * d].iter().map(|&v| (v * v) as f64).sum();
+            }
+        }
+        for (r, (xr, or)) in xs.chunks_exact(d).zip(os.chunks_exact_mut(d)).enumerate() {
+            let scale = 1.0 / ((ss[r] / d as f64) as f32 + eps).sqrt();
+            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+                *o = v * scale * g;
+            }
         }
     }
 }

@@ -215,6 +215,12 @@ struct BenchArgs {
     gen_tokens: usize,
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Sequences decoded together for the batched figure (0 skips it).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Prompt length of each batched sequence (a short chat prompt).
+    #[arg(long, default_value_t = 32)]
+    batch_prompt_tokens: usize,
     /// Skip llama.cpp even when installed.
     #[arg(long)]
     no_llama_cpp: bool,
@@ -287,7 +293,7 @@ fn load_served_model(
         Backend::Model { threads } => {
             let model = Model::from_gguf(file, threads)
                 .with_context(|| format!("loading {}", path.display()))?;
-            info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = ?model.kernel_set(), threads, "model loaded");
+            info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = model.kernel_name(), threads, "model loaded");
             Engine::start(model, tokenizer.clone(), cfg)?
         }
         Backend::Synthetic { tokens_per_second } => {
@@ -447,11 +453,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let threads = args.threads.unwrap_or_else(default_threads);
     let model = Model::load(&path, threads)?;
     println!(
-        "model: {} ({} layers, dim {}), threads: {threads}, kernels: {:?}",
+        "model: {} ({} layers, dim {}), threads: {threads}, kernels: {}",
         path.display(),
         model.cfg.n_layers,
         model.cfg.dim,
-        model.kernel_set()
+        model.kernel_name()
     );
     let ours = bench::bench_engine(&model, args.prompt_tokens, args.gen_tokens, args.reps);
     println!(
@@ -464,6 +470,22 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "{:<12} {:>14.1} {:>14.1}",
         "sluice", ours.prefill_tok_s, ours.decode_tok_s
     );
+    if args.batch > 0 {
+        let tok_s = bench::bench_batched_decode(
+            &model,
+            args.batch,
+            args.batch_prompt_tokens,
+            args.gen_tokens,
+            args.reps,
+        );
+        println!(
+            "batched decode: {} sequences x {} tokens (prompts of {}): {tok_s:.1} tok/s, {:.2} ms per step",
+            args.batch,
+            args.gen_tokens,
+            args.batch_prompt_tokens,
+            1000.0 * args.batch as f64 / tok_s
+        );
+    }
     if args.no_llama_cpp {
         return Ok(());
     }

@@ -450,6 +450,20 @@ pub(super) unsafe fn scale(out: &mut [f32], s: f32, round: bool) {
     }
 }
 
+/// `dst[i] = src[i]` rounded to f16 precision, 8 at a time; returns how many it did.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn round_f16(dst: &mut [f32], src: &[f32]) -> usize {
+    let n = dst.len().min(src.len()) / 8 * 8;
+    for i in (0..n).step_by(8) {
+        let v = round_f16x8(_mm256_loadu_ps(src.as_ptr().add(i)));
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+    }
+    n
+}
+
 /// Quantizes one block of 32 floats to i8 with scale 127/amax (ties to even); returns
 /// (amax, sum of the quants).
 ///

@@ -7,9 +7,14 @@
 
 mod avx2;
 mod packed;
+mod packed_vnni;
 mod scalar;
+mod swiglu;
 
 pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
+#[cfg(target_arch = "x86_64")]
+pub use packed_vnni::{detected_vnni, Vnni};
+pub use swiglu::swiglu;
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -102,6 +107,20 @@ pub fn axpy(out: &mut [f32], x: &[f32], s: f32, round: bool) {
     for (o, &v) in out.iter_mut().zip(x) {
         let r = v * s + *o;
         *o = if round { f16::from_f32(r).to_f32() } else { r };
+    }
+}
+
+/// `dst[i] = src[i]` rounded to f16 precision (round to nearest even), kept as f32.
+pub fn round_f16(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 {
+        // SAFETY: the CPU reported avx2, fma and f16c.
+        done = unsafe { avx2::round_f16(dst, src) };
+    }
+    for (d, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = f16::from_f32(x).to_f32();
     }
 }
 
@@ -251,6 +270,21 @@ pub fn detected() -> KernelSet {
     })
 }
 
+/// The kernels in use, for logs: the family, plus the VNNI encoding of the packed tiles.
+pub fn describe() -> &'static str {
+    match detected() {
+        KernelSet::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => match detected_vnni() {
+            Some(Vnni::Avx512) => "avx2+avx512-vnni",
+            Some(Vnni::Avx) => "avx2+avx-vnni",
+            None => "avx2",
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelSet::Avx2 => "avx2",
+    }
+}
+
 /// Whether `ty` is multiplied against quantized (rather than float) activations.
 pub fn wants_quantized_acts(ty: GgmlType) -> bool {
     !matches!(ty, GgmlType::F32 | GgmlType::F16)
@@ -295,9 +329,12 @@ pub fn gemm_packed(w: &PackedMatrix, rows: Range<usize>, acts: &QuantizedActs, o
         "packed weights need the AVX2 kernels"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU reported avx2, fma and f16c.
+    // SAFETY: the CPU reported avx2, fma and f16c, and the VNNI encoding when one is used.
     unsafe {
-        packed::gemm_packed_avx2(w, rows, acts, out)
+        match detected_vnni() {
+            Some(vnni) => packed_vnni::gemm_packed_vnni(vnni, w, rows, acts, out),
+            None => packed::gemm_packed_avx2(w, rows, acts, out),
+        }
     }
 }
 

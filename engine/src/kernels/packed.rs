@@ -20,7 +20,7 @@ use crate::quant::GgmlType;
 /// Rows per packed group.
 pub const PACK_ROWS: usize = 8;
 const FILE_BLOCK_BYTES: usize = 20;
-const GROUP_BLOCK_BYTES: usize = PACK_ROWS * FILE_BLOCK_BYTES;
+pub(super) const GROUP_BLOCK_BYTES: usize = PACK_ROWS * FILE_BLOCK_BYTES;
 
 /// Regroups blocks of 32 (`block_bytes` each: `halves` f16 fields, then the quants) from
 /// row-major into groups of 8 rows: per group and block, each f16 field of the 8 rows,
@@ -85,10 +85,20 @@ impl PackedQ4_1x8 {
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// (rows, columns).
+    pub(super) fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The packed bytes.
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 const Q8_FILE_BLOCK_BYTES: usize = 34;
-const Q8_GROUP_BLOCK_BYTES: usize = PACK_ROWS * Q8_FILE_BLOCK_BYTES;
+pub(super) const Q8_GROUP_BLOCK_BYTES: usize = PACK_ROWS * Q8_FILE_BLOCK_BYTES;
 
 /// A Q8_0 matrix in the x8 layout: per group of 8 rows and block, `d[8]` (f16) then for
 /// `j` in 0..8 and row `r` in 0..8 the quants `4j..4j+4` of row `r` (272 bytes).
@@ -107,6 +117,16 @@ impl PackedQ8_0x8 {
         }
         let data = interleave_x8(src, rows, cols, Q8_FILE_BLOCK_BYTES, 1)?;
         Some(PackedQ8_0x8 { rows, cols, data })
+    }
+
+    /// (rows, columns).
+    pub(super) fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The packed bytes.
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.data
     }
 }
 
@@ -149,7 +169,7 @@ pub(super) unsafe fn gemm_packed_avx2(
 /// tile: 8 tokens wide while they last, then 4, then the rest.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn for_each_tile(
+pub(super) fn for_each_tile(
     (w_rows, w_cols): (usize, usize),
     rows: Range<usize>,
     acts: &QuantizedActs,
