@@ -295,19 +295,32 @@ unsafe fn coefficients(
         let r = (i + j) * stride;
         *sc = dot(q, &k[r..r + hd]) * scale_by;
     }
+    // The running maximum decides each row's `exp` argument; the `exp`s then run four at
+    // a time (bit-identical to one libm call each), and the sum is folded in row order.
+    let mut args = [0f32; RUN];
+    let mut raised = [false; RUN];
     for j in 0..m {
         let sc = scores[j];
         if sc > state.max {
-            let ms = (state.max - sc).exp();
+            args[j] = state.max - sc;
+            raised[j] = true;
             state.max = sc;
-            rescale[j] = Some(ms);
-            weight[j] = 1.0;
-            state.sum = state.sum * ms + 1.0;
         } else {
-            let vs = (sc - state.max).exp();
+            args[j] = sc - state.max;
+            raised[j] = false;
+        }
+    }
+    let mut e = [0f32; RUN];
+    super::exp_many(&args[..m], &mut e[..m]);
+    for j in 0..m {
+        if raised[j] {
+            rescale[j] = Some(e[j]);
+            weight[j] = 1.0;
+            state.sum = state.sum * e[j] + 1.0;
+        } else {
             rescale[j] = None;
-            weight[j] = vs;
-            state.sum = state.sum * 1.0 + vs;
+            weight[j] = e[j];
+            state.sum = state.sum * 1.0 + e[j];
         }
     }
 }

@@ -6,11 +6,13 @@
 //! The scalar code is the reference the SIMD code is tested against.
 
 mod avx2;
+mod expf;
 mod packed;
 mod packed_vnni;
 mod scalar;
 mod swiglu;
 
+pub use expf::exp_many;
 pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
 #[cfg(target_arch = "x86_64")]
 pub use packed_vnni::{detected_vnni, Vnni};
