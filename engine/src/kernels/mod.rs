@@ -2,8 +2,9 @@
 //!
 //! Activations are quantized once per matrix input into 8-bit blocks of 32 (`QuantizedActs`);
 //! every quantized weight type is then multiplied with integer dot products. Each kernel
-//! exists as portable scalar code and, for the hot types, as AVX2 code picked at run time.
-//! The scalar code is the reference the SIMD code is tested against.
+//! exists as portable scalar code and, for the hot types, as AVX2 code picked at run time
+//! (plus VNNI tiles for the packed matrices where the CPU has them). The scalar code is the
+//! reference the SIMD code is tested against.
 
 mod avx2;
 mod expf;
