@@ -78,11 +78,6 @@ impl Model {
         })
     }
 
-    /// The kernel family in use.
-    pub fn kernel_set(&self) -> KernelSet {
-        self.kernels
-    }
-
     /// The kernels in use, for logs (e.g. `avx2+avx512-vnni`).
     pub fn kernel_name(&self) -> &'static str {
         kernels::describe()

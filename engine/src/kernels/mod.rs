@@ -273,6 +273,12 @@ pub fn detected() -> KernelSet {
     })
 }
 
+/// Whether AVX-512 kernels may run where the CPU has them: `SLUICE_NO_AVX512` turns them
+/// off, to run (and compare) as on an AVX2-only CPU. Read once by each detector.
+fn avx512_allowed() -> bool {
+    std::env::var_os("SLUICE_NO_AVX512").is_none()
+}
+
 /// The kernels in use, for logs: the family, plus the VNNI encoding of the packed tiles.
 pub fn describe() -> &'static str {
     match detected() {

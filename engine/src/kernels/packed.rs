@@ -195,22 +195,28 @@ pub(super) fn for_each_tile(
     }
 }
 
+/// `for_each_tile` over `w`, calling `tile::<C>(w, g, t0, acts, out)` with the tile's
+/// width `C` as a constant (8, 4, 3, 2 or 1), so each width gets its own unrolled code.
+#[cfg(target_arch = "x86_64")]
+macro_rules! run_tiles {
+    ($($tile:ident)::+, $w:expr, $rows:expr, $acts:expr, $out:expr) => {{
+        let (w, acts, out) = ($w, $acts, $out);
+        for_each_tile(w.shape(), $rows, acts, &out, |g, t, width| match width {
+            8 => $($tile)::+::<8>(w, g, t, acts, out),
+            4 => $($tile)::+::<4>(w, g, t, acts, out),
+            3 => $($tile)::+::<3>(w, g, t, acts, out),
+            2 => $($tile)::+::<2>(w, g, t, acts, out),
+            _ => $($tile)::+::<1>(w, g, t, acts, out),
+        })
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use run_tiles;
+
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn gemm_q8_avx2(w: &PackedQ8_0x8, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
-    for_each_tile(
-        (w.rows, w.cols),
-        rows,
-        acts,
-        &out,
-        |g, t, width| match width {
-            8 => avx2::tile_q8::<8>(w, g, t, acts, out),
-            4 => avx2::tile_q8::<4>(w, g, t, acts, out),
-            3 => avx2::tile_q8::<3>(w, g, t, acts, out),
-            2 => avx2::tile_q8::<2>(w, g, t, acts, out),
-            _ => avx2::tile_q8::<1>(w, g, t, acts, out),
-        },
-    );
+    run_tiles!(avx2::tile_q8, w, rows, acts, out);
 }
 
 /// `out[t][r] = dot(row r, activation t)` for `r` in `rows` (multiples of 8) and every token.
@@ -225,19 +231,7 @@ pub(super) unsafe fn gemm_avx2(
     acts: &QuantizedActs,
     out: OutMatrix,
 ) {
-    for_each_tile(
-        (w.rows, w.cols),
-        rows,
-        acts,
-        &out,
-        |g, t, width| match width {
-            8 => avx2::tile::<8>(w, g, t, acts, out),
-            4 => avx2::tile::<4>(w, g, t, acts, out),
-            3 => avx2::tile::<3>(w, g, t, acts, out),
-            2 => avx2::tile::<2>(w, g, t, acts, out),
-            _ => avx2::tile::<1>(w, g, t, acts, out),
-        },
-    );
+    run_tiles!(avx2::tile, w, rows, acts, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -377,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn packed_gemm_matches_the_scalar_kernel() {
+    fn packed_gemm_matches_the_scalar_kernel_and_vnni_matches_avx2() {
         if detected() != KernelSet::Avx2 {
             return; // no packed kernel to test on this CPU
         }
@@ -387,6 +381,7 @@ mod tests {
                 (24, 576, 5),
                 (16, 1536, 9),
                 (16, 576, 15),
+                (16, 1536, 16),
             ] {
                 let x = pseudo(n_tok * k, 3 + k as u64);
                 let w: Vec<u8> = pseudo(rows * k, 11 + rows as u64)
@@ -412,6 +407,30 @@ mod tests {
                     assert!(
                         (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
                         "{} rows={rows} k={k} n_tok={n_tok} i={i}: {g} vs {w}",
+                        ty.name()
+                    );
+                }
+                // The VNNI tiles give the AVX2 tiles' output bit for bit (the integer sums
+                // are exact either way), for every encoding this CPU has.
+                for vnni in super::super::packed_vnni::encodings_on_this_cpu() {
+                    let mut v = vec![f32::NAN; n_tok * rows];
+                    let om = OutMatrix::new(&mut v, rows);
+                    // SAFETY: the encoding was detected.
+                    unsafe {
+                        super::super::packed_vnni::gemm_packed_vnni(vnni, &packed, 0..mid, &q, om);
+                        super::super::packed_vnni::gemm_packed_vnni(
+                            vnni,
+                            &packed,
+                            mid..rows,
+                            &q,
+                            om,
+                        );
+                    }
+                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&v),
+                        bits(&got),
+                        "{vnni:?} {} rows={rows} k={k} n_tok={n_tok}",
                         ty.name()
                     );
                 }

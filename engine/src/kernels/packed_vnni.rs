@@ -26,15 +26,15 @@ pub enum Vnni {
 }
 
 /// The VNNI encoding the packed kernels use here; `None` when the CPU has neither or
-/// `SLUICE_NO_VNNI` is set (to compare against the AVX2 tiles). `SLUICE_NO_AVX512`
-/// leaves out the AVX-512 encoding, to run as on an AVX2-only CPU.
+/// `SLUICE_NO_VNNI` is set (to compare against the AVX2 tiles); without AVX-512 allowed
+/// (`kernels::avx512_allowed`) only AVX-VNNI is considered.
 pub fn detected_vnni() -> Option<Vnni> {
     static VNNI: OnceLock<Option<Vnni>> = OnceLock::new();
     *VNNI.get_or_init(|| {
         if std::env::var_os("SLUICE_NO_VNNI").is_some() {
             return None;
         }
-        let avx512 = std::env::var_os("SLUICE_NO_AVX512").is_none();
+        let avx512 = super::avx512_allowed();
         if avx512 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
         {
             Some(Vnni::Avx512)
@@ -70,6 +70,7 @@ macro_rules! vnni_tiles {
             use std::arch::x86_64::*;
             use std::ops::Range;
 
+            use super::super::packed::run_tiles;
             use super::super::packed::{
                 PackedQ4_1x8, PackedQ8_0x8, GROUP_BLOCK_BYTES, PACK_ROWS, Q8_GROUP_BLOCK_BYTES,
             };
@@ -84,24 +85,8 @@ macro_rules! vnni_tiles {
                 out: OutMatrix,
             ) {
                 match w {
-                    PackedMatrix::Q4_1(p) => {
-                        for_each_tile(p.shape(), rows, acts, &out, |g, t, width| match width {
-                            8 => tile_q4_1::<8>(p, g, t, acts, out),
-                            4 => tile_q4_1::<4>(p, g, t, acts, out),
-                            3 => tile_q4_1::<3>(p, g, t, acts, out),
-                            2 => tile_q4_1::<2>(p, g, t, acts, out),
-                            _ => tile_q4_1::<1>(p, g, t, acts, out),
-                        })
-                    }
-                    PackedMatrix::Q8_0(p) => {
-                        for_each_tile(p.shape(), rows, acts, &out, |g, t, width| match width {
-                            8 => tile_q8_0::<8>(p, g, t, acts, out),
-                            4 => tile_q8_0::<4>(p, g, t, acts, out),
-                            3 => tile_q8_0::<3>(p, g, t, acts, out),
-                            2 => tile_q8_0::<2>(p, g, t, acts, out),
-                            _ => tile_q8_0::<1>(p, g, t, acts, out),
-                        })
-                    }
+                    PackedMatrix::Q4_1(p) => run_tiles!(tile_q4_1, p, rows, acts, out),
+                    PackedMatrix::Q8_0(p) => run_tiles!(tile_q8_0, p, rows, acts, out),
                 }
             }
 
@@ -212,81 +197,15 @@ vnni_tiles!(
 );
 vnni_tiles!(vex, "avx2,fma,f16c,avxvnni", _mm256_dpbusd_avx_epi32);
 
+/// Every VNNI encoding this CPU supports, whatever the environment asks (for tests).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::{detected, gemm, KernelSet};
-    use crate::quant::{quantize::quantize_row, GgmlType};
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
+pub(super) fn encodings_on_this_cpu() -> Vec<Vnni> {
+    let mut v = Vec::new();
+    if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        v.push(Vnni::Avx512);
     }
-
-    /// Every VNNI encoding this CPU has gives exactly the AVX2 tiles' output (the
-    /// integer sums are exact either way), and both stay close to the scalar reference.
-    #[test]
-    fn vnni_tiles_match_the_avx2_tiles_bit_for_bit() {
-        if detected() != KernelSet::Avx2 {
-            return;
-        }
-        let mut encodings = Vec::new();
-        if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
-            encodings.push(Vnni::Avx512);
-        }
-        if is_x86_feature_detected!("avxvnni") {
-            encodings.push(Vnni::Avx);
-        }
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
-            for &(rows, k, n_tok) in &[(8usize, 32usize, 1usize), (24, 576, 13), (16, 1536, 16)] {
-                let x = pseudo(n_tok * k, 5 + k as u64);
-                let w: Vec<u8> = pseudo(rows * k, 17 + rows as u64)
-                    .chunks_exact(k)
-                    .flat_map(|r| quantize_row(ty, r))
-                    .collect();
-                let mut q = QuantizedActs::default();
-                q.quantize(&x, n_tok, k);
-                let packed = PackedMatrix::pack(ty, &w, rows, k).unwrap();
-                let mut avx2 = vec![f32::NAN; n_tok * rows];
-                // SAFETY: detected above.
-                unsafe {
-                    super::super::packed::gemm_packed_avx2(
-                        &packed,
-                        0..rows,
-                        &q,
-                        OutMatrix::new(&mut avx2, rows),
-                    )
-                };
-                let mut scalar = vec![0f32; n_tok * rows];
-                let om = OutMatrix::new(&mut scalar, rows);
-                gemm(KernelSet::Scalar, ty, &w, k, 0..rows, &q, &x, om);
-                for (a, s) in avx2.iter().zip(&scalar) {
-                    assert!((a - s).abs() <= 1e-4 * (1.0 + s.abs()), "{a} vs {s}");
-                }
-                for &enc in &encodings {
-                    let mut got = vec![f32::NAN; n_tok * rows];
-                    let om = OutMatrix::new(&mut got, rows);
-                    // SAFETY: the encoding was detected above; two calls split the rows
-                    // as two threads would.
-                    unsafe {
-                        gemm_packed_vnni(enc, &packed, 0..8, &q, om);
-                        gemm_packed_vnni(enc, &packed, 8..rows, &q, om);
-                    }
-                    assert_eq!(
-                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        avx2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        "{enc:?} {} rows={rows} k={k} n_tok={n_tok}",
-                        ty.name()
-                    );
-                }
-            }
-        }
+    if is_x86_feature_detected!("avxvnni") {
+        v.push(Vnni::Avx);
     }
+    v
 }

@@ -35,7 +35,7 @@ fn avx512_detected() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
         super::detected() == super::KernelSet::Avx2
-            && std::env::var_os("SLUICE_NO_AVX512").is_none()
+            && super::avx512_allowed()
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512dq")
     })
