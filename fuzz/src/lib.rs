@@ -18,7 +18,7 @@ use sluice_gateway::generation::{build_request, MAX_N};
 use sluice_gateway::respond::Flavor;
 use sluice_gateway::routes::chat_messages;
 use sluice_gateway::routes::completions::{completion_prompt, CompletionPrompt};
-use sluice_gateway::sessions::{SessionHub, Subscriber, MAX_CONVERSATION_BYTES};
+use sluice_gateway::sessions::{Membership, SessionHub, MAX_CONVERSATION_BYTES};
 use sluice_gateway::ws_protocol::{ClientMessage, ProtocolError};
 
 /// The default model's template: requests are rendered with what production renders.
@@ -114,7 +114,7 @@ pub fn ws_message(data: &[u8]) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let kick = Arc::new(tokio::sync::Notify::new());
     let conn = hub.connection_id();
-    let mut joined: Option<(Arc<sluice_gateway::sessions::Session>, String)> = None;
+    let mut membership = Membership::new(conn, tx.clone(), kick.clone());
     let mut said = 0usize;
     for frame in data.split(|&b| b == b'\n') {
         let Ok(text) = std::str::from_utf8(frame) else {
@@ -124,26 +124,14 @@ pub fn ws_message(data: &[u8]) {
             Ok(ClientMessage::Auth { .. }) => {}
             Ok(ClientMessage::Join { session, user }) => {
                 assert!(!session.trim().is_empty() && session.chars().count() <= 64);
-                if let Some((old, _)) = joined.take() {
-                    old.leave(conn);
-                }
-                let s = hub.session(&session).expect("far below the session limit");
-                s.join(Subscriber {
-                    conn,
-                    user: user.clone(),
-                    tx: tx.clone(),
-                    kick: kick.clone(),
-                });
-                joined = Some((s, user));
+                membership
+                    .join(&hub, &session, user)
+                    .expect("far below the session limit");
             }
-            Ok(ClientMessage::Leave) => {
-                if let Some((s, _)) = joined.take() {
-                    s.leave(conn);
-                }
-            }
+            Ok(ClientMessage::Leave) => membership.leave(),
             Ok(ClientMessage::Say { content }) => {
                 assert!(!content.is_empty());
-                if let Some((s, user)) = &joined {
+                if let Some((s, user)) = membership.current() {
                     if s.say(user, &content).is_ok() {
                         said += 1;
                     }
@@ -155,7 +143,7 @@ pub fn ws_message(data: &[u8]) {
             }
             Ok(ClientMessage::Generate(p)) => {
                 assert!(p.n.is_none_or(|n| n == 1));
-                if let Some((s, _)) = &joined {
+                if let Some((s, _)) = membership.current() {
                     let msgs: Vec<ChatMessage> = s
                         .transcript()
                         .into_iter()
@@ -167,7 +155,7 @@ pub fn ws_message(data: &[u8]) {
                 }
             }
             Ok(ClientMessage::Cancel) => {
-                if let Some((s, _)) = &joined {
+                if let Some((s, _)) = membership.current() {
                     assert!(s.cancel().is_err(), "nothing was started");
                 }
             }

@@ -282,6 +282,59 @@ impl Session {
     }
 }
 
+/// One connection's place in at most one session: joining a session leaves the previous
+/// one, and dropping the membership (the connection ending) leaves as well.
+pub struct Membership {
+    conn: u64,
+    tx: mpsc::Sender<Arc<str>>,
+    kick: Arc<Notify>,
+    joined: Option<(Arc<Session>, String)>,
+}
+
+impl Membership {
+    /// Connection `conn`, whose events go to `tx`; `kick` closes it when too slow.
+    pub fn new(conn: u64, tx: mpsc::Sender<Arc<str>>, kick: Arc<Notify>) -> Self {
+        Membership {
+            conn,
+            tx,
+            kick,
+            joined: None,
+        }
+    }
+
+    /// Leaves the current session, then joins (creating if new) session `id` as `user`.
+    pub fn join(&mut self, hub: &SessionHub, id: &str, user: String) -> Result<(), Refusal> {
+        self.leave();
+        let s = hub.session(id)?;
+        s.join(Subscriber {
+            conn: self.conn,
+            user: user.clone(),
+            tx: self.tx.clone(),
+            kick: self.kick.clone(),
+        });
+        self.joined = Some((s, user));
+        Ok(())
+    }
+
+    /// Leaves the current session, if any.
+    pub fn leave(&mut self) {
+        if let Some((s, _)) = self.joined.take() {
+            s.leave(self.conn);
+        }
+    }
+
+    /// The joined session and the name this connection goes by in it.
+    pub fn current(&self) -> Option<(&Arc<Session>, &str)> {
+        self.joined.as_ref().map(|(s, u)| (s, u.as_str()))
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 /// Most sessions a server holds at once.
 pub const MAX_SESSIONS: usize = 10_000;
 /// Default for the most text one conversation holds (user messages and replies), in
@@ -393,6 +446,36 @@ mod tests {
             },
             rx,
         )
+    }
+
+    fn users(s: &Session) -> Vec<String> {
+        s.lock()
+            .participants
+            .iter()
+            .map(|p| p.user.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_membership_is_in_one_session_at_a_time_and_leaves_when_dropped() {
+        let hub = SessionHub::new(16, Duration::from_secs(60));
+        let (tx, _rx) = mpsc::channel(16);
+        let mut m = Membership::new(hub.connection_id(), tx, Arc::new(Notify::new()));
+        assert!(m.current().is_none());
+        m.join(&hub, "a", "ann".into()).unwrap();
+        let a = hub.session("a").unwrap();
+        assert_eq!(users(&a), ["ann"]);
+        m.join(&hub, "b", "anna".into()).unwrap();
+        let b = hub.session("b").unwrap();
+        assert!(users(&a).is_empty(), "joining b left a");
+        assert_eq!(users(&b), ["anna"]);
+        let (s, user) = m.current().unwrap();
+        assert_eq!((s.id.as_str(), user), ("b", "anna"));
+        m.leave();
+        assert!(users(&b).is_empty() && m.current().is_none());
+        m.join(&hub, "a", "ann".into()).unwrap();
+        drop(m);
+        assert!(users(&a).is_empty(), "dropping the membership left a");
     }
 
     fn drain(rx: &mut mpsc::Receiver<Arc<str>>) -> Vec<Value> {

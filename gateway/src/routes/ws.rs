@@ -23,7 +23,7 @@ use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::generation::build_request;
 use crate::respond::Flavor;
-use crate::sessions::{Refusal, Session, Subscriber};
+use crate::sessions::{Membership, Refusal, Session};
 use crate::state::SharedState;
 use crate::ws_protocol::{ClientMessage, ProtocolError};
 
@@ -142,7 +142,7 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
     let mut writer_done = false;
     let conn = state.sessions.connection_id();
     let _open = crate::metrics::WsConnection::open();
-    let mut joined: Option<(Arc<Session>, String)> = None;
+    let mut membership = Membership::new(conn, tx.clone(), kick.clone());
     let deadline = tokio::time::Instant::now() + AUTH_DEADLINE;
     let close = |code, reason| {
         let _ = ctl_tx.try_send(Control::Close(code, reason));
@@ -236,31 +236,14 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
         };
         let result = match msg {
             ClientMessage::Auth { .. } => Err(("bad_request", "already authenticated".into())),
-            ClientMessage::Join { session, user } => {
-                if let Some((old, _)) = joined.take() {
-                    old.leave(conn);
-                }
-                match state.sessions.session(&session) {
-                    Ok(s) => {
-                        s.join(Subscriber {
-                            conn,
-                            user: user.clone(),
-                            tx: tx.clone(),
-                            kick: kick.clone(),
-                        });
-                        joined = Some((s, user));
-                        Ok(())
-                    }
-                    Err(r) => Err((r.code(), "the server holds too many sessions".into())),
-                }
-            }
+            ClientMessage::Join { session, user } => membership
+                .join(&state.sessions, &session, user)
+                .map_err(|r| (r.code(), "the server holds too many sessions".into())),
             ClientMessage::Leave => {
-                if let Some((s, _)) = joined.take() {
-                    s.leave(conn);
-                }
+                membership.leave();
                 Ok(())
             }
-            ClientMessage::Say { content } => match &joined {
+            ClientMessage::Say { content } => match membership.current() {
                 Some((s, user)) => s.say(user, &content).map_err(|r| {
                     (
                         r.code(),
@@ -269,11 +252,11 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
                 }),
                 None => Err(("not_joined", "join a session first".into())),
             },
-            ClientMessage::Generate(params) => match &joined {
+            ClientMessage::Generate(params) => match membership.current() {
                 Some((s, user)) => generate(&state, &k, s, user, *params),
                 None => Err(("not_joined", "join a session first".into())),
             },
-            ClientMessage::Cancel => match &joined {
+            ClientMessage::Cancel => match membership.current() {
                 Some((s, _)) => s
                     .cancel()
                     .map_err(|r| (r.code(), "no generation is running".to_string())),
@@ -284,9 +267,8 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
             reply(error_event(code, message));
         }
     }
-    if let Some((s, _)) = joined {
-        s.leave(conn);
-    }
+    // Leave now rather than at the end of the function: the writer may take 2 s below.
+    drop(membership);
     drop(tx);
     drop(ctl_tx);
     if !writer_done {
