@@ -39,6 +39,13 @@ pub struct LoadtestArgs {
     /// Output tokens per request (sent with ignore_eos, so every server does the same work).
     #[arg(long, default_value_t = 128)]
     max_tokens: u32,
+    /// Sampling temperature sent with every request, or `default` to send none (the
+    /// server's default; OpenAI's is 1). Benchmarks compare servers at 0 (greedy).
+    #[arg(long, default_value = "0")]
+    temperature: String,
+    /// `top_p` sent with every request (none when absent).
+    #[arg(long)]
+    top_p: Option<f32>,
     /// JSONL prompts ({"prompt": ...}, {"messages": [...]}, or strings); default: built in.
     #[arg(long)]
     prompts: Option<PathBuf>,
@@ -110,6 +117,18 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
     if a.rate.is_some_and(|r| !positive(r)) || !positive(a.burstiness) {
         bail!("--rate and --burstiness must be positive");
     }
+    let temperature = match a.temperature.as_str() {
+        "default" => None,
+        t => Some(
+            t.parse::<f32>()
+                .ok()
+                .filter(|t| t.is_finite() && *t >= 0.0)
+                .context("--temperature takes a number >= 0 or `default`")?,
+        ),
+    };
+    if a.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        bail!("--top-p must be in (0, 1]");
+    }
     let duration = a.duration.map(Duration::from_secs_f64);
     let requests = a
         .requests
@@ -131,6 +150,8 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
         requests,
         duration,
         max_tokens: a.max_tokens,
+        temperature,
+        top_p: a.top_p,
         prompts,
         slo,
         timeout: Duration::from_secs_f64(a.timeout),

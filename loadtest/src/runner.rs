@@ -52,6 +52,11 @@ pub struct LoadSpec {
     pub requests: Option<usize>,
     pub duration: Option<Duration>,
     pub max_tokens: u32,
+    /// Sampling temperature sent with every request; `None` sends none (the server's
+    /// default, which for OpenAI-compatible servers is 1).
+    pub temperature: Option<f32>,
+    /// Nucleus mass sent with every request; `None` sends none.
+    pub top_p: Option<f32>,
     pub prompts: Vec<String>,
     pub slo: Slo,
     /// A request taking longer than this counts as a `timeout` error.
@@ -93,7 +98,8 @@ async fn one(client: &Client, spec: &LoadSpec, prompt: &str, run_start: Instant)
     let sampling = Sampling {
         model: spec.model.clone(),
         max_tokens: Some(spec.max_tokens),
-        temperature: Some(0.0),
+        temperature: spec.temperature,
+        top_p: spec.top_p,
         ignore_eos: true,
         ..Sampling::default()
     };
