@@ -273,13 +273,75 @@ impl Engine {
         self.inner.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
-    /// Stops accepting requests and waits for the loop to finish the ones it has.
-    pub fn shutdown(&self) {
+    /// Whether the loop thread still runs. False once it has exited for good: its
+    /// supervisor gave up (the loop could not be reset after a panic), or the engine was
+    /// closed and finished its work. Unlike [`Engine::is_ready`], true while it restarts.
+    pub fn is_alive(&self) -> bool {
+        self.inner
+            .thread
+            .lock()
+            .is_ok_and(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+    }
+
+    /// Stops accepting requests without waiting: the loop finishes the ones it has, then
+    /// its thread exits (`submit` says the engine has stopped meanwhile).
+    pub fn close(&self) {
         if let Ok(mut g) = self.inner.tx.lock() {
             g.take();
         }
+    }
+
+    /// Stops accepting requests and waits for the loop to finish the ones it has.
+    /// Blocks the calling thread until then: from async code, call it through
+    /// `tokio::task::spawn_blocking`, never on a runtime worker.
+    pub fn shutdown(&self) {
+        self.close();
         if let Some(t) = self.inner.thread.lock().ok().and_then(|mut g| g.take()) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Event;
+
+    #[test]
+    fn a_closed_engine_finishes_its_requests_then_is_down_for_good() {
+        let e = Engine::start_synthetic(4096, 100, 500.0, EngineConfig::default()).unwrap();
+        assert!(e.is_alive() && e.is_ready());
+        let mut s = e
+            .submit(GenerationRequest {
+                prompt: vec![1, 2, 3],
+                max_tokens: 5,
+                ..Default::default()
+            })
+            .unwrap();
+        e.close();
+        let refused = e.submit(GenerationRequest {
+            prompt: vec![1],
+            max_tokens: 1,
+            ..Default::default()
+        });
+        assert_eq!(refused.err(), Some(EngineError::Stopped));
+        // The request accepted before closing still runs to its end.
+        let mut tokens = 0;
+        while let Some(ev) = s.blocking_recv() {
+            if matches!(ev, Event::Token { .. }) {
+                tokens += 1;
+            }
+        }
+        assert_eq!(tokens, 5);
+        let t = std::time::Instant::now();
+        while e.is_alive() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "the loop thread never exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(!e.is_ready());
+        e.shutdown(); // joins an exited thread: returns at once
     }
 }

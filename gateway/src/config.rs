@@ -35,7 +35,19 @@ pub struct Config {
     pub models: Vec<ModelEntry>,
     /// Write prompts and completions to the logs (off: they never appear there).
     pub log_payloads: bool,
+    pub metrics: MetricsSection,
     pub debug: DebugSection,
+}
+
+/// `[metrics]`: who may read `GET /metrics` (it names keys and models).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Require `Authorization: Bearer KEY` on `/metrics`: an admin key, or the key of
+    /// `key_sha256`. Off: anyone who reaches the port may read it.
+    pub require_key: bool,
+    /// Hex SHA-256 of a key that may read `/metrics` and nothing else (for Prometheus).
+    pub key_sha256: Option<String>,
 }
 
 /// `[debug]`: switches for testing the server itself; all off in production.
@@ -182,7 +194,42 @@ pub struct ModelEntry {
     pub tokens_per_second: Option<f64>,
 }
 
+/// The 32 bytes of a hex SHA-256 (64 hex characters), if `hex` is one.
+pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl ModelEntry {
+    /// The default model's entry: served when no `[[models]]` are configured.
+    pub fn default_model() -> Self {
+        ModelEntry {
+            name: crate::model_store::DEFAULT_MODEL_NAME.to_string(),
+            path: None,
+            aliases: Vec::new(),
+            engine: None,
+            tokens_per_second: None,
+        }
+    }
+}
+
 impl Config {
+    /// The models `sluice serve` serves: the `[[models]]` entries, or the default model
+    /// when there are none.
+    pub fn served_models(&self) -> Vec<ModelEntry> {
+        if self.models.is_empty() {
+            vec![ModelEntry::default_model()]
+        } else {
+            self.models.clone()
+        }
+    }
+
     /// Reads `path` (defaults when `None`).
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let Some(path) = path else {
@@ -312,15 +359,73 @@ impl Config {
                 }
             }
         }
-        for (i, k) in self.keys.iter().enumerate() {
-            for m in k.models.iter().flatten() {
-                if !self.models.is_empty() && !model_names.contains(m.as_str()) {
-                    problems.push(format!(
-                        "keys[{i}] ({}): allows model {m:?}, which no [[models]] entry names",
-                        k.name
-                    ));
+        // Allow-lists are checked against what is actually served (the default model
+        // when no [[models]] are configured, and --model/--model-name overrides, which
+        // replace the entries before validation): a name that matches nothing would
+        // refuse every request of that key with 403.
+        let served = self.served_models();
+        let served_list = served
+            .iter()
+            .map(|m| {
+                if m.aliases.is_empty() {
+                    format!("{:?}", m.name)
+                } else {
+                    format!("{:?} (aliases {:?})", m.name, m.aliases)
                 }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let served_names: std::collections::HashSet<&str> = served
+            .iter()
+            .flat_map(|m| std::iter::once(&m.name).chain(&m.aliases))
+            .map(String::as_str)
+            .collect();
+        for (i, k) in self.keys.iter().enumerate() {
+            match &k.models {
+                Some(list) if list.is_empty() => problems.push(format!(
+                    "keys[{i}] ({}): models = [] allows no model, so every request with this \
+                     key would be refused; list models, or leave models out to allow all \
+                     (served: {served_list})",
+                    k.name
+                )),
+                Some(list) => {
+                    for m in list.iter().filter(|m| !served_names.contains(m.as_str())) {
+                        problems.push(format!(
+                            "keys[{i}] ({}): allows model {m:?}, which is not served; \
+                             served: {served_list}",
+                            k.name
+                        ));
+                    }
+                }
+                None => {}
             }
+        }
+        let admin_keys = self.keys.iter().filter(|k| k.admin).count();
+        match self.metrics.key_sha256.as_deref() {
+            Some(h) if parse_sha256_hex(h).is_none() => problems.push(
+                "metrics.key_sha256 must be 64 hex characters, the SHA-256 of the key \
+                 (`sluice keys new` prints it)"
+                    .into(),
+            ),
+            Some(h) if hashes.contains(&h.to_ascii_lowercase()) => problems.push(
+                "metrics.key_sha256 is also a [[keys]] entry; give Prometheus a key of its \
+                 own, which can read /metrics and nothing else"
+                    .into(),
+            ),
+            Some(_) if !self.metrics.require_key => problems.push(
+                "metrics.key_sha256 is set but metrics.require_key is false, so /metrics \
+                 is open to anyone; set require_key = true"
+                    .into(),
+            ),
+            None if self.metrics.require_key && !self.keys.is_empty() && admin_keys == 0 => {
+                problems.push(
+                    "metrics.require_key is true but no key may read /metrics: set \
+                     metrics.key_sha256 (`sluice keys new --name prometheus`) or give a key \
+                     admin = true"
+                        .into(),
+                )
+            }
+            _ => {}
         }
         if problems.is_empty() {
             Ok(())
@@ -390,6 +495,157 @@ mod tests {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }
         assert!(!all.contains("loopback"), "keys are configured: {all}");
+    }
+
+    /// The shipped file with the commented-out block that starts at `header` switched on.
+    fn uncomment_block(text: &str, header: &str) -> String {
+        let mut out = String::new();
+        let mut on = false;
+        for line in text.lines() {
+            on = line == header || (on && line.starts_with("# "));
+            let line = if on { &line[2..] } else { line };
+            out.push_str(&line.replace("<64 hex characters>", HASH));
+            out.push('\n');
+        }
+        out
+    }
+
+    fn problems(c: &Config) -> String {
+        match c.validate() {
+            Err(ConfigError::Invalid(p)) => p.join("\n"),
+            other => panic!("should be invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_shipped_examples_match_the_models_served() {
+        let text = include_str!("../../config/sluice.toml");
+        // The key's allow-list names the default model as it is served...
+        let with_key = uncomment_block(text, "# [[keys]]");
+        let c = parse(&with_key);
+        assert_eq!(c.keys.len(), 1, "the example key is there");
+        c.validate()
+            .expect("the example key is valid against the default model");
+        // ...and the [[models]] example, without its file, serves that name too.
+        let both = uncomment_block(&with_key, "# [[models]]")
+            .lines()
+            .filter(|l| !l.starts_with("path ="))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&both);
+        assert_eq!(c.models.len(), 1, "the example model is there");
+        c.validate()
+            .expect("the example key is valid against the example model");
+        // The [metrics] scrape key example, switched on, needs require_key.
+        let (head, tail) = text
+            .split_once("\n[metrics]\n")
+            .expect("a [metrics] section");
+        let tail = tail.replacen(
+            "# key_sha256 = \"<64 hex characters>\"",
+            &format!("key_sha256 = \"{HASH}\""),
+            1,
+        );
+        let c = parse(&format!("{head}\n[metrics]\n{tail}"));
+        assert!(
+            c.metrics.key_sha256.is_some(),
+            "the example scrape key is there"
+        );
+        let p = problems(&c);
+        assert!(p.contains("require_key is false"), "{p}");
+        let c = parse(&format!(
+            "{head}\n[metrics]\n{}",
+            tail.replacen("require_key = false", "require_key = true", 1)
+        ));
+        c.validate().expect("the scrape key with require_key");
+    }
+
+    #[test]
+    fn allow_lists_are_checked_against_the_default_model_when_no_models_are_configured() {
+        let key = |models: &str| {
+            parse(&format!(
+                "[[keys]]\nname = \"alice\"\nkey_sha256 = \"{HASH}\"\nmodels = {models}\n"
+            ))
+        };
+        // The audit's case: the base name of the default model is not its served name.
+        let p = problems(&key(r#"["SmolLM2-135M-Instruct", "gpt-4"]"#));
+        let lines: Vec<&str> = p.lines().collect();
+        assert_eq!(lines.len(), 2, "one message per name:\n{p}");
+        assert!(
+            lines[0].contains(
+                "keys[0] (alice): allows model \"SmolLM2-135M-Instruct\", which is not served"
+            ) && lines[0].contains("served: \"SmolLM2-135M-Instruct.Q4_1\""),
+            "{p}"
+        );
+        assert!(lines[1].contains("\"gpt-4\""), "{p}");
+        key(r#"["SmolLM2-135M-Instruct.Q4_1"]"#)
+            .validate()
+            .expect("the served name is allowed");
+        let p = problems(&key("[]"));
+        assert!(p.contains("models = [] allows no model"), "{p}");
+    }
+
+    #[test]
+    fn allow_lists_may_name_aliases_and_overrides_replace_the_served_names() {
+        let mut c = parse(&format!(
+            r#"
+            [[keys]]
+            name = "bob"
+            key_sha256 = "{HASH}"
+            models = ["fast", "big"]
+            [[models]]
+            name = "small"
+            aliases = ["fast"]
+            [[models]]
+            name = "big"
+            "#
+        ));
+        c.validate().expect("a name and an alias");
+        // `--model x.gguf --model-name other` replaces the entries before validation.
+        c.models = vec![ModelEntry {
+            name: "other".into(),
+            ..ModelEntry::default_model()
+        }];
+        let p = problems(&c);
+        assert!(
+            p.contains("allows model \"fast\", which is not served; served: \"other\"")
+                && p.contains("allows model \"big\""),
+            "{p}"
+        );
+        c.models[0].aliases = vec!["fast".into(), "big".into()];
+        c.validate().expect("aliases of the override");
+    }
+
+    #[test]
+    fn the_metrics_key_is_checked() {
+        let base = |m: &str, admin: bool| {
+            parse(&format!(
+                "[metrics]\n{m}\n[[keys]]\nname = \"a\"\nkey_sha256 = \"{HASH}\"\nadmin = {admin}\n"
+            ))
+        };
+        let other = "a".repeat(64);
+        base("require_key = true", true)
+            .validate()
+            .expect("an admin key may read /metrics");
+        base(
+            &format!("require_key = true\nkey_sha256 = \"{other}\""),
+            false,
+        )
+        .validate()
+        .expect("a scrape key");
+        for (m, want) in [
+            ("require_key = true", "no key may read /metrics"),
+            ("key_sha256 = \"abc\"", "metrics.key_sha256 must be 64 hex"),
+            (
+                &format!("require_key = true\nkey_sha256 = \"{HASH}\""),
+                "also a [[keys]] entry",
+            ),
+            (&format!("key_sha256 = \"{other}\""), "require_key is false"),
+        ] {
+            let p = problems(&base(m, false));
+            assert!(p.contains(want), "{m}: {p}");
+        }
+        assert_eq!(parse_sha256_hex(HASH).unwrap()[0], 0xb1);
+        assert!(parse_sha256_hex(&"g".repeat(64)).is_none());
     }
 
     #[test]

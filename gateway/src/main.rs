@@ -17,7 +17,7 @@ use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
 use sluice_gateway::config::{Config, ModelEntry};
-use sluice_gateway::state::{unix_now, AppState, ServedModel};
+use sluice_gateway::state::{unix_now, AppState, MetricsAccess, ServedModel};
 use sluice_gateway::{bench, model_store, server};
 use tracing::{info, warn};
 
@@ -67,6 +67,13 @@ enum KeysCmd {
 enum ModelCmd {
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the models folder.
     Fetch,
+    /// Print where a model's file is, or would be: in $SLUICE_MODELS_DIR, else models/ in
+    /// the checkout the binary was built in, else ~/.cache/sluice/models.
+    Path {
+        /// A model's name or file name in the models folder [default: the default model,
+        /// SmolLM2-135M-Instruct.Q4_1].
+        name: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -158,10 +165,9 @@ impl ServeArgs {
         }
         if self.model.is_some() || self.model_name.is_some() {
             let name = self.model_name.clone().unwrap_or_else(|| {
-                self.model.as_deref().map_or_else(
-                    || model_stem(std::path::Path::new(model_store::DEFAULT_MODEL_FILE)),
-                    model_stem,
-                )
+                self.model
+                    .as_deref()
+                    .map_or_else(|| model_store::DEFAULT_MODEL_NAME.to_string(), model_stem)
             });
             c.models = vec![ModelEntry {
                 name,
@@ -173,13 +179,7 @@ impl ServeArgs {
         }
         if self.engine.is_some() || self.tokens_per_second.is_some() {
             if c.models.is_empty() {
-                c.models.push(ModelEntry {
-                    name: model_stem(std::path::Path::new(model_store::DEFAULT_MODEL_FILE)),
-                    path: None,
-                    aliases: Vec::new(),
-                    engine: None,
-                    tokens_per_second: None,
-                });
+                c.models.push(ModelEntry::default_model());
             }
             for m in &mut c.models {
                 if self.engine.is_some() {
@@ -237,7 +237,7 @@ fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
         }
         return Ok(p);
     }
-    let dir = model_store::models_dir();
+    let dir = model_store::models_dir()?;
     if let Some(p) = model_store::default_model_present(&dir) {
         return Ok(p);
     }
@@ -260,18 +260,26 @@ enum Backend {
     Synthetic { tokens_per_second: f64 },
 }
 
+/// Loads a served model from its GGUF file; with no file (the synthetic engine only), on
+/// the built-in byte-level vocabulary.
 fn load_served_model(
-    path: &std::path::Path,
+    path: Option<&std::path::Path>,
     name: String,
     aliases: Vec<String>,
     backend: Backend,
     cfg: EngineConfig,
 ) -> Result<ServedModel> {
-    let file = Arc::new(
-        sluice_engine::gguf::GgufFile::open(path)
-            .with_context(|| format!("loading {}", path.display()))?,
+    let shown = path.map_or_else(
+        || "the built-in vocabulary".to_string(),
+        |p| p.display().to_string(),
     );
-    let tokenizer = Arc::new(Tokenizer::load(&file, Some(path))?);
+    let file = Arc::new(match path {
+        Some(p) => {
+            sluice_engine::gguf::GgufFile::open(p).with_context(|| format!("loading {shown}"))?
+        }
+        None => model_store::synthetic_vocabulary()?,
+    });
+    let tokenizer = Arc::new(Tokenizer::load(&file, path)?);
     let template = match file
         .meta("tokenizer.chat_template")
         .and_then(|v| v.as_str())
@@ -287,23 +295,33 @@ fn load_served_model(
         }
         None => None,
     };
-    let mcfg = sluice_engine::config::ModelConfig::from_gguf(&file)?;
-    let context_length = mcfg.context_length;
+    // Without a file only the synthetic engine runs: its context length is the default
+    // model's, its vocabulary the built-in one.
+    let (context_length, vocab_size) = match path {
+        Some(_) => {
+            let mcfg = sluice_engine::config::ModelConfig::from_gguf(&file)?;
+            (mcfg.context_length, mcfg.vocab_size)
+        }
+        None => (
+            model_store::SYNTHETIC_CONTEXT_LENGTH,
+            tokenizer.vocab_size(),
+        ),
+    };
     let engine = match backend {
         Backend::Model { threads } => {
-            let model = Model::from_gguf(file, threads)
-                .with_context(|| format!("loading {}", path.display()))?;
+            let model =
+                Model::from_gguf(file, threads).with_context(|| format!("loading {shown}"))?;
             info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = model.kernel_name(), threads, "model loaded");
             Engine::start(model, tokenizer.clone(), cfg)?
         }
         Backend::Synthetic { tokens_per_second } => {
-            info!(model = %name, tokens_per_second, "synthetic engine: no inference, filler tokens at a fixed pace");
+            info!(model = %name, tokens_per_second, vocabulary = %shown, "synthetic engine: no inference, filler tokens at a fixed pace");
             // No compute limits the batch: every accepted request runs at once.
             let cfg = EngineConfig {
                 max_running_requests: usize::MAX,
                 ..cfg
             };
-            Engine::start_synthetic(context_length, mcfg.vocab_size, tokens_per_second, cfg)?
+            Engine::start_synthetic(context_length, vocab_size, tokens_per_second, cfg)?
         }
     };
     Ok(ServedModel {
@@ -345,28 +363,23 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_num_batched_tokens: config.limits.max_num_batched_tokens,
         kv_cache_tokens: config.engine.kv_cache_tokens,
     };
-    let entries = if config.models.is_empty() {
-        vec![ModelEntry {
-            name: model_stem(std::path::Path::new(model_store::DEFAULT_MODEL_FILE)),
-            path: None,
-            aliases: Vec::new(),
-            engine: None,
-            tokens_per_second: None,
-        }]
-    } else {
-        config.models.clone()
-    };
+    let entries = config.served_models();
     let mut models = Vec::with_capacity(entries.len());
     for e in entries {
-        let path = resolve_model(e.path)?;
         let backend = match e.engine.as_deref() {
             Some("synthetic") => Backend::Synthetic {
                 tokens_per_second: e.tokens_per_second.unwrap_or(50.0),
             },
             _ => Backend::Model { threads },
         };
+        // The synthetic engine needs a vocabulary, not weights: a model file only when
+        // one is named, never a download.
+        let path = match (e.path, &backend) {
+            (None, Backend::Synthetic { .. }) => None,
+            (p, _) => Some(resolve_model(p)?),
+        };
         models.push(load_served_model(
-            &path,
+            path.as_deref(),
             e.name,
             e.aliases,
             backend,
@@ -388,8 +401,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
     state.ws_max_message_bytes = config.limits.ws_max_message_bytes;
     state.sessions.max_conversation_bytes = config.limits.session_max_bytes;
     state.fault_injection = config.debug.fault_injection;
+    if config.metrics.require_key {
+        state.metrics_access = MetricsAccess::Key {
+            scrape_key_sha256: config
+                .metrics
+                .key_sha256
+                .as_deref()
+                .and_then(sluice_gateway::config::parse_sha256_hex),
+        };
+    }
     if state.fault_injection {
-        warn!("fault injection is on ([debug] fault_injection): admin keys can make engines panic");
+        warn!("fault injection is on ([debug] fault_injection): admin keys can make engines panic or stop");
     }
     let state = Arc::new(state);
     let sweeper = state.clone();
@@ -441,9 +463,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             }
         } => warn!(seconds = grace.as_secs(), "grace period over; closing the streams still open"),
     }
-    for m in &state.models {
-        m.engine.shutdown();
-    }
+    // Joining the engine threads blocks: not on a runtime worker.
+    let engines: Vec<Engine> = state.models.iter().map(|m| m.engine.clone()).collect();
+    tokio::task::spawn_blocking(move || engines.iter().for_each(Engine::shutdown))
+        .await
+        .context("stopping the engines")?;
     info!("stopped");
     Ok(())
 }
@@ -519,8 +543,23 @@ fn main() -> Result<()> {
         Cmd::Model {
             action: ModelCmd::Fetch,
         } => {
-            let p = model_store::fetch_default_model(&model_store::models_dir())?;
+            let p = model_store::fetch_default_model(&model_store::models_dir()?)?;
             println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Model {
+            action: ModelCmd::Path { name },
+        } => {
+            let p = model_store::model_file(&model_store::models_dir()?, name.as_deref())?;
+            println!("{}", p.display());
+            if !p.is_file() {
+                let fetch = if p.ends_with(model_store::DEFAULT_MODEL_FILE) {
+                    " (`sluice model fetch` fetches it)"
+                } else {
+                    ""
+                };
+                eprintln!("not there yet{fetch}");
+            }
             Ok(())
         }
         Cmd::Bench(args) => run_bench(args),

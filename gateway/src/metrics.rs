@@ -192,3 +192,24 @@ impl Drop for WsConnection {
         metrics::gauge!(WS_CONNECTIONS).decrement(1.0);
     }
 }
+
+/// Requests rendering or tokenizing their prompt off the runtime, or waiting to
+/// (`routes::prepare`).
+pub const REQUESTS_PREPARING: &str = "sluice_requests_preparing";
+
+/// Counts one request preparation for as long as it runs or waits.
+pub struct Preparing;
+
+impl Preparing {
+    /// One more preparation, until the guard is dropped.
+    pub fn start() -> Self {
+        metrics::gauge!(REQUESTS_PREPARING).increment(1.0);
+        Preparing
+    }
+}
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        metrics::gauge!(REQUESTS_PREPARING).decrement(1.0);
+    }
+}

@@ -62,19 +62,32 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         .route_layer(LoadShedLayer::new(limits.max_concurrent_requests));
     let mut admin = Router::new().route("/admin/models", get(routes::admin::engines));
     if state.fault_injection {
-        admin = admin.route(
-            "/admin/models/{model}/inject-panic",
-            post(routes::admin::inject_panic),
-        );
+        admin = admin
+            .route(
+                "/admin/models/{model}/inject-panic",
+                post(routes::admin::inject_panic),
+            )
+            .route(
+                "/admin/models/{model}/inject-stop",
+                post(routes::admin::inject_stop),
+            );
     }
     let admin = admin
         .route_layer(middleware::from_fn(routes::admin::require_admin))
         .route_layer(ApiKeyLayer::new(state.clone()));
+    // `/metrics` names keys and models: with `[metrics] require_key` it takes an admin
+    // or scrape key (its own check, which keeps answering while draining).
+    let metrics = Router::new()
+        .route("/metrics", get(crate::metrics::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            routes::admin::require_metrics_key,
+        ));
     Router::new()
         .route("/", get(routes::page::index))
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
-        .route("/metrics", get(crate::metrics::metrics))
+        .merge(metrics)
         // The WebSocket authenticates itself: browsers cannot send headers on it.
         .route("/v1/ws", get(routes::ws::ws_upgrade))
         .merge(protected)

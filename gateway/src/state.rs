@@ -23,6 +23,52 @@ pub struct ServedModel {
     pub created: u64,
 }
 
+/// What a model's engine is doing, as `/health`, `/ready` and `/admin/models` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineState {
+    /// Taking requests.
+    Ready,
+    /// Its loop panicked and restarts after a back-off; requests get 503 meanwhile.
+    Restarting,
+    /// Its loop thread has exited for good (its supervisor gave up, or it was stopped):
+    /// only a restart of the process brings it back.
+    Down,
+}
+
+impl EngineState {
+    /// The name the health and admin routes use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineState::Ready => "ready",
+            EngineState::Restarting => "restarting",
+            EngineState::Down => "down",
+        }
+    }
+}
+
+impl ServedModel {
+    /// Its engine's state now.
+    pub fn state(&self) -> EngineState {
+        if !self.engine.is_alive() {
+            EngineState::Down
+        } else if !self.engine.is_ready() {
+            EngineState::Restarting
+        } else {
+            EngineState::Ready
+        }
+    }
+}
+
+/// Who may read `GET /metrics`.
+#[derive(Debug, Clone, Default)]
+pub enum MetricsAccess {
+    /// Anyone who reaches the port.
+    #[default]
+    Open,
+    /// An admin key, or the scrape-only key with this SHA-256.
+    Key { scrape_key_sha256: Option<[u8; 32]> },
+}
+
 /// Shared application state.
 pub struct AppState {
     /// The first is the default for requests that name no model.
@@ -37,8 +83,13 @@ pub struct AppState {
     pub sessions: crate::sessions::SessionHub,
     /// Largest WebSocket message accepted.
     pub ws_max_message_bytes: usize,
-    /// `[debug] fault_injection`: the admin route that panics an engine exists.
+    /// `[debug] fault_injection`: the admin routes that panic or stop an engine exist.
     pub fault_injection: bool,
+    /// `[metrics]`: who may read `/metrics`.
+    pub metrics_access: MetricsAccess,
+    /// Bounds request preparation (chat-template rendering and tokenizing bodies of up
+    /// to `limits.max_body_bytes`) on tokio's blocking pool; see `routes::prepare`.
+    pub preparation: crate::routes::Preparation,
     draining: AtomicBool,
     next_id: AtomicU64,
 }
@@ -62,6 +113,8 @@ impl AppState {
             sessions: crate::sessions::SessionHub::new(1024, std::time::Duration::from_secs(3600)),
             ws_max_message_bytes: 64 << 10,
             fault_injection: false,
+            metrics_access: MetricsAccess::Open,
+            preparation: crate::routes::Preparation::new(),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(seed),
         }
@@ -73,23 +126,34 @@ impl AppState {
         name: Option<&str>,
         key: &ApiKey,
     ) -> Result<&ServedModel, ApiError> {
-        let m = match name {
-            None => &self.models[0],
+        self.resolve_model_index(name, key).map(|i| &self.models[i])
+    }
+
+    /// Like [`AppState::resolve_model`], the model's index in `models`, for work that
+    /// moves off the runtime with the state.
+    pub fn resolve_model_index(&self, name: Option<&str>, key: &ApiKey) -> Result<usize, ApiError> {
+        let i = match name {
+            None => 0,
             Some(n) => self
                 .models
                 .iter()
-                .find(|m| m.name == n || m.aliases.iter().any(|a| a == n))
+                .position(|m| m.name == n || m.aliases.iter().any(|a| a == n))
                 .ok_or_else(|| ApiError::ModelNotFound(n.to_string()))?,
         };
+        let m = &self.models[i];
         if !key.may_use(&m.name, &m.aliases) {
             return Err(ApiError::ModelNotAllowed(m.name.clone()));
         }
-        Ok(m)
+        Ok(i)
     }
 
-    /// Whether every model's engine takes requests (false while one restarts).
-    pub fn engines_ready(&self) -> bool {
-        self.models.iter().all(|m| m.engine.is_ready())
+    /// The names of the models whose engine is in `state`.
+    pub fn models_in(&self, state: EngineState) -> Vec<&str> {
+        self.models
+            .iter()
+            .filter(|m| m.state() == state)
+            .map(|m| m.name.as_str())
+            .collect()
     }
 
     /// Stop taking new requests (shutdown has begun).

@@ -453,6 +453,13 @@ async fn an_engine_panic_fails_requests_in_flight_and_the_engine_restarts() {
             if status == 503 {
                 let v: Value = r.json().await.unwrap();
                 assert_eq!(v["status"], "engine_restarting", "{v}");
+                // Restarting is not down: the process stays healthy.
+                let h = client
+                    .get(format!("{}/health", server.base))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(h.status(), 200);
             }
             saw.push(status);
         }
@@ -690,4 +697,218 @@ async fn sigterm_under_load_loses_no_stream_and_exits_cleanly() {
         assert!(raw_sse.matches("\"content\":").count() > 140);
     }
     assert_eq!(code.await.unwrap(), Some(0), "exit status after the drain");
+}
+
+#[tokio::test]
+async fn an_engine_down_for_good_turns_health_503_and_the_admin_view_says_which() {
+    let (ops, ops_entry) = new_key("ops", "admin = true");
+    let server = Server::with_config(
+        &format!(
+            "[debug]\nfault_injection = true\n\
+             [[models]]\nname = \"a\"\nengine = \"synthetic\"\ntokens_per_second = 100\n\
+             [[models]]\nname = \"b\"\nengine = \"synthetic\"\n{ops_entry}"
+        ),
+        &[],
+    );
+    let client = Server::client();
+    let get = |path: &str| {
+        client
+            .get(format!("{}{path}", server.base))
+            .bearer_auth(&ops)
+            .send()
+    };
+    let states = || async {
+        let v: Value = get("/admin/models").await.unwrap().json().await.unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().to_string(),
+                    m["state"].as_str().unwrap().to_string(),
+                    m["ready"].as_bool().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let r = get("/health").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        states().await,
+        [
+            ("a".into(), "ready".into(), true),
+            ("b".into(), "ready".into(), true)
+        ]
+    );
+    // A stream in flight when the engine stops still gets every token.
+    let resp = chat(
+        &server,
+        &ops,
+        hi(json!({"model": "a", "max_tokens": 30, "stream": true})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut raw_sse = String::new();
+    while !raw_sse.contains("\"content\"") {
+        raw_sse.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
+    }
+    let r = client
+        .post(format!("{}/admin/models/a/inject-stop", server.base))
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    while let Some(c) = stream.next().await {
+        raw_sse.push_str(std::str::from_utf8(&c.unwrap()).unwrap());
+    }
+    assert!(
+        raw_sse.contains("\"finish_reason\":\"length\""),
+        "{raw_sse}"
+    );
+    // Once its loop thread has exited, /health is 503 and names the model: only a
+    // restart of the process brings it back.
+    let t = Instant::now();
+    let health = loop {
+        let r = get("/health").await.unwrap();
+        if r.status() == 503 {
+            break r.json::<Value>().await.unwrap();
+        }
+        assert_eq!(r.status(), 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "/health stayed 200 with engine a down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(health, json!({"status": "engine_down", "models": ["a"]}));
+    let r = get("/ready").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"status": "engine_down", "models": ["a"]})
+    );
+    assert_eq!(
+        states().await,
+        [
+            ("a".into(), "down".into(), false),
+            ("b".into(), "ready".into(), true)
+        ]
+    );
+    // Requests for the dead model are refused with 503; the other model serves.
+    let r = chat(&server, &ops, hi(json!({"model": "a"}))).await;
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_of(r, 503).await["error"]["code"], "overloaded");
+    assert_eq!(
+        chat(&server, &ops, hi(json!({"model": "b"})))
+            .await
+            .status(),
+        200
+    );
+}
+
+/// About `bytes` of prose-like text: pseudo-random words, so that the tokenizer's
+/// word cache cannot shortcut the work as it would on one sentence repeated.
+fn prose(bytes: usize) -> String {
+    let mut out = String::with_capacity(bytes + 16);
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    while out.len() < bytes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        for i in 0..(2 + x % 8) {
+            out.push((b'a' + ((x >> (8 + 5 * i)) % 26) as u8) as char);
+        }
+        out.push_str(if x.is_multiple_of(13) { ". " } else { " " });
+    }
+    out.truncate(bytes);
+    out
+}
+
+#[tokio::test]
+async fn prompts_near_the_body_limit_do_not_stall_other_connections() {
+    // One runtime worker: were prompts rendered and tokenized on it, nothing else could
+    // be answered while they are.
+    let model = crate::support::model_path();
+    let server = Server::spawn_env(
+        &["--model", model.to_str().unwrap()],
+        None,
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    // Just under the 4 MiB body limit once wrapped in JSON.
+    let text = prose((4 << 20) - (4 << 10));
+    let large = 2;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..large {
+        let (base, done, text) = (server.base.clone(), done.clone(), text.clone());
+        tasks.push(tokio::spawn(async move {
+            let (path, body) = if i % 2 == 0 {
+                ("/v1/completions", json!({"prompt": text, "max_tokens": 1}))
+            } else {
+                (
+                    "/v1/chat/completions",
+                    json!({"messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+                )
+            };
+            let r = Server::client()
+                .post(format!("{base}{path}"))
+                .bearer_auth(KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (path, r.status().as_u16(), r.text().await.unwrap())
+        }));
+    }
+    // While the server's own gauge says prompts are being prepared, the one worker
+    // answers /health and serves a whole new stream.
+    let mut answered_while_busy = 0;
+    while answered_while_busy < 3 && done.load(std::sync::atomic::Ordering::SeqCst) < large {
+        let m = server.metrics().await;
+        if metric(&m, "sluice_requests_preparing").unwrap_or(0.0) < 1.0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let r = Server::client()
+            .get(format!("{}/health", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let resp = chat(
+            &server,
+            KEY,
+            hi(json!({"max_tokens": 6, "ignore_eos": true, "stream": true})),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let sse = resp.text().await.unwrap();
+        assert!(
+            sse.contains("\"content\"") && sse.ends_with("data: [DONE]\n\n"),
+            "{sse}"
+        );
+        answered_while_busy += 1;
+    }
+    assert!(
+        answered_while_busy > 0,
+        "the server answered nothing while it tokenized the large prompts"
+    );
+    // The large prompts still get their error, mapped as before: too long for the model.
+    for t in tasks {
+        let (path, status, body) = t.await.unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        let v = assert_error_object(&body, path);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("maximum context length is 8192"),
+            "{path}: {body}"
+        );
+    }
+    server.wait_until_idle().await;
 }

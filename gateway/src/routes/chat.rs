@@ -19,7 +19,10 @@ pub async fn chat_completions(
     Extension(key): Extension<Arc<ApiKey>>,
     OpenAiJson(req): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let model = state.resolve_model(req.common.model.as_deref(), &key)?;
-    let prompt = super::chat_prompt(model, &req.messages, true)?;
-    generate(&state, &key, model, prompt, &req.common, Flavor::Chat).await
+    let ChatRequest { messages, common } = req;
+    let index = state.resolve_model_index(common.model.as_deref(), &key)?;
+    // Rendering and tokenizing up to the body limit runs off the runtime workers.
+    let prompt = super::chat_prompt_prepared(&state, index, messages, true).await?;
+    let model = &state.models[index];
+    generate(&state, &key, model, prompt, &common, Flavor::Chat).await
 }

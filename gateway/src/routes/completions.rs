@@ -59,7 +59,7 @@ pub fn completion_prompt(prompt: &Value) -> Result<CompletionPrompt<'_>, ApiErro
     Ok(CompletionPrompt::Text(text))
 }
 
-/// The prompt as token ids.
+/// The prompt as token ids (tokenizing on the calling thread).
 fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiError> {
     match completion_prompt(prompt)? {
         CompletionPrompt::Tokens(ids) => Ok(ids),
@@ -75,7 +75,19 @@ pub async fn completions(
     Extension(key): Extension<Arc<ApiKey>>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = state.resolve_model(req.common.model.as_deref(), &key)?;
-    let prompt = prompt_tokens(model, &req.prompt)?;
-    generate(&state, &key, model, prompt, &req.common, Flavor::Completion).await
+    let CompletionRequest { prompt, common } = req;
+    let index = state.resolve_model_index(common.model.as_deref(), &key)?;
+    // Tokenizing up to the body limit runs off the runtime workers.
+    let st = state.clone();
+    let size = match &prompt {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.len() * 4,
+        _ => 0,
+    };
+    let prompt = super::prepare(&state, size, move || {
+        prompt_tokens(&st.models[index], &prompt)
+    })
+    .await?;
+    let model = &state.models[index];
+    generate(&state, &key, model, prompt, &common, Flavor::Completion).await
 }
