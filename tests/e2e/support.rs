@@ -19,11 +19,34 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
-/// The llama.cpp reference outputs.
+/// Whether this process runs our kernels' AVX-512 forms, and which llama.cpp build the
+/// fixtures come from accordingly (see tests/fixtures/README.md).
+pub fn kernels_reference() -> (bool, &'static str) {
+    if sluice_engine::kernels::avx512_in_use() {
+        (true, "AVX-512 kernels vs llama.cpp's native AVX-512 build")
+    } else {
+        (false, "AVX2 kernels vs llama.cpp's AVX2-only build")
+    }
+}
+
+/// The llama.cpp reference outputs for the kernels this process runs.
 pub fn fixtures() -> Value {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama_cpp_smollm2.json");
-    serde_json::from_str(&std::fs::read_to_string(p).expect("fixture file")).expect("fixture JSON")
+    static F: OnceLock<Value> = OnceLock::new();
+    F.get_or_init(|| fixture_file("")).clone()
+}
+
+/// The same build's outputs with flash attention off: llama.cpp against itself.
+pub fn fixtures_fa_off() -> Value {
+    static F: OnceLock<Value> = OnceLock::new();
+    F.get_or_init(|| fixture_file("_fa_off")).clone()
+}
+
+fn fixture_file(variant: &str) -> Value {
+    let isa = if kernels_reference().0 { "" } else { "_avx2" };
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../tests/fixtures/llama_cpp_smollm2{isa}{variant}.json"
+    ));
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture file")).expect("fixture JSON")
 }
 
 /// A `sluice serve` child process, killed on drop.

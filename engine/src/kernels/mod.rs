@@ -279,6 +279,17 @@ fn avx512_allowed() -> bool {
     std::env::var_os("SLUICE_NO_AVX512").is_none()
 }
 
+/// Whether this process runs the AVX-512 forms of the kernels that have one. ggml's
+/// SwiGLU (which `swiglu` ports) rounds differently in its AVX-512 and AVX2 forms, so
+/// this decides which llama.cpp build our results match bit for bit: a native build on
+/// an AVX-512 CPU, or an AVX2-only build.
+pub fn avx512_in_use() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return swiglu::avx512_detected();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The kernels in use, for logs: the family, plus the VNNI encoding of the packed tiles.
 pub fn describe() -> &'static str {
     match detected() {

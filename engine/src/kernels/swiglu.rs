@@ -29,8 +29,9 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Whether SwiGLU runs its AVX-512 form (AVX-512F and DQ present and allowed).
 #[cfg(target_arch = "x86_64")]
-fn avx512_detected() -> bool {
+pub(crate) fn avx512_detected() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
