@@ -2,10 +2,11 @@
 
 use serde::Serialize;
 
-/// Mean and percentiles of one metric (interpolated like numpy's default).
+/// Mean, extremes and percentiles of one metric (interpolated like numpy's default).
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Summary {
     pub mean: f64,
+    pub min: f64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -43,6 +44,7 @@ impl Summary {
             } else {
                 v.iter().sum::<f64>() / v.len() as f64
             },
+            min: v.first().copied().unwrap_or(f64::NAN),
             p50: percentile(&v, 50.0),
             p90: percentile(&v, 90.0),
             p99: percentile(&v, 99.0),
@@ -61,7 +63,7 @@ mod tests {
         assert_eq!(s.mean, 2.5);
         assert_eq!(s.p50, 2.5);
         assert!((s.p90 - 3.7).abs() < 1e-12);
-        assert_eq!(s.max, 4.0);
+        assert_eq!((s.min, s.max), (1.0, 4.0));
         assert!(Summary::of(&[]).p50.is_nan());
     }
 }

@@ -127,11 +127,18 @@ fn the_synthetic_engine_streams_at_its_pace_to_many_clients() {
         "--no-progress",
     ]);
     let run = &report.unwrap()["runs"][0];
+    // Every token of every request arrives.
     assert_eq!(run["completed"], 400, "{run}");
+    assert_eq!(run["errors"], serde_json::json!({}), "{run}");
     assert_eq!(run["total_output_tokens"], 400 * 20);
-    // 100 tokens/s per stream: 10 ms apart, whatever else is streaming.
-    let itl = run["itl_ms"]["p50"].as_f64().unwrap();
-    assert!((8.0..20.0).contains(&itl), "ITL p50 {itl} ms");
+    // The pace is a floor, on any machine: 20 tokens at 100 tokens/s take at least
+    // 200 ms from the request, and two waves of 200 clients at least 400 ms. How close
+    // to the pace the gaps stay depends on the machine's load: that is measured by the
+    // benchmark (scripts/bench-vs-llamacpp), not asserted here.
+    let e2e_min = run["e2e_ms"]["min"].as_f64().unwrap();
+    assert!(e2e_min >= 200.0, "a request took {e2e_min} ms");
+    let duration = run["duration_s"].as_f64().unwrap();
+    assert!(duration >= 0.4, "the run took {duration} s");
 }
 
 #[test]
