@@ -36,7 +36,19 @@ pub fn handle() -> PrometheusHandle {
                     .expect("bucket lists are non-empty");
             }
             match builder.install_recorder() {
-                Ok(h) => h,
+                Ok(h) => {
+                    // Histograms keep every raw sample (one per streamed token) until they
+                    // are drained into buckets, which a scrape does; a server nobody
+                    // scrapes would grow without bound. Drain them every few seconds.
+                    let upkeep = h.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("sluice-metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(std::time::Duration::from_secs(5));
+                            upkeep.run_upkeep();
+                        });
+                    h
+                }
                 // Another recorder is already installed (an embedding application's):
                 // serve an empty registry rather than fail.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
