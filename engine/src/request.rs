@@ -87,6 +87,11 @@ impl RequestStream {
     pub fn blocking_recv(&mut self) -> Option<Event> {
         self.rx.blocking_recv()
     }
+
+    /// Poll variant, for hand-written streams and response bodies.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
 }
 
 /// A snapshot of the engine's state, for health checks and tests.

@@ -162,7 +162,7 @@ pub fn ws_message(data: &[u8]) {
             Err(e) => {
                 assert!(matches!(
                     e.code(),
-                    "bad_request" | "unknown_type" | "invalid_request"
+                    "bad_request" | "unknown_type" | "invalid_request_error"
                 ));
                 assert!(!e.to_string().is_empty());
                 if let ProtocolError::UnknownType(t) = &e {

@@ -1,7 +1,7 @@
 //! Load shedding: a cap on requests in flight across all keys. Past it a request gets
 //! 503 + Retry-After at once instead of queueing, so a flood cannot pile up connections
 //! and memory in front of the engine's own bounded queue. A streaming response holds its
-//! place until its body ends.
+//! place until its body ends, a WebSocket generation until it ends.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,25 +10,52 @@ use std::task::{Context, Poll};
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use crate::error::ApiError;
 
-/// Layer refusing requests beyond `max` in flight.
+/// The server-wide bound on requests in flight (`limits.max_concurrent_requests`),
+/// shared by the HTTP routes (through [`LoadShedLayer`]) and WebSocket generations, so
+/// that both count against the same places.
 #[derive(Clone)]
-pub struct LoadShedLayer {
+pub struct InFlight {
     permits: Arc<Semaphore>,
     max: usize,
 }
 
-impl LoadShedLayer {
+impl InFlight {
     /// At most `max` requests in flight.
     pub fn new(max: usize) -> Self {
-        LoadShedLayer {
+        InFlight {
             permits: Arc::new(Semaphore::new(max)),
             max,
         }
+    }
+
+    /// A place in flight, held until dropped; a 503 (counted in the metrics) when every
+    /// place is taken.
+    pub fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            crate::metrics::refused("concurrency");
+            ApiError::Overloaded(format!(
+                "{} requests are already in flight (limits.max_concurrent_requests)",
+                self.max
+            ))
+        })
+    }
+}
+
+/// Layer refusing requests beyond the [`InFlight`] bound.
+#[derive(Clone)]
+pub struct LoadShedLayer {
+    in_flight: InFlight,
+}
+
+impl LoadShedLayer {
+    /// Sheds requests beyond `in_flight`'s bound.
+    pub fn new(in_flight: InFlight) -> Self {
+        LoadShedLayer { in_flight }
     }
 }
 
@@ -66,13 +93,9 @@ where
     fn call(&mut self, req: Request) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
-            crate::metrics::refused("concurrency");
-            let e = ApiError::Overloaded(format!(
-                "{} requests are already in flight (limits.max_concurrent_requests)",
-                self.layer.max
-            ));
-            return Box::pin(async move { Ok(e.into_response()) });
+        let permit = match self.layer.in_flight.enter() {
+            Ok(p) => p,
+            Err(e) => return Box::pin(async move { Ok(e.into_response()) }),
         };
         Box::pin(async move {
             let resp = inner.call(req).await?;

@@ -1,26 +1,26 @@
 //! Per-key limits: requests per minute, tokens per minute and concurrent streams.
 //!
-//! Requests and tokens use governor's GCRA limiters (a token bucket that refills
-//! continuously: a limit of N per minute allows a burst of N, then one more every 60/N s).
+//! Requests and tokens are each a GCRA budget (a token bucket that refills continuously:
+//! a limit of N per minute allows a burst of N, then one more every 60/N s), kept as the
+//! one instant at which the bucket is full again, so its state can be read without
+//! charging it (for the `x-ratelimit-*` headers of a refused request).
 //! Token accounting: a request is charged its prompt tokens plus `max_tokens` for every
 //! choice when it is accepted, as OpenAI estimates, with no refund for tokens not
 //! generated. Concurrent streams are a semaphore whose permit lives as long as the
-//! response body.
+//! response body (or the WebSocket generation).
+//!
+//! HTTP requests and WebSocket generations go through the same functions here
+//! ([`admit`], [`charge_tokens`]), so a limit means the same on both.
 
 use std::convert::Infallible;
-use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
@@ -28,69 +28,100 @@ use crate::auth::ApiKey;
 use crate::config::KeyConfig;
 use crate::error::ApiError;
 
-type Gcra = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
-
 /// One per-minute budget (requests or tokens).
 struct Budget {
     per_minute: u32,
-    limiter: Gcra,
+    /// The time one unit takes to come back.
+    unit: Duration,
+    /// When the bucket is full again (GCRA's theoretical arrival time); in the past
+    /// while it is full.
+    full_at: Mutex<Instant>,
 }
 
-/// What a budget says after a successful check, for the `x-ratelimit-*` headers.
-#[derive(Debug, Clone, Copy)]
+/// What a budget says, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetState {
     pub limit: u32,
+    /// Whole units that could be taken now.
     pub remaining: u32,
     /// Time until the budget is full again.
     pub reset: Duration,
 }
 
+/// Why a budget refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Not enough now: the units are back after `wait`.
+    Wait(Duration),
+    /// More than the whole budget: never possible.
+    TooLarge,
+}
+
 impl Budget {
     fn new(per_minute: u32) -> Option<Self> {
-        let n = NonZeroU32::new(per_minute)?;
-        Some(Budget {
+        (per_minute > 0).then(|| Budget {
             per_minute,
-            limiter: RateLimiter::direct(Quota::per_minute(n))
-                .with_middleware::<StateInformationMiddleware>(),
+            unit: Duration::from_secs(60) / per_minute,
+            full_at: Mutex::new(Instant::now()),
         })
     }
 
-    /// Takes `n` units, or says how long until they would be available.
-    fn take(&self, n: u32, what: &str) -> Result<BudgetState, ApiError> {
-        let limited = |wait: Duration| ApiError::RateLimited {
-            message: format!(
-                "Rate limit reached: {} {what} per minute. Retry in {:.1} s.",
-                self.per_minute,
-                wait.as_secs_f64()
-            ),
-            retry_after: wait,
-        };
-        let Some(n) = NonZeroU32::new(n) else {
-            return Ok(self.state(self.per_minute));
-        };
-        match self.limiter.check_n(n) {
-            Ok(Ok(snapshot)) => Ok(self.state(snapshot.remaining_burst_capacity())),
-            Ok(Err(not_until)) => Err(limited(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
-            Err(_) => Err(ApiError::InvalidRequest {
+    /// The state when the bucket is full at `full_at`, seen at `now`.
+    fn state(&self, full_at: Instant, now: Instant) -> BudgetState {
+        let owed = full_at.saturating_duration_since(now);
+        // Units still missing, rounded up: a unit is usable only once wholly back.
+        let missing = owed.as_nanos().div_ceil(self.unit.as_nanos().max(1));
+        BudgetState {
+            limit: self.per_minute,
+            remaining: u32::try_from(u128::from(self.per_minute).saturating_sub(missing))
+                .unwrap_or(0),
+            reset: owed,
+        }
+    }
+
+    /// The state at `now`, charging nothing.
+    fn peek(&self, now: Instant) -> BudgetState {
+        let full_at = *self.full_at.lock().unwrap_or_else(|e| e.into_inner());
+        self.state(full_at, now)
+    }
+
+    /// Takes `n` units at `now`, or says why not.
+    fn take(&self, n: u32, now: Instant) -> Result<BudgetState, Refusal> {
+        if n > self.per_minute {
+            return Err(Refusal::TooLarge);
+        }
+        let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
+        let owed = full_at.saturating_duration_since(now);
+        // Room for `n` units while no more than `per_minute - n` units' time is owed.
+        let allowed = self.unit * (self.per_minute - n);
+        if owed > allowed {
+            return Err(Refusal::Wait(owed - allowed));
+        }
+        *full_at = (*full_at).max(now) + self.unit * n;
+        Ok(self.state(*full_at, now))
+    }
+
+    /// [`Budget::take`] as the API answers it.
+    fn take_or_refuse(&self, n: usize, what: &str) -> Result<BudgetState, ApiError> {
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        self.take(n32, Instant::now()).map_err(|r| match r {
+            Refusal::Wait(wait) => ApiError::RateLimited {
+                message: format!(
+                    "Rate limit reached: {} {what} per minute. Retry in {:.1} s.",
+                    self.per_minute,
+                    wait.as_secs_f64()
+                ),
+                retry_after: wait,
+            },
+            Refusal::TooLarge => ApiError::InvalidRequest {
                 message: format!(
                     "This request needs {n} {what} but the key's limit is {} {what} per minute; \
                      lower max_tokens or n.",
                     self.per_minute
                 ),
                 param: Some("max_tokens".into()),
-            }),
-        }
-    }
-
-    fn state(&self, remaining: u32) -> BudgetState {
-        let per_unit = 60.0 / self.per_minute as f64;
-        BudgetState {
-            limit: self.per_minute,
-            remaining,
-            reset: Duration::from_secs_f64(per_unit * (self.per_minute - remaining) as f64),
-        }
+            },
+        })
     }
 }
 
@@ -129,16 +160,15 @@ impl KeyLimits {
     pub fn take_request(&self) -> Result<Option<BudgetState>, ApiError> {
         self.requests
             .as_ref()
-            .map(|b| b.take(1, "requests"))
+            .map(|b| b.take_or_refuse(1, "requests"))
             .transpose()
     }
 
     /// Charges `n` tokens; refuses when over the token rate.
     pub fn take_tokens(&self, n: usize) -> Result<Option<BudgetState>, ApiError> {
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
         self.tokens
             .as_ref()
-            .map(|b| b.take(n, "tokens"))
+            .map(|b| b.take_or_refuse(n, "tokens"))
             .transpose()
     }
 
@@ -158,6 +188,46 @@ impl KeyLimits {
                 }),
         }
     }
+
+    /// The request budget now, if the key has one.
+    pub fn requests_now(&self) -> Option<BudgetState> {
+        self.requests.as_ref().map(|b| b.peek(Instant::now()))
+    }
+
+    /// The token budget now, if the key has one.
+    pub fn tokens_now(&self) -> Option<BudgetState> {
+        self.tokens.as_ref().map(|b| b.peek(Instant::now()))
+    }
+}
+
+/// A request its key's limits let through: counted against the request rate, holding
+/// one of the key's concurrent-stream slots until dropped.
+pub struct Admission {
+    /// The request budget after counting this request, if the key has one.
+    pub requests: Option<BudgetState>,
+    pub slot: StreamSlot,
+}
+
+/// Admits one request (an HTTP request or a WebSocket generation) under `key`'s
+/// request rate and concurrent streams, counting a refusal in the metrics.
+pub fn admit(key: &ApiKey) -> Result<Admission, ApiError> {
+    let requests = key.limits.take_request().inspect_err(|_| {
+        crate::metrics::rate_limited(&key.name, "requests");
+    })?;
+    let slot = key.limits.take_stream().inspect_err(|_| {
+        crate::metrics::rate_limited(&key.name, "streams");
+    })?;
+    Ok(Admission { requests, slot })
+}
+
+/// Charges a generation's `n` tokens to `key` (prompt plus `max_tokens` per choice),
+/// counting a refusal in the metrics.
+pub fn charge_tokens(key: &ApiKey, n: usize) -> Result<Option<BudgetState>, ApiError> {
+    key.limits.take_tokens(n).inspect_err(|e| {
+        if matches!(e, ApiError::RateLimited { .. }) {
+            crate::metrics::rate_limited(&key.name, "tokens");
+        }
+    })
 }
 
 /// Layer that applies the caller's key limits (after [`crate::auth::ApiKeyLayer`]): it
@@ -207,27 +277,38 @@ where
             });
         };
         Box::pin(async move {
-            let requests = match key.limits.take_request() {
-                Ok(s) => s,
+            let admission = match admit(&key) {
+                Ok(a) => a,
                 Err(e) => {
-                    crate::metrics::rate_limited(&key.name, "requests");
-                    return Ok(e.into_response());
-                }
-            };
-            let slot = match key.limits.take_stream() {
-                Ok(s) => s,
-                Err(e) => {
-                    crate::metrics::rate_limited(&key.name, "streams");
-                    return Ok(e.into_response());
+                    // A refusal carries the headers too, as OpenAI's 429s do: what is left
+                    // of each budget the key has (nothing, for the one that refused).
+                    let mut resp = e.into_response();
+                    set_key_headers(&key, resp.headers_mut(), None);
+                    return Ok(resp);
                 }
             };
             let mut resp = inner.call(req).await?;
-            if let Some(s) = requests {
-                set_headers(resp.headers_mut(), "requests", &s);
-            }
+            set_key_headers(&key, resp.headers_mut(), admission.requests);
             // The slot is released when the body ends, not when the handler returns.
-            Ok(crate::body_guard::hold_until_body_ends(resp, slot))
+            Ok(crate::body_guard::hold_until_body_ends(
+                resp,
+                admission.slot,
+            ))
         })
+    }
+}
+
+/// Writes the `x-ratelimit-*` headers for every budget `key` has: the request budget as
+/// `requests` says (after counting this request) or as it is now, and the token budget
+/// as the handler left it (after charging this request) or as it is now.
+fn set_key_headers(key: &ApiKey, h: &mut HeaderMap, requests: Option<BudgetState>) {
+    if let Some(s) = requests.or_else(|| key.limits.requests_now()) {
+        set_headers(h, "requests", &s);
+    }
+    if !h.contains_key("x-ratelimit-limit-tokens") {
+        if let Some(s) = key.limits.tokens_now() {
+            set_headers(h, "tokens", &s);
+        }
     }
 }
 
@@ -284,6 +365,34 @@ mod tests {
             }
             other => panic!("expected 429, got {other:?}"),
         }
+        assert_eq!(k.requests_now().unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn a_budget_refills_one_unit_per_interval_and_reads_without_charging() {
+        let b = Budget::new(60).unwrap(); // one unit a second
+        let t0 = Instant::now();
+        let s = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        assert_eq!(b.peek(t0).remaining, 60);
+        assert_eq!(b.take(60, t0).unwrap().remaining, 0);
+        assert_eq!(b.peek(t0), b.peek(t0), "reading charges nothing");
+        assert_eq!(
+            b.take(1, s(0.5)),
+            Err(Refusal::Wait(Duration::from_millis(500)))
+        );
+        // Half a unit back is not a unit: still nothing left, and a minute to full.
+        let st = b.peek(s(0.5));
+        assert_eq!((st.remaining, st.reset), (0, Duration::from_millis(59_500)));
+        assert_eq!(b.take(1, s(1.0)).unwrap().remaining, 0);
+        assert_eq!(b.peek(s(11.0)).remaining, 10);
+        assert_eq!(
+            b.take(11, s(11.0)),
+            Err(Refusal::Wait(Duration::from_secs(1)))
+        );
+        assert_eq!(b.take(10, s(11.0)).unwrap().remaining, 0);
+        assert_eq!(b.peek(s(200.0)).remaining, 60, "full again, and no further");
+        assert_eq!(b.peek(s(200.0)).reset, Duration::ZERO);
+        assert_eq!(b.take(61, s(200.0)), Err(Refusal::TooLarge));
     }
 
     #[test]
@@ -299,6 +408,7 @@ mod tests {
             Err(ApiError::InvalidRequest { .. })
         ));
         assert!(k.take_request().unwrap().is_none(), "no request limit set");
+        assert_eq!(k.tokens_now().unwrap().remaining, 40);
     }
 
     #[test]

@@ -2,18 +2,28 @@
 //!
 //! A request with `n` choices is `n` engine requests (sharing the prompt's KV blocks
 //! through the prefix cache) whose events are merged here, tagged by choice index.
+//!
+//! Streaming is the hot path (one chunk per token per stream): every chunk of a response
+//! repeats its id, object, created and model, so that part is rendered once per request
+//! ([`ChunkTemplate`]), and each token's chunk is that prefix, the choice index, the text
+//! escaped once and a constant suffix: one buffer and a copy, no JSON tree. The SSE
+//! body is a hand-written [`HttpBody`] that polls the engine streams directly.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io::Write;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use hyper::body::Frame;
 use serde_json::{json, Value};
 use sluice_engine::tokenizer::Tokenizer;
-use sluice_engine::{Event, FinishReason, RequestStream, TokenLogprobs, Usage};
+use sluice_engine::{Event, FinishReason, GenerationRequest, RequestStream, TokenLogprobs, Usage};
 
 use crate::api_types::{CommonParams, UsageBody};
 use crate::auth::ApiKey;
@@ -63,49 +73,6 @@ fn finite(lp: f32) -> f32 {
 }
 
 impl ResponseMeta {
-    fn chunk(&self, choice: Option<Value>, usage: Option<UsageBody>) -> Value {
-        let object = match self.flavor {
-            Flavor::Chat => "chat.completion.chunk",
-            Flavor::Completion => "text_completion",
-        };
-        let mut v = json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choice.map_or_else(Vec::new, |c| vec![c]),
-        });
-        if self.include_usage {
-            v["usage"] = serde_json::to_value(usage).unwrap_or(Value::Null);
-        }
-        v
-    }
-
-    fn delta_choice(
-        &self,
-        index: usize,
-        text: Option<&str>,
-        role: bool,
-        logprobs: Value,
-        finish: Option<&str>,
-    ) -> Value {
-        match self.flavor {
-            Flavor::Chat => {
-                let mut delta = json!({});
-                if role {
-                    delta["role"] = json!("assistant");
-                }
-                if let Some(t) = text {
-                    delta["content"] = json!(t);
-                }
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
-            }
-            Flavor::Completion => {
-                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
-            }
-        }
-    }
-
     fn token_text(&self, id: u32) -> (String, Vec<u8>) {
         let b = self.tokenizer.token_bytes(id).to_vec();
         (String::from_utf8_lossy(&b).into_owned(), b)
@@ -177,15 +144,52 @@ fn finish_str(r: FinishReason) -> &'static str {
     r.as_str()
 }
 
-type Merged = SelectAll<BoxStream<'static, (usize, Event)>>;
+/// The engine streams of a response's choices, polled as one.
+struct Choices {
+    streams: Vec<RequestStream>,
+    /// Choices whose `Done` has arrived: their streams are not polled again.
+    done: Vec<bool>,
+    /// Where the next poll starts, so that a busy choice cannot starve the others.
+    next: usize,
+}
 
-fn merge(streams: Vec<RequestStream>) -> Merged {
-    stream::select_all(streams.into_iter().enumerate().map(|(i, s)| {
-        stream::unfold(s, move |mut s| async move {
-            s.recv().await.map(|e| ((i, e), s))
-        })
-        .boxed()
-    }))
+impl Choices {
+    fn new(streams: Vec<RequestStream>) -> Self {
+        Choices {
+            done: vec![false; streams.len()],
+            streams,
+            next: 0,
+        }
+    }
+
+    /// The next event of any choice, tagged with its index; `None` when a stream ended
+    /// without its `Done` (the engine dropped the request) or every choice is done.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Event)>> {
+        let n = self.streams.len();
+        if self.done.iter().all(|&d| d) {
+            return Poll::Ready(None);
+        }
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            if self.done[i] {
+                continue;
+            }
+            match self.streams[i].poll_recv(cx) {
+                Poll::Ready(Some(ev)) => {
+                    self.done[i] = matches!(ev, Event::Done { .. });
+                    self.next = (i + 1) % n;
+                    return Poll::Ready(Some((i, ev)));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    async fn next(&mut self) -> Option<(usize, Event)> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
 }
 
 /// Sums the usage of the choices: the prompt counts once, as OpenAI counts it.
@@ -213,24 +217,8 @@ pub async fn generate(
         model.tokenizer.vocab_size(),
     )?;
     let charged = request.prompt.len() + n * request.max_tokens;
-    let tokens = key.limits.take_tokens(charged).inspect_err(|e| {
-        if matches!(e, ApiError::RateLimited { .. }) {
-            crate::metrics::rate_limited(&key.name, "tokens");
-        }
-    })?;
-    let mut streams = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut r = request.clone();
-        // Distinct but reproducible choices under one seed.
-        r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
-        // On failure the streams submitted so far are dropped, which cancels them.
-        let stream = model.engine.submit(r).inspect_err(|e| {
-            if matches!(e, sluice_engine::EngineError::QueueFull(_)) {
-                crate::metrics::refused("queue_full");
-            }
-        })?;
-        streams.push(stream);
-    }
+    let tokens = crate::rate_limit::charge_tokens(key, charged)?;
+    let streams = submit(model, &request, n)?;
     let meta = ResponseMeta {
         id: state.new_id(match flavor {
             Flavor::Chat => "chatcmpl",
@@ -254,12 +242,12 @@ pub async fn generate(
     }
     let logprobs = request.logprobs.is_some();
     let mut resp = if params.stream {
-        stream_sse(merge(streams), n, logprobs, meta)
+        stream_sse(Choices::new(streams), logprobs, meta)
     } else {
         // Dropping the engine streams on timeout cancels the generation.
         tokio::time::timeout(
             state.request_timeout,
-            complete(merge(streams), n, logprobs, meta),
+            complete(Choices::new(streams), n, logprobs, meta),
         )
         .await
         .map_err(|_| ApiError::Timeout(state.request_timeout.as_secs()))??
@@ -270,9 +258,30 @@ pub async fn generate(
     Ok(resp)
 }
 
+/// Submits `request` once per choice to `model`'s engine, with distinct but reproducible
+/// seeds. On failure the streams submitted so far are dropped, which cancels them.
+pub(crate) fn submit(
+    model: &ServedModel,
+    request: &GenerationRequest,
+    n: usize,
+) -> Result<Vec<RequestStream>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let mut r = request.clone();
+            r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            model.engine.submit(r).map_err(|e| {
+                if matches!(e, sluice_engine::EngineError::QueueFull(_)) {
+                    crate::metrics::refused("queue_full");
+                }
+                ApiError::from(e)
+            })
+        })
+        .collect()
+}
+
 /// Collects every choice into one response body.
 async fn complete(
-    mut events: Merged,
+    mut events: Choices,
     n: usize,
     logprobs: bool,
     mut meta: ResponseMeta,
@@ -350,12 +359,132 @@ async fn complete(
     .into_response())
 }
 
-/// The SSE body's state between polls.
+/// Appends `s` as a JSON string: quoted and escaped exactly as serde_json writes it.
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail, and a string always serializes.
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+/// What one chunk's choice says besides its index.
+#[derive(Clone, Copy)]
+enum Delta<'a> {
+    /// Chat's first chunk of a choice: the role, with empty content.
+    Role,
+    /// The next piece of text.
+    Text(&'a str),
+    /// The end of the choice, with its reason.
+    Finish(&'a str),
+}
+
+/// The parts of a response's SSE chunks that never change, rendered once per request,
+/// in OpenAI's field order.
+struct ChunkTemplate {
+    flavor: Flavor,
+    /// `data: {"id":…,"object":…,"created":…,"model":…,"choices":[`
+    head: Vec<u8>,
+    /// Closes the choices and the chunk: `]`, `,"usage":null` with `include_usage`
+    /// (OpenAI sends it on every chunk but the last), `}` and the event's blank line.
+    tail: &'static [u8],
+}
+
+impl ChunkTemplate {
+    fn new(id: &str, model: &str, created: u64, flavor: Flavor, include_usage: bool) -> Self {
+        let object = match flavor {
+            Flavor::Chat => "chat.completion.chunk",
+            Flavor::Completion => "text_completion",
+        };
+        let mut head = Vec::with_capacity(96 + id.len() + model.len());
+        head.extend_from_slice(b"data: {\"id\":");
+        push_json_str(&mut head, id);
+        head.extend_from_slice(b",\"object\":\"");
+        head.extend_from_slice(object.as_bytes());
+        head.extend_from_slice(b"\",\"created\":");
+        head.extend_from_slice(created.to_string().as_bytes());
+        head.extend_from_slice(b",\"model\":");
+        push_json_str(&mut head, model);
+        head.extend_from_slice(b",\"choices\":[");
+        ChunkTemplate {
+            flavor,
+            head,
+            tail: if include_usage {
+                b"],\"usage\":null}\n\n"
+            } else {
+                b"]}\n\n"
+            },
+        }
+    }
+
+    /// One event with one choice; `logprobs` `None` is JSON `null`.
+    fn choice(&self, index: usize, delta: Delta<'_>, logprobs: Option<&Value>) -> Bytes {
+        let text_len = match delta {
+            Delta::Text(t) => t.len(),
+            _ => 0,
+        };
+        let mut b = Vec::with_capacity(self.head.len() + text_len + 96);
+        b.extend_from_slice(&self.head);
+        b.extend_from_slice(b"{\"index\":");
+        // Writing into a Vec cannot fail.
+        let _ = write!(b, "{index}");
+        match (self.flavor, &delta) {
+            (Flavor::Chat, Delta::Role) => {
+                b.extend_from_slice(b",\"delta\":{\"role\":\"assistant\",\"content\":\"\"}");
+            }
+            (Flavor::Chat, Delta::Text(t)) => {
+                b.extend_from_slice(b",\"delta\":{\"content\":");
+                push_json_str(&mut b, t);
+                b.push(b'}');
+            }
+            (Flavor::Chat, Delta::Finish(_)) => b.extend_from_slice(b",\"delta\":{}"),
+            (Flavor::Completion, Delta::Text(t)) => {
+                b.extend_from_slice(b",\"text\":");
+                push_json_str(&mut b, t);
+            }
+            (Flavor::Completion, Delta::Role | Delta::Finish(_)) => {
+                b.extend_from_slice(b",\"text\":\"\"");
+            }
+        }
+        b.extend_from_slice(b",\"logprobs\":");
+        match logprobs {
+            None => b.extend_from_slice(b"null"),
+            // A Value always serializes (its numbers are finite: see `finite`).
+            Some(v) => {
+                let _ = serde_json::to_writer(&mut b, v);
+            }
+        }
+        b.extend_from_slice(b",\"finish_reason\":");
+        match delta {
+            Delta::Finish(reason) => push_json_str(&mut b, reason),
+            _ => b.extend_from_slice(b"null"),
+        }
+        b.push(b'}');
+        b.extend_from_slice(self.tail);
+        Bytes::from(b)
+    }
+
+    /// The last event with `include_usage`: no choices, the whole request's usage.
+    fn usage(&self, usage: &UsageBody) -> Bytes {
+        let mut b = Vec::with_capacity(self.head.len() + 160);
+        b.extend_from_slice(&self.head);
+        b.extend_from_slice(b"],\"usage\":");
+        // Plain integers always serialize.
+        let _ = serde_json::to_writer(&mut b, usage);
+        b.extend_from_slice(b"}\n\n");
+        Bytes::from(b)
+    }
+}
+
+/// An error event's bytes.
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// The SSE body: its state between polls.
 struct SseState {
     /// The texts so far, kept only when payload logging is on.
     texts: Option<Vec<String>>,
-    events: Merged,
+    events: Choices,
     meta: ResponseMeta,
+    chunks: ChunkTemplate,
     n: usize,
     logprobs: bool,
     lps: Vec<LogprobsAcc>,
@@ -365,17 +494,9 @@ struct SseState {
     finished: bool,
 }
 
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
 impl SseState {
-    fn logprobs_value(&mut self, i: usize) -> Value {
-        if self.logprobs {
-            self.lps[i].take(self.meta.flavor)
-        } else {
-            Value::Null
-        }
+    fn logprobs_value(&mut self, i: usize) -> Option<Value> {
+        self.logprobs.then(|| self.lps[i].take(self.meta.flavor))
     }
 
     /// Queues the chunks one engine event produces (possibly none).
@@ -393,8 +514,8 @@ impl SseState {
                 }
                 self.meta.latency.text(i);
                 let lp = self.logprobs_value(i);
-                let c = self.meta.delta_choice(i, Some(&text), false, lp, None);
-                self.out.push_back(sse(&self.meta.chunk(Some(c), None)));
+                let chunk = self.chunks.choice(i, Delta::Text(&text), lp.as_ref());
+                self.out.push_back(chunk);
             }
             Some((
                 i,
@@ -409,10 +530,10 @@ impl SseState {
                 }
                 add_usage(&mut self.usage, usage);
                 let lp = self.logprobs_value(i);
-                let c = self
-                    .meta
-                    .delta_choice(i, None, false, lp, Some(finish_str(reason)));
-                self.out.push_back(sse(&self.meta.chunk(Some(c), None)));
+                let chunk = self
+                    .chunks
+                    .choice(i, Delta::Finish(finish_str(reason)), lp.as_ref());
+                self.out.push_back(chunk);
                 self.done += 1;
                 if self.done == self.n {
                     self.meta.finished(&self.usage);
@@ -420,8 +541,8 @@ impl SseState {
                         self.meta.log_completion(t);
                     }
                     if self.meta.include_usage {
-                        let u = Some(self.usage.into());
-                        self.out.push_back(sse(&self.meta.chunk(None, u)));
+                        let u = self.chunks.usage(&self.usage.into());
+                        self.out.push_back(u);
                     }
                     self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                     self.finished = true;
@@ -440,16 +561,50 @@ impl SseState {
     }
 }
 
+impl HttpBody for SseState {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let st = &mut *self;
+        loop {
+            if let Some(b) = st.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if st.finished {
+                return Poll::Ready(None);
+            }
+            let ev = ready!(st.events.poll_next(cx));
+            st.on_event(ev);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.out.is_empty()
+    }
+}
+
 /// Streams the generation as server-sent events in OpenAI's chunk format, ending with
 /// `data: [DONE]`. Dropping the body (client gone) drops the engine streams, which
 /// cancels the requests.
-fn stream_sse(events: Merged, n: usize, logprobs: bool, meta: ResponseMeta) -> Response {
+fn stream_sse(events: Choices, logprobs: bool, meta: ResponseMeta) -> Response {
+    let n = events.streams.len();
     let mut st = SseState {
         texts: meta
             .log_payloads_for
             .is_some()
             .then(|| vec![String::new(); n]),
         events,
+        chunks: ChunkTemplate::new(
+            &meta.id,
+            &meta.model,
+            meta.created,
+            meta.flavor,
+            meta.include_usage,
+        ),
         n,
         logprobs,
         lps: (0..n).map(|_| LogprobsAcc::default()).collect(),
@@ -462,23 +617,11 @@ fn stream_sse(events: Merged, n: usize, logprobs: bool, meta: ResponseMeta) -> R
     if st.meta.flavor == Flavor::Chat {
         // OpenAI's first chunk of each chat choice carries the role with empty content.
         for i in 0..n {
-            let c = st.meta.delta_choice(i, Some(""), true, Value::Null, None);
-            st.out.push_back(sse(&st.meta.chunk(Some(c), None)));
+            let c = st.chunks.choice(i, Delta::Role, None);
+            st.out.push_back(c);
         }
     }
-    let body = stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(b) = st.out.pop_front() {
-                return Some((Ok::<_, std::convert::Infallible>(b), st));
-            }
-            if st.finished {
-                return None;
-            }
-            let ev = st.events.next().await;
-            st.on_event(ev);
-        }
-    });
-    let mut resp = Body::from_stream(body).into_response();
+    let mut resp = Body::new(st).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -487,4 +630,137 @@ fn stream_sse(events: Merged, n: usize, logprobs: bool, meta: ResponseMeta) -> R
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk as a JSON tree, built field by field the way the gateway built every chunk
+    /// before the template: the reference the template's bytes must equal.
+    fn reference(
+        flavor: Flavor,
+        include_usage: bool,
+        index: usize,
+        delta: &Delta<'_>,
+        logprobs: Option<&Value>,
+    ) -> Value {
+        let (object, choice) = match flavor {
+            Flavor::Chat => {
+                let d = match delta {
+                    Delta::Role => json!({"role": "assistant", "content": ""}),
+                    Delta::Text(t) => json!({"content": t}),
+                    Delta::Finish(_) => json!({}),
+                };
+                ("chat.completion.chunk", json!({"index": index, "delta": d}))
+            }
+            Flavor::Completion => {
+                let t = match delta {
+                    Delta::Text(t) => *t,
+                    _ => "",
+                };
+                ("text_completion", json!({"index": index, "text": t}))
+            }
+        };
+        let mut choice = choice;
+        choice["logprobs"] = logprobs.cloned().unwrap_or(Value::Null);
+        choice["finish_reason"] = match delta {
+            Delta::Finish(r) => json!(r),
+            _ => Value::Null,
+        };
+        let mut v = json!({
+            "id": "chatcmpl-\"odd\"\\id", "object": object, "created": 1_700_000_000u64,
+            "model": "m/ü\"1", "choices": [choice],
+        });
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// The JSON of one SSE event, checking its framing: one `data:` line, compact JSON.
+    fn payload(chunk: &Bytes) -> (String, Value) {
+        let s = std::str::from_utf8(chunk).expect("UTF-8");
+        let json = s
+            .strip_prefix("data: ")
+            .and_then(|x| x.strip_suffix("\n\n"))
+            .unwrap_or_else(|| panic!("bad frame {s:?}"));
+        assert!(!json.contains('\n') && !json.contains('\r'), "{json:?}");
+        let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        assert_eq!(
+            serde_json::to_string(&v).unwrap().len(),
+            json.len(),
+            "compact"
+        );
+        (json.to_string(), v)
+    }
+
+    const TEXTS: [&str; 10] = [
+        " plain",
+        "",
+        "say \"hi\" \\ back\\",
+        "line\nbreak\ttab\rreturn",
+        "\u{0}\u{1}\u{8}\u{c}\u{1f}\u{7f}",
+        "héllo 世界 🌊",
+        "</script><!--",
+        "\u{2028}\u{2029}\u{feff}",
+        "{\"content\":null}",
+        "\\u0000",
+    ];
+
+    #[test]
+    fn template_chunks_equal_the_json_tree_for_any_text() {
+        let logprobs = json!({"content": [{"token": "\"x\n", "logprob": -0.25, "bytes": [34, 120, 10],
+                                           "top_logprobs": [{"token": "é", "logprob": -9999.0, "bytes": [195, 169]}]}]});
+        for flavor in [Flavor::Chat, Flavor::Completion] {
+            for include_usage in [false, true] {
+                let t = ChunkTemplate::new(
+                    "chatcmpl-\"odd\"\\id",
+                    "m/ü\"1",
+                    1_700_000_000,
+                    flavor,
+                    include_usage,
+                );
+                let mut deltas: Vec<Delta<'_>> = TEXTS.iter().map(|t| Delta::Text(t)).collect();
+                deltas.extend([Delta::Role, Delta::Finish("length"), Delta::Finish("stop")]);
+                for (k, d) in deltas.iter().enumerate() {
+                    for lp in [None, Some(&logprobs)] {
+                        let index = k % 17;
+                        let chunk = t.choice(index, *d, lp);
+                        let (raw, v) = payload(&chunk);
+                        assert_eq!(v, reference(flavor, include_usage, index, d, lp), "{raw}");
+                        // OpenAI's field order.
+                        let at = |k: &str| raw.find(&format!("\"{k}\":")).unwrap();
+                        assert!(at("id") < at("object") && at("object") < at("created"));
+                        assert!(at("created") < at("model") && at("model") < at("choices"));
+                        if let Delta::Text(x) = d {
+                            let field = if flavor == Flavor::Chat {
+                                &v["choices"][0]["delta"]["content"]
+                            } else {
+                                &v["choices"][0]["text"]
+                            };
+                            assert_eq!(field.as_str(), Some(*x), "the text survives");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_usage_chunk_has_no_choices_and_the_whole_usage() {
+        let t = ChunkTemplate::new("cmpl-1", "m", 7, Flavor::Completion, true);
+        let usage = UsageBody::from(Usage {
+            prompt_tokens: 5,
+            completion_tokens: 3,
+            cached_tokens: 2,
+        });
+        let (_, v) = payload(&t.usage(&usage));
+        assert_eq!(
+            v,
+            json!({"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
+                   "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3,
+                   "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 2}}})
+        );
+    }
 }

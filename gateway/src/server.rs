@@ -20,7 +20,7 @@ use crate::config::{LimitsConfig, ServerConfig};
 use crate::connections::ConnectionLimits;
 use crate::error::ApiError;
 use crate::extract::BodyReadTimeout;
-use crate::load_shed::LoadShedLayer;
+use crate::load_shed::{InFlight, LoadShedLayer};
 use crate::rate_limit::RateLimitLayer;
 use crate::routes;
 use crate::state::SharedState;
@@ -46,6 +46,8 @@ fn cors(origins: &[String]) -> CorsLayer {
 /// Builds the application's router. Layers run outside-in in the order listed last to
 /// first below, so each comment says why a layer sits where it does.
 pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) -> Router {
+    // One bound on requests in flight for the HTTP routes and WebSocket generations.
+    let in_flight = InFlight::new(limits.max_concurrent_requests);
     // Everything that reaches a model (or its vocabulary) needs a key. Auth runs per
     // route (route_layer), after routing, so unknown paths are 404 rather than 401, and
     // before any body is parsed, so an anonymous caller costs no JSON parsing.
@@ -59,7 +61,7 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         .route_layer(RateLimitLayer)
         .route_layer(ApiKeyLayer::new(state.clone()))
         // Outside auth: a flood is shed before any work, authenticated or not.
-        .route_layer(LoadShedLayer::new(limits.max_concurrent_requests));
+        .route_layer(LoadShedLayer::new(in_flight.clone()));
     let mut admin = Router::new().route("/admin/models", get(routes::admin::engines));
     if state.fault_injection {
         admin = admin
@@ -88,8 +90,12 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
         .merge(metrics)
-        // The WebSocket authenticates itself: browsers cannot send headers on it.
-        .route("/v1/ws", get(routes::ws::ws_upgrade))
+        // The WebSocket authenticates itself: browsers cannot send headers on it. Its
+        // generations take their place in flight themselves (the socket holds none).
+        .route(
+            "/v1/ws",
+            get(routes::ws::ws_upgrade).layer(Extension(in_flight)),
+        )
         .merge(protected)
         .merge(admin)
         .fallback(|req: Request| async move {

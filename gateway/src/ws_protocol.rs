@@ -49,7 +49,8 @@ impl ProtocolError {
         match self {
             ProtocolError::NotAnObject | ProtocolError::BadField(_) => "bad_request",
             ProtocolError::UnknownType(_) => "unknown_type",
-            ProtocolError::BadParameters(_) => "invalid_request",
+            // What HTTP answers bad parameters with (its error `type`: they have no code).
+            ProtocolError::BadParameters(_) => "invalid_request_error",
         }
     }
 }
@@ -167,10 +168,13 @@ mod tests {
         );
         assert_eq!(code(r#"{"type":"say","content":""}"#), "bad_request");
         assert_eq!(code(r#"{"type":"say","content":7}"#), "bad_request");
-        assert_eq!(code(r#"{"type":"generate","n":2}"#), "invalid_request");
+        assert_eq!(
+            code(r#"{"type":"generate","n":2}"#),
+            "invalid_request_error"
+        );
         assert_eq!(
             code(r#"{"type":"generate","max_tokens":"many"}"#),
-            "invalid_request"
+            "invalid_request_error"
         );
     }
 }

@@ -362,7 +362,7 @@ async fn ws_session(s: &Shared, rng: &mut StdRng, worker: usize, n: u64) {
                 break;
             }
             Ok(Ok(Some(SessionEvent::Error { code, message }))) => {
-                if code == "overloaded" || code == "rate_limited" {
+                if code == "overloaded" || code == "rate_limit_exceeded" {
                     s.tally().error(format!("ws_{code}"));
                 } else {
                     s.tally().failure("ws_error", format!("{code}: {message}"));

@@ -4,6 +4,12 @@
 //! Each connection has two tasks: this reader, which handles the client's messages, and a
 //! writer, which drains the connection's bounded event queue into the socket and pings.
 //! Generations run in their own task and feed the session, which fans events out.
+//!
+//! A generation passes the same checks as an HTTP chat completion, through the same code
+//! and in the same order: the server's bound on requests in flight, shutdown, the key's
+//! request rate and concurrent streams, model and parameters, the key's token rate and
+//! the engine's queue. A refusal is the HTTP answer's error as an `error` event: the same
+//! code, message and status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +19,7 @@ use axum::extract::State;
 use axum::http::header::AUTHORIZATION;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use sluice_engine::{Event, RequestStream};
@@ -22,6 +29,7 @@ use crate::api_types::{CommonParams, InMessage};
 use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::generation::build_request;
+use crate::load_shed::InFlight;
 use crate::respond::Flavor;
 use crate::sessions::{Membership, Refusal, Session};
 use crate::state::SharedState;
@@ -43,6 +51,7 @@ const CLOSE_TRY_LATER: u16 = 1013;
 /// upgrade when wrong); without one, the first message must be `auth`.
 pub async fn ws_upgrade(
     State(state): State<SharedState>,
+    Extension(in_flight): Extension<InFlight>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -63,7 +72,7 @@ pub async fn ws_upgrade(
     let max = state.ws_max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| connection(state, socket, key))
+        .on_upgrade(move |socket| connection(state, in_flight, socket, key))
 }
 
 /// What the reader asks the writer to do besides sending events.
@@ -77,6 +86,34 @@ fn event_text(v: &Value) -> Arc<str> {
 
 fn error_event(code: &str, message: impl std::fmt::Display) -> Arc<str> {
     event_text(&json!({"type": "error", "code": code, "message": message.to_string()}))
+}
+
+/// The `error` event for what HTTP answers with `e` (mapped in `error.rs`): the same
+/// `code` (its `type` where the HTTP error has no code), `message` and `status`.
+fn api_error_event(e: &ApiError) -> Arc<str> {
+    let body = e.body();
+    let err = &body["error"];
+    let code = err["code"]
+        .as_str()
+        .or_else(|| err["type"].as_str())
+        .unwrap_or("error");
+    event_text(&json!({
+        "type": "error", "code": code, "message": err["message"], "status": e.status().as_u16(),
+    }))
+}
+
+/// Why a client message was refused.
+enum Refused {
+    /// By the session protocol: an `error` event with this code and message.
+    Protocol(&'static str, String),
+    /// By the API's checks, as HTTP would refuse it.
+    Api(ApiError),
+}
+
+impl From<ApiError> for Refused {
+    fn from(e: ApiError) -> Self {
+        Refused::Api(e)
+    }
 }
 
 async fn writer(
@@ -133,7 +170,12 @@ async fn writer(
 }
 
 /// One connection: authenticate, then serve the client's messages until it leaves.
-async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<ApiKey>>) {
+async fn connection(
+    state: SharedState,
+    in_flight: InFlight,
+    socket: WebSocket,
+    mut key: Option<Arc<ApiKey>>,
+) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel::<Arc<str>>(state.sessions.send_queue);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(1);
@@ -234,37 +276,45 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
                 continue;
             }
         };
-        let result = match msg {
-            ClientMessage::Auth { .. } => Err(("bad_request", "already authenticated".into())),
-            ClientMessage::Join { session, user } => membership
-                .join(&state.sessions, &session, user)
-                .map_err(|r| (r.code(), "the server holds too many sessions".into())),
+        let p = |code: &'static str, message: String| Err(Refused::Protocol(code, message));
+        let result: Result<(), Refused> = match msg {
+            ClientMessage::Auth { .. } => p("bad_request", "already authenticated".into()),
+            ClientMessage::Join { session, user } => {
+                match membership.join(&state.sessions, &session, user) {
+                    Ok(()) => Ok(()),
+                    Err(r) => p(r.code(), "the server holds too many sessions".into()),
+                }
+            }
             ClientMessage::Leave => {
                 membership.leave();
                 Ok(())
             }
             ClientMessage::Say { content } => match membership.current() {
-                Some((s, user)) => s.say(user, &content).map_err(|r| {
-                    (
+                Some((s, user)) => match s.say(user, &content) {
+                    Ok(()) => Ok(()),
+                    Err(r) => p(
                         r.code(),
                         format!("the conversation holds at most {} bytes", s.max_bytes),
-                    )
-                }),
-                None => Err(("not_joined", "join a session first".into())),
+                    ),
+                },
+                None => p("not_joined", "join a session first".into()),
             },
             ClientMessage::Generate(params) => match membership.current() {
-                Some((s, user)) => generate(&state, &k, s, user, *params),
-                None => Err(("not_joined", "join a session first".into())),
+                Some((s, user)) => generate(&state, &in_flight, &k, s, user, *params),
+                None => p("not_joined", "join a session first".into()),
             },
             ClientMessage::Cancel => match membership.current() {
-                Some((s, _)) => s
-                    .cancel()
-                    .map_err(|r| (r.code(), "no generation is running".to_string())),
-                None => Err(("not_joined", "join a session first".into())),
+                Some((s, _)) => match s.cancel() {
+                    Ok(()) => Ok(()),
+                    Err(r) => p(r.code(), "no generation is running".into()),
+                },
+                None => p("not_joined", "join a session first".into()),
             },
         };
-        if let Err((code, message)) = result {
-            reply(error_event(code, message));
+        match result {
+            Ok(()) => {}
+            Err(Refused::Protocol(code, message)) => reply(error_event(code, message)),
+            Err(Refused::Api(e)) => reply(api_error_event(&e)),
         }
     }
     // Leave now rather than at the end of the function: the writer may take 2 s below.
@@ -277,33 +327,25 @@ async fn connection(state: SharedState, socket: WebSocket, mut key: Option<Arc<A
     }
 }
 
-/// Starts a generation from the session's conversation, with chat-completion parameters.
+/// Starts a generation from the session's conversation, with chat-completion parameters,
+/// after the checks an HTTP chat completion passes (see the module doc), in its order.
 fn generate(
     state: &SharedState,
+    in_flight: &InFlight,
     key: &ApiKey,
     s: &Arc<Session>,
     user: &str,
     params: CommonParams,
-) -> Result<(), (&'static str, String)> {
-    if s.is_busy() {
-        return Err((
+) -> Result<(), Refused> {
+    let busy = || {
+        Refused::Protocol(
             Refusal::Busy.code(),
             "a generation is already running in this session".into(),
-        ));
-    }
-    let api = |e: ApiError| {
-        let code = match &e {
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::Overloaded(_) | ApiError::Draining => "overloaded",
-            ApiError::ModelNotFound(_) => "model_not_found",
-            ApiError::ModelNotAllowed(_) => "model_not_allowed",
-            _ => "invalid_request",
-        };
-        (code, e.to_string())
+        )
     };
-    let model = state
-        .resolve_model(params.model.as_deref(), key)
-        .map_err(api)?;
+    if s.is_busy() {
+        return Err(busy());
+    }
     let messages: Vec<InMessage> = s
         .transcript()
         .into_iter()
@@ -313,41 +355,46 @@ fn generate(
         })
         .collect();
     if !messages.iter().any(|m| m.role == "user") {
-        return Err((
+        return Err(Refused::Protocol(
             Refusal::EmptyConversation.code(),
             "say something before generating".into(),
         ));
     }
-    let prompt = super::chat_prompt(model, &messages, true).map_err(api)?;
+    // What the HTTP layers check, in their order: load shedding, shutdown, key limits.
+    let place = in_flight.enter()?;
+    if state.is_draining() {
+        crate::metrics::refused("draining");
+        return Err(ApiError::Draining.into());
+    }
+    let admission = crate::rate_limit::admit(key)?;
+    // Then what the chat handler does.
+    let model = state.resolve_model(params.model.as_deref(), key)?;
+    let prompt = super::chat_prompt(model, &messages, true)?;
     let (request, _) = build_request(
         &params,
         Flavor::Chat,
         prompt,
         model.context_length,
         model.tokenizer.vocab_size(),
-    )
-    .map_err(api)?;
-    key.limits.take_request().map_err(api)?;
-    // A generation counts against the key's concurrent streams, as an HTTP stream does.
-    let slot = key.limits.take_stream().map_err(api)?;
-    key.limits
-        .take_tokens(request.prompt.len() + request.max_tokens)
-        .map_err(api)?;
+    )?;
+    crate::rate_limit::charge_tokens(key, request.prompt.len() + request.max_tokens)?;
     let prompt_tokens = request.prompt.len();
-    let stream = model.engine.submit(request).map_err(|e| api(e.into()))?;
+    let stream = crate::respond::submit(model, &request, 1)?
+        .pop()
+        .ok_or_else(|| ApiError::Internal("no engine request was submitted".into()))?;
     let id = state.new_id("gen");
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let (s2, name) = (s.clone(), key.name.clone());
     // Dropping `stream` on refusal cancels the engine request.
-    s.start_generation(&id, user, cancel_tx).map_err(|r| {
-        (
-            r.code(),
-            "a generation is already running in this session".to_string(),
-        )
-    })?;
+    s.start_generation(&id, user, cancel_tx)
+        .map_err(|r| match r {
+            Refusal::Busy => busy(),
+            r => Refused::Protocol(r.code(), "say something before generating".into()),
+        })?;
     tokio::spawn(async move {
         drive(s2, stream, cancel_rx, prompt_tokens, name).await;
-        drop(slot);
+        // The generation held its place in flight and its key's stream slot until now.
+        drop((place, admission));
     });
     Ok(())
 }
