@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::gateway::{chat, error_of, hi, new_key};
 use crate::support::Server;
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -269,11 +270,10 @@ async fn a_client_that_never_authenticates_is_closed_after_five_seconds() {
     let started = std::time::Instant::now();
     assert_eq!(next(&mut ws).await.unwrap()["code"], "unauthenticated");
     assert_eq!(close_code(&mut ws).await, Some(1008));
+    // Not before the deadline (how long after it depends on how busy the machine is; the
+    // codes above say that it was the deadline that closed it).
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_secs(4) && waited < Duration::from_secs(10),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(4900), "{waited:?}");
 }
 
 #[tokio::test]
@@ -339,4 +339,185 @@ async fn a_slow_reader_is_cut_off_and_loses_nothing_on_rejoin() {
     let msgs = said["messages"].as_array().unwrap();
     assert_eq!(msgs.last().unwrap()["content"], "last");
     assert!(msgs.len() >= 2);
+}
+
+/// Joins a fresh session on `ws` as `user` and says something, ready to generate.
+async fn ready_to_generate(ws: &mut Ws, session: &str) {
+    send(ws, json!({"type": "join", "session": session, "user": "u"})).await;
+    until(ws, is("session")).await;
+    send(
+        ws,
+        json!({"type": "say", "content": "Count to a thousand."}),
+    )
+    .await;
+    until(ws, is("message")).await;
+}
+
+/// A long generation: it holds its places until cancelled.
+fn long_generation() -> Value {
+    json!({"type": "generate", "max_tokens": 2000, "ignore_eos": true})
+}
+
+/// The error event a `generate` on `ws` gets.
+async fn refused_generation(ws: &mut Ws) -> Value {
+    send(ws, json!({"type": "generate", "max_tokens": 4})).await;
+    let evs = until(ws, |v| {
+        v["type"] == "error" || v["type"] == "generation_started"
+    })
+    .await;
+    evs.last().unwrap().clone()
+}
+
+#[tokio::test]
+async fn websocket_generations_and_http_requests_share_the_in_flight_bound() {
+    let server = Server::start(&[
+        "--engine",
+        "synthetic",
+        "--tokens-per-second",
+        "50",
+        "--max-concurrent-requests",
+        "1",
+    ]);
+    let mut ws = connect(&server, Some(KEY)).await;
+    ready_to_generate(&mut ws, "bound").await;
+    // A WebSocket generation holds the last place: HTTP is shed with 503.
+    send(&mut ws, long_generation()).await;
+    until(&mut ws, is("token")).await;
+    let shed = error_of(chat(&server, KEY, hi(json!({}))).await, 503).await;
+    assert!(
+        shed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in flight"),
+        "{shed}"
+    );
+    send(&mut ws, json!({"type": "cancel"})).await;
+    until(&mut ws, is("generation_done")).await;
+    // The place comes back when the generation ends; then an HTTP stream holds it.
+    let mut held = None;
+    for _ in 0..500 {
+        let r = chat(
+            &server,
+            KEY,
+            hi(json!({"max_tokens": 2000, "ignore_eos": true, "stream": true})),
+        )
+        .await;
+        if r.status() == 200 {
+            held = Some(r.bytes_stream());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut held = held.expect("the WebSocket generation never gave its place back");
+    held.next().await.unwrap().unwrap();
+    // ... and the WebSocket generation is refused exactly as HTTP was.
+    let e = refused_generation(&mut ws).await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["code"], shed["error"]["code"]);
+    assert_eq!(e["message"], shed["error"]["message"]);
+    assert_eq!(e["status"], 503);
+    // Once the HTTP stream is gone, the WebSocket may generate again.
+    drop(held);
+    let mut started = false;
+    for _ in 0..500 {
+        let e = refused_generation(&mut ws).await;
+        if e["type"] == "generation_started" {
+            started = true;
+            break;
+        }
+        assert_eq!(e["code"], "overloaded", "{e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started, "the HTTP stream never gave its place back");
+    let done = until(&mut ws, is("generation_done")).await;
+    assert_eq!(done.last().unwrap()["usage"]["completion_tokens"], 4);
+}
+
+#[tokio::test]
+async fn a_limited_key_is_refused_over_websocket_as_over_http() {
+    let model = crate::support::model_path().display().to_string();
+    let (one_stream, a) = new_key("one-stream", "max_concurrent_streams = 1");
+    let (one_request, b) = new_key("one-request", "requests_per_minute = 1");
+    let (few_tokens, c) = new_key("few-tokens", "tokens_per_minute = 100");
+    let server = Server::with_config(
+        &format!("{a}\n{b}\n{c}"),
+        &[
+            "--model",
+            &model,
+            "--engine",
+            "synthetic",
+            "--tokens-per-second",
+            "50",
+        ],
+    );
+
+    // Concurrent streams: an HTTP stream holds the key's only one.
+    let r = chat(
+        &server,
+        &one_stream,
+        hi(json!({"max_tokens": 2000, "ignore_eos": true, "stream": true})),
+    )
+    .await;
+    let mut held = r.bytes_stream();
+    held.next().await.unwrap().unwrap();
+    let http = error_of(chat(&server, &one_stream, hi(json!({}))).await, 429).await;
+    let mut ws = connect(&server, Some(&one_stream)).await;
+    ready_to_generate(&mut ws, "streams").await;
+    let e = refused_generation(&mut ws).await;
+    assert_eq!(e["code"], "rate_limit_exceeded", "{e}");
+    assert_eq!(e["code"], http["error"]["code"]);
+    assert_eq!(e["message"], http["error"]["message"]);
+    assert_eq!(e["status"], 429);
+    drop(held);
+
+    // Request rate: the second request in a minute is refused on either side, with the
+    // same message up to the wait it names.
+    assert_eq!(
+        chat(&server, &one_request, hi(json!({}))).await.status(),
+        200
+    );
+    let http = error_of(chat(&server, &one_request, hi(json!({}))).await, 429).await;
+    let mut ws = connect(&server, Some(&one_request)).await;
+    ready_to_generate(&mut ws, "requests").await;
+    let e = refused_generation(&mut ws).await;
+    assert_eq!(e["code"], http["error"]["code"], "{e}");
+    assert_eq!(e["status"], 429);
+    let before_wait = |v: &Value| {
+        v.as_str()
+            .unwrap()
+            .split("Retry in")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        before_wait(&e["message"]),
+        before_wait(&http["error"]["message"])
+    );
+    assert!(
+        before_wait(&e["message"]).contains("1 requests per minute"),
+        "{e}"
+    );
+
+    // Token rate: a generation larger than the whole budget is the same 400 on both.
+    let http = error_of(
+        chat(&server, &few_tokens, hi(json!({"max_tokens": 500}))).await,
+        400,
+    )
+    .await;
+    let mut ws = connect(&server, Some(&few_tokens)).await;
+    ready_to_generate(&mut ws, "tokens").await;
+    send(&mut ws, json!({"type": "generate", "max_tokens": 500})).await;
+    let e = until(&mut ws, is("error")).await.pop().unwrap();
+    assert_eq!(e["code"], "invalid_request_error", "{e}");
+    assert_eq!(e["status"], 400);
+    assert!(http["error"]["code"].is_null());
+    assert_eq!(
+        e["message"].as_str().unwrap().split(" tokens").nth(1),
+        http["error"]["message"]
+            .as_str()
+            .unwrap()
+            .split(" tokens")
+            .nth(1)
+    );
 }
