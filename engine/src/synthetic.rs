@@ -66,11 +66,12 @@ struct Stream {
 }
 
 /// A running request in the heap, ordered by when its next token is due (then by
-/// admission, so that requests due at the same instant keep their order).
+/// admission, so that requests due at the same instant keep their order). The request
+/// is boxed: the heap moves entries on every push and pop, and a request is large.
 struct Due {
     at: Instant,
     seq: u64,
-    stream: Stream,
+    stream: Box<Stream>,
 }
 
 impl PartialEq for Due {
@@ -229,7 +230,7 @@ impl SyntheticLoop {
             self.running.push(Reverse(Due {
                 at: now + self.interval,
                 seq,
-                stream: Stream { sub, generated: 0 },
+                stream: Box::new(Stream { sub, generated: 0 }),
             }));
         }
         if now >= self.last_sweep + SWEEP {
