@@ -300,7 +300,7 @@ async fn connection(
                 None => p("not_joined", "join a session first".into()),
             },
             ClientMessage::Generate(params) => match membership.current() {
-                Some((s, user)) => generate(&state, &in_flight, &k, s, user, *params),
+                Some((s, user)) => generate(&state, &in_flight, &k, s, user, *params).await,
                 None => p("not_joined", "join a session first".into()),
             },
             ClientMessage::Cancel => match membership.current() {
@@ -329,7 +329,7 @@ async fn connection(
 
 /// Starts a generation from the session's conversation, with chat-completion parameters,
 /// after the checks an HTTP chat completion passes (see the module doc), in its order.
-fn generate(
+async fn generate(
     state: &SharedState,
     in_flight: &InFlight,
     key: &ApiKey,
@@ -367,9 +367,11 @@ fn generate(
         return Err(ApiError::Draining.into());
     }
     let admission = crate::rate_limit::admit(key)?;
-    // Then what the chat handler does.
-    let model = state.resolve_model(params.model.as_deref(), key)?;
-    let prompt = super::chat_prompt(model, &messages, true)?;
+    // Then what the chat handler does. Rendering and tokenizing the conversation (up to
+    // `limits.session_max_bytes`) runs off the runtime workers, as for HTTP.
+    let index = state.resolve_model_index(params.model.as_deref(), key)?;
+    let prompt = super::chat_prompt_prepared(state, index, messages, true).await?;
+    let model = &state.models[index];
     let (request, _) = build_request(
         &params,
         Flavor::Chat,
