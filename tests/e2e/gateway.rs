@@ -277,7 +277,7 @@ async fn prompts_and_keys_stay_out_of_the_logs_unless_payload_logging_is_on() {
 #[tokio::test]
 async fn a_full_queue_answers_503_at_once_and_accepted_requests_finish() {
     let server = Server::start(&["--max-running-requests", "1", "--max-waiting-requests", "1"]);
-    let long = hi(json!({"max_tokens": 300, "ignore_eos": true, "stream": true}));
+    let long = hi(json!({"max_tokens": 100, "ignore_eos": true, "stream": true}));
     let running = chat(&server, "sk-sluice-dev", long.clone()).await;
     assert_eq!(running.status(), 200);
     let mut running = running.bytes_stream();
@@ -291,7 +291,7 @@ async fn a_full_queue_answers_503_at_once_and_accepted_requests_finish() {
     let waiting = chat(&server, "sk-sluice-dev", long.clone()).await;
     assert_eq!(waiting.status(), 200, "one request may wait");
     let r = chat(&server, "sk-sluice-dev", hi(json!({}))).await;
-    // Refused at once, not queued: the answer came before the running request (300
+    // Refused at once, not queued: the answer came before the running request (100
     // tokens) finished, whatever the machine's speed.
     let m = server.metrics().await;
     assert!(
@@ -423,7 +423,7 @@ async fn requests_beyond_the_in_flight_cap_are_shed_with_503() {
     let r = chat(
         &server,
         "sk-sluice-dev",
-        hi(json!({"max_tokens": 300, "ignore_eos": true, "stream": true})),
+        hi(json!({"max_tokens": 100, "ignore_eos": true, "stream": true})),
     )
     .await;
     let mut body = r.bytes_stream();
