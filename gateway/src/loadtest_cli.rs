@@ -24,6 +24,9 @@ pub struct LoadtestArgs {
     /// Closed loop: this many clients, each sending its next request when one ends.
     #[arg(long, default_value_t = 1, conflicts_with = "rate")]
     concurrency: usize,
+    /// Closed loop: start the clients evenly over this many seconds instead of at once.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "rate")]
+    ramp_up: f64,
     /// Open loop: requests per second (Poisson arrivals).
     #[arg(long)]
     rate: Option<f64>,
@@ -117,6 +120,9 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
     if a.rate.is_some_and(|r| !positive(r)) || !positive(a.burstiness) {
         bail!("--rate and --burstiness must be positive");
     }
+    if !(a.ramp_up.is_finite() && a.ramp_up >= 0.0) {
+        bail!("--ramp-up must be a number of seconds, 0 or more");
+    }
     let temperature = match a.temperature.as_str() {
         "default" => None,
         t => Some(
@@ -145,6 +151,7 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
             },
             None => Load::Closed {
                 concurrency: a.concurrency,
+                ramp_up: Duration::from_secs_f64(a.ramp_up),
             },
         },
         requests,
@@ -163,7 +170,10 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
         a.sweep
             .iter()
             .map(|&c| LoadSpec {
-                load: Load::Closed { concurrency: c },
+                load: Load::Closed {
+                    concurrency: c,
+                    ramp_up: Duration::from_secs_f64(a.ramp_up),
+                },
                 // Enough requests for every client to finish a few.
                 requests: base.requests.map(|r| r.max(c * 2)),
                 ..base.clone()

@@ -13,6 +13,8 @@ pub struct Report {
     pub url: String,
     pub endpoint: &'static str,
     pub concurrency: Option<usize>,
+    /// Closed loop: seconds over which the clients started.
+    pub ramp_up_s: Option<f64>,
     pub request_rate: Option<f64>,
     pub burstiness: Option<f64>,
     pub max_tokens: u32,
@@ -95,9 +97,12 @@ impl Report {
             let i = (o.ended_at.floor() as usize).min(timeline.len() - 1);
             timeline[i] += o.output_tokens as f64;
         }
-        let (concurrency, request_rate, burstiness) = match spec.load {
-            Load::Closed { concurrency } => (Some(concurrency), None, None),
-            Load::Open { rate, burstiness } => (None, Some(rate), Some(burstiness)),
+        let (concurrency, ramp_up_s, request_rate, burstiness) = match spec.load {
+            Load::Closed {
+                concurrency,
+                ramp_up,
+            } => (Some(concurrency), Some(ramp_up.as_secs_f64()), None, None),
+            Load::Open { rate, burstiness } => (None, None, Some(rate), Some(burstiness)),
         };
         Report {
             url: spec.url.clone(),
@@ -107,6 +112,7 @@ impl Report {
                 Endpoint::Ws => "ws",
             },
             concurrency,
+            ramp_up_s,
             request_rate,
             burstiness,
             max_tokens: spec.max_tokens,

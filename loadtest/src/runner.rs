@@ -28,7 +28,12 @@ pub enum Endpoint {
 #[derive(Debug, Clone, Copy)]
 pub enum Load {
     /// `concurrency` clients, each sending its next request when the last one ends.
-    Closed { concurrency: usize },
+    /// Client `i` starts at `ramp_up × i / concurrency` (all at once when zero), so that
+    /// many streams can be measured without every connection arriving at one instant.
+    Closed {
+        concurrency: usize,
+        ramp_up: Duration,
+    },
     /// Arrivals at `rate` per second (Poisson, or gamma gaps with `burstiness` ≠ 1).
     Open { rate: f64, burstiness: f64 },
 }
@@ -275,9 +280,14 @@ pub async fn run(spec: &LoadSpec) -> Report {
             }
         };
     match spec.load {
-        Load::Closed { concurrency } => {
+        Load::Closed {
+            concurrency,
+            ramp_up,
+        } => {
             let mut workers = Vec::new();
-            for _ in 0..concurrency.max(1) {
+            let clients = concurrency.max(1);
+            for k in 0..clients {
+                let starts_at = start + ramp_up.mul_f64(k as f64 / clients as f64);
                 let (client, spec, results, tokens, claim) = (
                     client.clone(),
                     spec.clone(),
@@ -286,6 +296,7 @@ pub async fn run(spec: &LoadSpec) -> Report {
                     claim.clone(),
                 );
                 workers.push(tokio::spawn(async move {
+                    tokio::time::sleep_until(starts_at.into()).await;
                     while let Some(i) = claim() {
                         let prompt = &spec.prompts[i % spec.prompts.len()];
                         let o = one(&client, &spec, prompt, start).await;

@@ -165,3 +165,29 @@ fn collaborative_sessions_can_be_loaded_too() {
     assert_eq!(run["total_output_tokens"], 6 * 8);
     assert!(run["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn a_ramp_up_spreads_the_clients_starts() {
+    let server = Server::start(&["--engine", "synthetic", "--tokens-per-second", "1000"]);
+    let (_, report, _) = loadtest(&[
+        "--url",
+        &server.base,
+        "--api-key",
+        "sk-sluice-dev",
+        "--concurrency",
+        "4",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "2",
+        "--ramp-up",
+        "1",
+        "--no-progress",
+    ]);
+    let run = &report.unwrap()["runs"][0];
+    assert_eq!(run["completed"], 4, "{run}");
+    assert_eq!(run["ramp_up_s"], 1.0);
+    // The fourth client starts three quarters of the way through the ramp.
+    let duration = run["duration_s"].as_f64().unwrap();
+    assert!(duration >= 0.75, "the run took {duration} s");
+}
