@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::engine_loop::{Command, Submission};
+use crate::metrics::EngineMetrics;
 use crate::request::{EngineStats, Event, FinishReason, Usage};
 use crate::supervisor::SupervisedLoop;
 
@@ -42,6 +43,7 @@ pub(crate) struct SyntheticLoop {
     running: Vec<Stream>,
     /// Set by `Command::InjectPanic`.
     panic_next_tick: bool,
+    metrics: EngineMetrics,
 }
 
 impl SyntheticLoop {
@@ -51,6 +53,7 @@ impl SyntheticLoop {
         stats: Arc<Mutex<EngineStats>>,
         tokens_per_second: f64,
         max_running: usize,
+        metrics: EngineMetrics,
     ) -> Self {
         SyntheticLoop {
             rx,
@@ -61,6 +64,7 @@ impl SyntheticLoop {
             queued: Default::default(),
             running: Vec::new(),
             panic_next_tick: false,
+            metrics,
         }
     }
 
@@ -192,7 +196,7 @@ impl SyntheticLoop {
             st.running = self.running.len();
             st.queued = self.queued.len();
         }
-        crate::metrics::record_state(
+        self.metrics.state(
             self.running.len(),
             self.queued.len(),
             0.0,

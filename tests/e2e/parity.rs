@@ -7,6 +7,7 @@ use serde_json::Value;
 use sluice_engine::chat_template::{ChatMessage, ChatTemplate};
 use sluice_engine::model::Model;
 use sluice_engine::sampling::SamplingParams;
+use sluice_engine::thread_pool::ThreadPool;
 use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, GenerationRequest};
 
@@ -25,7 +26,8 @@ fn loaded() -> &'static Loaded {
     static L: OnceLock<Loaded> = OnceLock::new();
     L.get_or_init(|| {
         let path = model_path();
-        let model = Model::load(&path, 2).expect("model");
+        let pool = Arc::new(ThreadPool::new(2).expect("compute threads"));
+        let model = Model::load(&path, pool).expect("model");
         let tokenizer = Arc::new(Tokenizer::load(&model.file, Some(&path)).expect("tokenizer"));
         let src = model
             .file
