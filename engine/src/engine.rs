@@ -22,6 +22,7 @@ use tokio::sync::mpsc as tmpsc;
 use crate::engine_loop::{Command, EngineLoop, Submission};
 use crate::error::EngineError;
 use crate::kv_cache::{KvCache, BLOCK_SIZE};
+use crate::metrics::EngineMetrics;
 use crate::model::Model;
 use crate::request::{EngineStats, GenerationRequest, RequestStream};
 use crate::scheduler::SchedulerConfig;
@@ -29,9 +30,11 @@ use crate::supervisor::{supervise, EngineHealth};
 use crate::synthetic::SyntheticLoop;
 use crate::tokenizer::Tokenizer;
 
-/// Limits of one engine.
+/// Limits of one engine, and the name it reports under.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// The served model's name: the `model` label of the engine's metrics and its logs.
+    pub name: String,
     pub max_running_requests: usize,
     pub max_waiting_requests: usize,
     /// Tokens one forward step may process (prefill chunks plus decodes).
@@ -43,6 +46,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
+            name: "default".into(),
             max_running_requests: 32,
             max_waiting_requests: 256,
             max_num_batched_tokens: 512,
@@ -97,13 +101,24 @@ impl Engine {
             max_waiting: cfg.max_waiting_requests,
             kv_blocks: n_blocks,
         };
+        let metrics = EngineMetrics::new(&cfg.name);
         Self::spawn(
             "sluice-engine",
             limits,
             move |rx, waiting, stats, health| {
                 let kv = KvCache::new(&model.cfg, n_blocks);
-                let mut l = EngineLoop::new(model, tokenizer, sched, kv, rx, waiting, stats);
-                supervise(&mut l, &health, "model");
+                let name = metrics.model().to_string();
+                let mut l = EngineLoop::new(
+                    model,
+                    tokenizer,
+                    sched,
+                    kv,
+                    rx,
+                    waiting,
+                    stats,
+                    metrics.clone(),
+                );
+                supervise(&mut l, &health, &name, &metrics);
             },
         )
     }
@@ -130,12 +145,21 @@ impl Engine {
             kv_blocks: 0,
         };
         let max_running = cfg.max_running_requests.max(1);
+        let metrics = EngineMetrics::new(&cfg.name);
         Self::spawn(
             "sluice-synthetic",
             limits,
             move |rx, waiting, stats, health| {
-                let mut l = SyntheticLoop::new(rx, waiting, stats, tokens_per_second, max_running);
-                supervise(&mut l, &health, "synthetic");
+                let name = metrics.model().to_string();
+                let mut l = SyntheticLoop::new(
+                    rx,
+                    waiting,
+                    stats,
+                    tokens_per_second,
+                    max_running,
+                    metrics.clone(),
+                );
+                supervise(&mut l, &health, &name, &metrics);
             },
         )
     }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc as tmpsc;
 
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::kv_cache::KvCache;
-use crate::metrics;
+use crate::metrics::EngineMetrics;
 use crate::model::{ForwardScratch, Model, SeqChunk};
 use crate::request::{EngineStats, Event, FinishReason, GenerationRequest, Usage};
 use crate::sampling::{logprobs, Sampler, TokenLogprobs};
@@ -68,9 +68,24 @@ pub(crate) struct EngineLoop {
     panic_next_step: bool,
     /// KV blocks touched by schedulers before the last restart (the memory stays).
     kv_touched_before: usize,
+    /// Tokens computed by schedulers before the last restart.
+    tokens_before: u64,
+    metrics: EngineMetrics,
+}
+
+/// One sampled row of a step: the request, its logits, and what its sampler drew.
+struct SampledRow<'a> {
+    row: usize,
+    seq: SeqId,
+    logits: &'a [f32],
+    active: &'a mut Active,
+    token: u32,
+    logprobs: Option<TokenLogprobs>,
 }
 
 impl EngineLoop {
+    // The loop's parts, each from a different owner: grouping them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         model: Model,
         tokenizer: Arc<Tokenizer>,
@@ -79,6 +94,7 @@ impl EngineLoop {
         rx: Receiver<Command>,
         waiting_count: Arc<AtomicUsize>,
         stats: Arc<Mutex<EngineStats>>,
+        metrics: EngineMetrics,
     ) -> Self {
         let scheduler = Scheduler::new(cfg, kv.n_blocks());
         EngineLoop {
@@ -95,6 +111,8 @@ impl EngineLoop {
             sched_cfg: cfg,
             panic_next_step: false,
             kv_touched_before: 0,
+            tokens_before: 0,
+            metrics,
         }
     }
 
@@ -102,9 +120,10 @@ impl EngineLoop {
         let sch = &self.scheduler;
         let st = sch.stats();
         let (in_use, total) = sch.kv_blocks();
-        metrics::record_state(sch.n_running(), sch.n_waiting(), sch.kv_usage(), &st);
+        self.metrics
+            .state(sch.n_running(), sch.n_waiting(), sch.kv_usage(), &st);
         let touched = self.kv_touched_before.max(sch.kv_blocks_touched());
-        metrics::record_kv_touched(
+        self.metrics.kv_touched(
             touched * crate::kv_cache::BLOCK_SIZE * KvCache::bytes_per_token(&self.model.cfg),
         );
         if let Ok(mut s) = self.stats.lock() {
@@ -117,6 +136,7 @@ impl EngineLoop {
                 preemptions: st.preemptions,
                 prompt_tokens_admitted: st.prompt_tokens_queried,
                 prompt_tokens_cached: st.prompt_tokens_cached,
+                tokens_computed: self.tokens_before + st.tokens_scheduled,
             };
         }
     }
@@ -165,7 +185,7 @@ impl EngineLoop {
             if self.scheduler.remove(id) == Some(false) {
                 self.waiting_count.fetch_sub(1, Ordering::AcqRel);
             }
-            metrics::record_finished(FinishReason::Cancelled);
+            self.metrics.finished(FinishReason::Cancelled);
         }
     }
 
@@ -181,10 +201,11 @@ impl EngineLoop {
             .iter()
             .filter_map(|&id| self.scheduler.get(id).map(|s| s.prompt_len))
             .sum();
-        metrics::record_admissions(admitted_tokens, plan.preempted.len());
+        self.metrics
+            .admissions(admitted_tokens, plan.preempted.len());
         for id in &plan.admitted {
             if let Some(a) = self.active.get(id) {
-                metrics::record_queue_time(a.accepted.elapsed());
+                self.metrics.queue_time(a.accepted.elapsed());
             }
         }
         if plan.is_empty() {
@@ -200,8 +221,12 @@ impl EngineLoop {
             scheduler,
             active,
             scratch,
+            metrics,
             ..
         } = self;
+        // The pool is ours from the forward pass through sampling; another model's loop
+        // waits (asleep) for its turn.
+        let lease = model.pool().lease();
         // Every planned sequence is tracked by the scheduler; one that were not (a bug)
         // would be left out of the step rather than panic the loop.
         let planned: Vec<(&ScheduledChunk, &Sequence)> = plan
@@ -221,13 +246,32 @@ impl EngineLoop {
             .collect();
         let logits = model.forward(&chunks, kv, scratch);
         let vocab = model.cfg.vocab_size;
-        let mut sampled = Vec::new();
-        let mut lps = Vec::new();
-        for (row, (c, _)) in planned.iter().filter(|(c, _)| c.sample).enumerate() {
-            let l = &logits[row * vocab..(row + 1) * vocab];
-            let Some(a) = active.get_mut(&c.seq) else {
-                continue;
-            };
+        let row_of: HashMap<SeqId, usize> = planned
+            .iter()
+            .filter(|(c, _)| c.sample)
+            .enumerate()
+            .map(|(row, (c, _))| (c.seq, row))
+            .collect();
+        let mut rows: Vec<SampledRow> = active
+            .iter_mut()
+            .filter_map(|(&seq, a)| {
+                let &row = row_of.get(&seq)?;
+                Some(SampledRow {
+                    row,
+                    seq,
+                    logits: &logits[row * vocab..(row + 1) * vocab],
+                    active: a,
+                    token: 0,
+                    logprobs: None,
+                })
+            })
+            .collect();
+        rows.sort_unstable_by_key(|r| r.row);
+        // Each row's sampler is independent: whole-vocabulary passes per row, spread over
+        // the compute threads instead of run one after another on this one.
+        let tokenizer: &Tokenizer = tokenizer;
+        model.pool().for_each_mut(&mut rows, &|r| {
+            let a = &mut *r.active;
             let banned: Vec<u32> = if a.generated < a.min_tokens {
                 tokenizer
                     .stop_tokens
@@ -238,13 +282,17 @@ impl EngineLoop {
             } else {
                 Vec::new()
             };
-            let id = a.sampler.sample(l, &banned);
-            lps.push(a.logprobs.map(|n| logprobs(l, id, n)));
-            sampled.push((c.seq, id));
-        }
+            r.token = a.sampler.sample(r.logits, &banned);
+            r.logprobs = a.logprobs.map(|n| logprobs(r.logits, r.token, n));
+        });
+        drop(lease);
+        let (sampled, lps): (Vec<(SeqId, u32)>, Vec<Option<TokenLogprobs>>) = rows
+            .into_iter()
+            .map(|r| ((r.seq, r.token), r.logprobs))
+            .unzip();
         scheduler.update(&plan, &sampled);
         let n_tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
-        metrics::record_step(
+        metrics.step(
             plan.chunks.len(),
             n_tokens,
             sampled.len(),
@@ -255,10 +303,9 @@ impl EngineLoop {
             let Some(a) = active.get_mut(&seq) else {
                 continue;
             };
-            if let Some(reason) = emit(a, tokenizer, id, lp, cached) {
+            if emit(a, tokenizer, id, lp, cached, metrics).is_some() {
                 active.remove(&seq);
                 scheduler.remove(seq);
-                metrics::record_finished(reason);
             }
         }
     }
@@ -290,6 +337,9 @@ impl SupervisedLoop for EngineLoop {
             if queued {
                 self.waiting_count.fetch_sub(1, Ordering::AcqRel);
             }
+            // Counted before the client can see the end, so that what it reads next
+            // includes this request.
+            self.metrics.finished(FinishReason::Error);
             let _ = a.tx.try_send(Event::Done {
                 reason: FinishReason::Error,
                 usage: Usage {
@@ -299,7 +349,6 @@ impl SupervisedLoop for EngineLoop {
                 },
                 error: Some(message.to_string()),
             });
-            metrics::record_finished(FinishReason::Error);
         }
     }
 
@@ -307,6 +356,7 @@ impl SupervisedLoop for EngineLoop {
         self.kv_touched_before = self
             .kv_touched_before
             .max(self.scheduler.kv_blocks_touched());
+        self.tokens_before += self.scheduler.stats().tokens_scheduled;
         self.scheduler = Scheduler::new(self.sched_cfg, self.kv.n_blocks());
         self.scratch = ForwardScratch::default();
         self.panic_next_step = false;
@@ -315,13 +365,14 @@ impl SupervisedLoop for EngineLoop {
 }
 
 /// Sends what token `id` adds to request `a`'s stream; returns the finish reason when
-/// the request is done.
+/// the request is done (and counts it in `metrics`).
 fn emit(
     a: &mut Active,
     tokenizer: &Tokenizer,
     id: u32,
     logprobs: Option<TokenLogprobs>,
     cached_tokens: usize,
+    metrics: &EngineMetrics,
 ) -> Option<FinishReason> {
     a.generated += 1;
     let end_token =
@@ -351,6 +402,9 @@ fn emit(
         let _ = a.tx.try_send(Event::Token { id, text, logprobs });
     }
     if let Some(reason) = reason {
+        // Counted before the client can see the end, so that what it reads next
+        // includes this request.
+        metrics.finished(reason);
         // The end token counts, as llama-server and vLLM count it.
         let _ = a.tx.try_send(Event::Done {
             reason,

@@ -1,9 +1,15 @@
 //! The engine's metrics, recorded through the `metrics` facade; the gateway installs the
 //! Prometheus exporter. Without an installed recorder these calls cost next to nothing.
+//!
+//! Every series carries a `model` label with the served model's name, so the engines of
+//! several models keep separate gauges instead of overwriting one another's. Handles are
+//! looked up at each call (a few per step) rather than kept, so an engine started before
+//! the exporter is installed still reports to it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, SharedString};
 
 use crate::request::FinishReason;
 use crate::scheduler::SchedulerStats;
@@ -40,47 +46,70 @@ pub const ENGINE_RESTARTS: &str = "sluice_engine_restarts_total";
 /// Time from submission to first admission into the running batch.
 pub const QUEUE_SECONDS: &str = "sluice_request_queue_seconds";
 
-/// A request entered the running batch for the first time after `waited`.
-pub fn record_queue_time(waited: Duration) {
-    histogram!(QUEUE_SECONDS).record(waited.as_secs_f64());
+/// Records one engine's metrics under its model's name.
+#[derive(Debug, Clone)]
+pub struct EngineMetrics {
+    model: SharedString,
 }
 
-/// Queue and cache gauges, after every loop iteration.
-pub fn record_state(running: usize, waiting: usize, kv_usage: f64, stats: &SchedulerStats) {
-    gauge!(REQUESTS_RUNNING).set(running as f64);
-    gauge!(REQUESTS_WAITING).set(waiting as f64);
-    gauge!(KV_CACHE_USAGE).set(kv_usage);
-    if stats.prompt_tokens_queried > 0 {
-        gauge!(PREFIX_CACHE_HIT)
-            .set(stats.prompt_tokens_cached as f64 / stats.prompt_tokens_queried as f64);
+impl EngineMetrics {
+    /// Metrics labelled `model="<model>"`.
+    pub fn new(model: &str) -> Self {
+        EngineMetrics {
+            model: SharedString::from(Arc::<str>::from(model)),
+        }
     }
-}
 
-/// How much of the KV cache has been written.
-pub fn record_kv_touched(bytes: usize) {
-    gauge!(KV_CACHE_TOUCHED_BYTES).set(bytes as f64);
-}
+    /// The model label's value.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
 
-/// An engine loop panicked and is being restarted.
-pub fn record_restart() {
-    counter!(ENGINE_RESTARTS).increment(1);
-}
+    /// A request entered the running batch for the first time after `waited`.
+    pub fn queue_time(&self, waited: Duration) {
+        histogram!(QUEUE_SECONDS, "model" => self.model.clone()).record(waited.as_secs_f64());
+    }
 
-/// One forward step.
-pub fn record_step(sequences: usize, tokens: usize, sampled: usize, took: Duration) {
-    histogram!(STEP_BATCH_SIZE).record(sequences as f64);
-    histogram!(STEP_TOKENS).record(tokens as f64);
-    histogram!(STEP_SECONDS).record(took.as_secs_f64());
-    counter!(GENERATION_TOKENS).increment(sampled as u64);
-}
+    /// Queue and cache gauges, after every loop iteration.
+    pub fn state(&self, running: usize, waiting: usize, kv_usage: f64, stats: &SchedulerStats) {
+        let m = || self.model.clone();
+        gauge!(REQUESTS_RUNNING, "model" => m()).set(running as f64);
+        gauge!(REQUESTS_WAITING, "model" => m()).set(waiting as f64);
+        gauge!(KV_CACHE_USAGE, "model" => m()).set(kv_usage);
+        if stats.prompt_tokens_queried > 0 {
+            gauge!(PREFIX_CACHE_HIT, "model" => m())
+                .set(stats.prompt_tokens_cached as f64 / stats.prompt_tokens_queried as f64);
+        }
+    }
 
-/// Newly admitted prompts and preemptions in a step.
-pub fn record_admissions(prompt_tokens: usize, preemptions: usize) {
-    counter!(PROMPT_TOKENS).increment(prompt_tokens as u64);
-    counter!(PREEMPTIONS).increment(preemptions as u64);
-}
+    /// How much of the KV cache has been written.
+    pub fn kv_touched(&self, bytes: usize) {
+        gauge!(KV_CACHE_TOUCHED_BYTES, "model" => self.model.clone()).set(bytes as f64);
+    }
 
-/// A request ended.
-pub fn record_finished(reason: FinishReason) {
-    counter!(REQUESTS_FINISHED, "reason" => reason.as_str()).increment(1);
+    /// The engine loop panicked and is being restarted.
+    pub fn restart(&self) {
+        counter!(ENGINE_RESTARTS, "model" => self.model.clone()).increment(1);
+    }
+
+    /// One forward step.
+    pub fn step(&self, sequences: usize, tokens: usize, sampled: usize, took: Duration) {
+        let m = || self.model.clone();
+        histogram!(STEP_BATCH_SIZE, "model" => m()).record(sequences as f64);
+        histogram!(STEP_TOKENS, "model" => m()).record(tokens as f64);
+        histogram!(STEP_SECONDS, "model" => m()).record(took.as_secs_f64());
+        counter!(GENERATION_TOKENS, "model" => m()).increment(sampled as u64);
+    }
+
+    /// Newly admitted prompts and preemptions in a step.
+    pub fn admissions(&self, prompt_tokens: usize, preemptions: usize) {
+        counter!(PROMPT_TOKENS, "model" => self.model.clone()).increment(prompt_tokens as u64);
+        counter!(PREEMPTIONS, "model" => self.model.clone()).increment(preemptions as u64);
+    }
+
+    /// A request ended.
+    pub fn finished(&self, reason: FinishReason) {
+        counter!(REQUESTS_FINISHED, "model" => self.model.clone(), "reason" => reason.as_str())
+            .increment(1);
+    }
 }

@@ -54,26 +54,28 @@ pub struct Model {
     pub cfg: ModelConfig,
     pub file: Arc<GgufFile>,
     weights: ModelWeights,
-    pool: ThreadPool,
+    /// The process's compute pool, shared with every other model's engine loop.
+    pool: Arc<ThreadPool>,
     kernels: KernelSet,
 }
 
 impl Model {
-    /// Loads the GGUF at `path` and checks it is a model we can run.
-    pub fn load(path: &Path, threads: usize) -> Result<Self, ModelError> {
+    /// Loads the GGUF at `path` and checks it is a model we can run; its forward passes
+    /// run on `pool`.
+    pub fn load(path: &Path, pool: Arc<ThreadPool>) -> Result<Self, ModelError> {
         let file = Arc::new(GgufFile::open(path)?);
-        Self::from_gguf(file, threads)
+        Self::from_gguf(file, pool)
     }
 
     /// Builds the model from an already parsed file.
-    pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> Result<Self, ModelError> {
+    pub fn from_gguf(file: Arc<GgufFile>, pool: Arc<ThreadPool>) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(&file)?;
         let weights = ModelWeights::load(&file, &cfg)?;
         Ok(Model {
             cfg,
             file,
             weights,
-            pool: ThreadPool::new(threads).map_err(|e| ModelError::Threads(e.to_string()))?,
+            pool,
             kernels: kernels::detected(),
         })
     }
@@ -88,14 +90,26 @@ impl Model {
         self.pool.threads()
     }
 
+    /// The compute pool the forward pass runs on.
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
     /// Runs the batch and returns, row after row, the logits of each chunk that asked
-    /// for them (in batch order).
+    /// for them (in batch order). It holds the compute pool's lease throughout.
+    ///
+    /// Within each layer every token's K/V is written to the cache before any attention
+    /// of that layer runs. The scheduler relies on this: a chunk may attend to cache
+    /// blocks that an earlier chunk of the same batch fills (identical prompts admitted
+    /// together compute their shared blocks once), so attention must never be fused
+    /// with the K/V writes of other chunks in a way that reads a block before it is written.
     pub fn forward<'s>(
         &self,
         batch: &[SeqChunk],
         kv: &mut KvCache,
         s: &'s mut ForwardScratch,
     ) -> &'s [f32] {
+        let _lease = self.pool.lease();
         let cfg = &self.cfg;
         let (dim, kv_dim, hd) = (cfg.dim, cfg.kv_dim(), cfg.head_dim);
         let n: usize = batch.iter().map(|c| c.tokens.len()).sum();
@@ -536,7 +550,10 @@ pub(crate) mod tests {
     }
 
     fn load(bytes: Vec<u8>) -> Result<Model, ModelError> {
-        Model::from_gguf(Arc::new(GgufFile::from_bytes(bytes)?), 2)
+        Model::from_gguf(
+            Arc::new(GgufFile::from_bytes(bytes)?),
+            Arc::new(ThreadPool::new(2).unwrap()),
+        )
     }
 
     #[test]

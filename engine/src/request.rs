@@ -107,4 +107,7 @@ pub struct EngineStats {
     pub preemptions: u64,
     pub prompt_tokens_admitted: u64,
     pub prompt_tokens_cached: u64,
+    /// Tokens run through the model so far (prompt chunks, recomputation after
+    /// preemption, and decodes): the sum of `sluice_step_tokens`.
+    pub tokens_computed: u64,
 }

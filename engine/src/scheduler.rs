@@ -10,6 +10,22 @@
 //! the newest running request is preempted: its blocks are released (the full ones stay
 //! in the prefix cache) and it goes back to the front of the queue, to be recomputed
 //! from its prompt and the tokens it had produced, and then continue.
+//!
+//! A block enters the prefix cache when it is *scheduled* to be filled, not after the
+//! step: the forward pass writes every token's K/V of a layer before any attention of
+//! that layer (see `Model::forward`), so a sequence later in the same step may attend to
+//! blocks an earlier one computes in it. Identical prompts admitted together (the `n`
+//! choices of one request, or simultaneous requests) therefore compute their shared
+//! blocks once.
+//!
+//! A waiting request never finds the next block of its prompt still to be computed by a
+//! running request: waiting requests are admitted only with budget left after every
+//! running request got its chunk, and a chunk that stops short of the end of its
+//! sequence's known tokens spends the whole budget. So by the time a request is
+//! admitted, every full block that running requests know the tokens of is either
+//! computed or scheduled in this step, hence in the cache (until evicted), and there is
+//! nothing to wait for. (Were chunks ever capped per request, a prompt sharing a
+//! prefix with one still prefilling would have to wait for it instead.)
 
 use std::collections::VecDeque;
 
@@ -88,6 +104,8 @@ pub struct SchedulerStats {
     pub prompt_tokens_queried: u64,
     pub prompt_tokens_cached: u64,
     pub preemptions: u64,
+    /// Tokens in all steps planned so far.
+    pub tokens_scheduled: u64,
 }
 
 /// Plans steps over a fixed pool of KV blocks.
@@ -224,9 +242,21 @@ impl Scheduler {
                 len: n,
                 sample: seq.computed + n == seq.tokens.len(),
             });
+            Self::register_scheduled(&self.hasher, &mut self.alloc, seq, seq.computed + n);
             budget -= n;
             i += 1;
         }
+        // Admission with budget left means every running request was scheduled to the
+        // end of its known tokens (see the module doc): nothing it will compute later
+        // could be shared with an admitted prompt.
+        debug_assert!(
+            budget == 0
+                || self.running.iter().all(|s| plan
+                    .chunks
+                    .iter()
+                    .any(|c| c.seq == s.id && c.start + c.len == s.tokens.len())),
+            "budget left while a running request is not fully scheduled"
+        );
 
         // Then queued requests, first come first served, unless this step had to preempt
         // (admitting more would only preempt again).
@@ -270,14 +300,38 @@ impl Scheduler {
                 len: n,
                 sample: computed + n == seq.tokens.len(),
             });
+            // Before the next waiting request looks up the cache, so that an identical
+            // prompt behind this one shares the blocks this step fills.
+            Self::register_scheduled(&self.hasher, &mut self.alloc, &mut seq, computed + n);
             budget -= n;
             self.running.push(seq);
         }
+        self.stats.tokens_scheduled += plan.chunks.iter().map(|c| c.len as u64).sum::<u64>();
         plan
     }
 
+    /// Registers in the prefix cache every full block of `seq` below `end`, the end of
+    /// what this step computes for it.
+    fn register_scheduled(
+        hasher: &BlockHasher,
+        alloc: &mut KvBlockAllocator,
+        seq: &mut Sequence,
+        end: usize,
+    ) {
+        let full = end / BLOCK_SIZE;
+        if full <= seq.registered {
+            return;
+        }
+        hasher.extend(&mut seq.hashes, &seq.tokens);
+        for b in seq.registered..full {
+            alloc.register(seq.blocks[b], seq.hashes[b]);
+        }
+        seq.registered = full;
+    }
+
     /// Applies a finished step: the planned tokens are now computed, and `sampled` holds
-    /// the token drawn for each chunk that sampled.
+    /// the token drawn for each chunk that sampled. (Their blocks were registered in the
+    /// prefix cache when the step was planned.)
     pub fn update(&mut self, plan: &StepPlan, sampled: &[(SeqId, u32)]) {
         for chunk in &plan.chunks {
             let Some(seq) = self.running.iter_mut().find(|s| s.id == chunk.seq) else {
@@ -285,12 +339,6 @@ impl Scheduler {
             };
             debug_assert_eq!(seq.computed, chunk.start);
             seq.computed = chunk.start + chunk.len;
-            self.hasher.extend(&mut seq.hashes, &seq.tokens);
-            let full = seq.computed / BLOCK_SIZE;
-            for b in seq.registered..full {
-                self.alloc.register(seq.blocks[b], seq.hashes[b]);
-            }
-            seq.registered = seq.registered.max(full);
             if chunk.sample {
                 if let Some(&(_, t)) = sampled.iter().find(|(id, _)| *id == chunk.seq) {
                     seq.tokens.push(t);
@@ -492,6 +540,103 @@ mod tests {
         // Its first full block comes back from the prefix cache; the rest is recomputed.
         assert_eq!(p.chunks, vec![chunk(2, 16, before.len() - 16, true)]);
         assert!(p.admitted.is_empty(), "a re-admission is not a new request");
+    }
+
+    #[test]
+    fn identical_prompts_admitted_together_compute_the_shared_blocks_once() {
+        // Four choices of one 710-token prompt, a 512-token budget: the first one's
+        // prompt takes two steps, the others join in the second and compute only their
+        // last, partial block (the last token's logits are needed).
+        let mut s = sched(8, 512, 256);
+        let p = prompt(1, 710);
+        for id in 1..=4 {
+            s.add(id, p.clone());
+        }
+        let first = step(&mut s, 9);
+        assert_eq!(first.chunks, vec![chunk(1, 0, 512, false)]);
+        let second = step(&mut s, 9);
+        assert_eq!(
+            second.chunks,
+            vec![
+                chunk(1, 512, 198, true),
+                chunk(2, 704, 6, true),
+                chunk(3, 704, 6, true),
+                chunk(4, 704, 6, true),
+            ]
+        );
+        assert_eq!(s.stats().tokens_scheduled, 710 + 3 * 6);
+        // They read the same blocks, which the first one fills in this very step.
+        let table = |id| s.get(id).unwrap().blocks.clone();
+        for id in 2..=4 {
+            assert_eq!(table(id)[..44], table(1)[..44]);
+            assert_ne!(
+                table(id)[44],
+                table(1)[44],
+                "the partial block is each one's own"
+            );
+        }
+        assert_eq!(s.get(4).unwrap().cached_prompt_tokens, 704);
+
+        // Admitted in the same step as the one that computes them, too.
+        let mut s = sched(8, 512, 256);
+        for id in 1..=3 {
+            s.add(id, prompt(2, 100));
+        }
+        let p = step(&mut s, 9);
+        assert_eq!(
+            p.chunks,
+            vec![
+                chunk(1, 0, 100, true),
+                chunk(2, 96, 4, true),
+                chunk(3, 96, 4, true)
+            ]
+        );
+        assert_eq!(s.get(3).unwrap().blocks[..6], s.get(1).unwrap().blocks[..6]);
+    }
+
+    #[test]
+    fn a_prompt_arriving_while_its_prefix_is_prefilled_does_not_recompute_it() {
+        // Request 2 shares request 1's first 992 tokens and arrives after request 1's
+        // first chunk: it is admitted only once request 1 has been scheduled to the end
+        // of its prompt, whose blocks are then in the cache.
+        let mut s = sched(8, 512, 256);
+        let mut a = prompt(1, 1000);
+        s.add(1, a.clone());
+        step(&mut s, 9);
+        a.truncate(992);
+        a.extend([5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+        s.add(2, a);
+        let p = step(&mut s, 9);
+        assert_eq!(
+            p.chunks,
+            vec![chunk(1, 512, 488, true), chunk(2, 992, 10, true)]
+        );
+        assert_eq!(s.stats().tokens_scheduled, 1000 + 10);
+
+        // Decodes of other requests take part of the budget: the chunk that ends a
+        // prompt leaves the rest for admissions, a chunk that does not leaves none.
+        let mut s = sched(8, 300, 256);
+        s.add(1, prompt(3, 20));
+        step(&mut s, 9);
+        s.add(2, prompt(4, 640));
+        s.add(3, prompt(4, 640));
+        let plans: Vec<StepPlan> = (0..3).map(|_| step(&mut s, 9)).collect();
+        assert_eq!(
+            plans[0].chunks,
+            vec![chunk(1, 20, 1, true), chunk(2, 0, 299, false)]
+        );
+        assert_eq!(
+            plans[1].chunks,
+            vec![chunk(1, 21, 1, true), chunk(2, 299, 299, false)]
+        );
+        assert_eq!(
+            plans[2].chunks,
+            vec![
+                chunk(1, 22, 1, true),
+                chunk(2, 598, 42, true),
+                chunk(3, 624, 16, true)
+            ]
+        );
     }
 
     #[test]

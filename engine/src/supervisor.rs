@@ -61,8 +61,14 @@ pub(crate) trait SupervisedLoop {
     fn reset(&mut self);
 }
 
-/// Runs `body` until it returns normally, restarting it after each panic.
-pub(crate) fn supervise(body: &mut impl SupervisedLoop, health: &EngineHealth, name: &str) {
+/// Runs `body` until it returns normally, restarting it after each panic; `name` (the
+/// served model's) appears in the logs.
+pub(crate) fn supervise(
+    body: &mut impl SupervisedLoop,
+    health: &EngineHealth,
+    name: &str,
+    metrics: &crate::metrics::EngineMetrics,
+) {
     let mut backoff = FIRST_BACKOFF;
     let mut last_start = Instant::now();
     loop {
@@ -93,7 +99,7 @@ pub(crate) fn supervise(body: &mut impl SupervisedLoop, health: &EngineHealth, n
                     );
                     return;
                 }
-                crate::metrics::record_restart();
+                metrics.restart();
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 health.restarts.fetch_add(1, Ordering::AcqRel);
@@ -140,7 +146,12 @@ mod tests {
             resets: 0,
         };
         let t = Instant::now();
-        supervise(&mut l, &health, "test");
+        supervise(
+            &mut l,
+            &health,
+            "test",
+            &crate::metrics::EngineMetrics::new("test"),
+        );
         assert_eq!(l.failed, vec![RESTART_MESSAGE; 2]);
         assert_eq!(l.resets, 2);
         assert_eq!(health.restarts(), 2);

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::engine_loop::{Command, Submission};
+use crate::metrics::EngineMetrics;
 use crate::request::{EngineStats, Event, FinishReason, Usage};
 use crate::supervisor::SupervisedLoop;
 
@@ -109,6 +110,7 @@ pub(crate) struct SyntheticLoop {
     last_sweep: Instant,
     /// Set by `Command::InjectPanic`.
     panic_next_tick: bool,
+    metrics: EngineMetrics,
 }
 
 impl SyntheticLoop {
@@ -118,6 +120,7 @@ impl SyntheticLoop {
         stats: Arc<Mutex<EngineStats>>,
         tokens_per_second: f64,
         max_running: usize,
+        metrics: EngineMetrics,
     ) -> Self {
         let interval = Duration::from_secs_f64(1.0 / tokens_per_second);
         SyntheticLoop {
@@ -132,6 +135,7 @@ impl SyntheticLoop {
             next_seq: 0,
             last_sweep: Instant::now(),
             panic_next_tick: false,
+            metrics,
         }
     }
 
@@ -250,7 +254,7 @@ impl SyntheticLoop {
             st.running = self.running.len();
             st.queued = self.queued.len();
         }
-        crate::metrics::record_state(
+        self.metrics.state(
             self.running.len(),
             self.queued.len(),
             0.0,

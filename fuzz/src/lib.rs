@@ -235,7 +235,11 @@ pub fn gguf(data: &[u8]) {
             chat_template(src.as_bytes());
         }
     }
-    let Ok(model) = sluice_engine::model::Model::from_gguf(file, 1) else {
+    // One thread, so no worker is spawned per input.
+    let Ok(pool) = sluice_engine::thread_pool::ThreadPool::new(1) else {
+        return;
+    };
+    let Ok(model) = sluice_engine::model::Model::from_gguf(file, std::sync::Arc::new(pool)) else {
         return;
     };
     let cfg = model.cfg.clone();

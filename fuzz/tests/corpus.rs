@@ -169,7 +169,7 @@ fn write_gguf_seeds() {
     let whole = write(&meta, &tensors);
     let model = sluice_engine::model::Model::from_gguf(
         std::sync::Arc::new(sluice_engine::gguf::GgufFile::from_bytes(whole.clone()).unwrap()),
-        1,
+        std::sync::Arc::new(sluice_engine::thread_pool::ThreadPool::new(1).unwrap()),
     );
     assert!(
         model.is_ok(),

@@ -145,7 +145,7 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
-    /// Compute threads per model (default: all cores).
+    /// Compute threads of the whole process, shared by every model (default: all cores).
     pub threads: Option<usize>,
     /// KV cache capacity per model, in tokens.
     pub kv_cache_tokens: usize,

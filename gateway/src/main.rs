@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sluice_engine::chat_template::ChatTemplate;
 use sluice_engine::model::Model;
+use sluice_engine::thread_pool::ThreadPool;
 use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
@@ -93,7 +94,8 @@ struct ServeArgs {
     /// Name clients use in `model` for --model; defaults to the file name without `.gguf`.
     #[arg(long, env = "SLUICE_MODEL_NAME")]
     model_name: Option<String>,
-    /// Compute threads per model [config: engine.threads; default all cores].
+    /// Compute threads of the whole process, shared by all models [config: engine.threads;
+    /// default all cores].
     #[arg(long, env = "SLUICE_THREADS")]
     threads: Option<usize>,
     /// Requests decoded together [config: limits.max_running_requests].
@@ -254,8 +256,8 @@ fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
 
 /// How a served model generates.
 enum Backend {
-    /// Our inference engine on the GGUF's weights.
-    Model { threads: usize },
+    /// Our inference engine on the GGUF's weights, computing on the process's pool.
+    Model { pool: Arc<ThreadPool> },
     /// No inference: filler tokens at this many per second per request.
     Synthetic { tokens_per_second: f64 },
 }
@@ -308,16 +310,23 @@ fn load_served_model(
         ),
     };
     let engine = match backend {
-        Backend::Model { threads } => {
-            let model =
-                Model::from_gguf(file, threads).with_context(|| format!("loading {shown}"))?;
-            info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = model.kernel_name(), threads, "model loaded");
-            Engine::start(model, tokenizer.clone(), cfg)?
+        Backend::Model { pool } => {
+            let model = Model::from_gguf(file, pool).with_context(|| format!("loading {shown}"))?;
+            info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = model.kernel_name(), threads = model.threads(), "model loaded");
+            Engine::start(
+                model,
+                tokenizer.clone(),
+                EngineConfig {
+                    name: name.clone(),
+                    ..cfg
+                },
+            )?
         }
         Backend::Synthetic { tokens_per_second } => {
             info!(model = %name, tokens_per_second, vocabulary = %shown, "synthetic engine: no inference, filler tokens at a fixed pace");
             // No compute limits the batch: every accepted request runs at once.
             let cfg = EngineConfig {
+                name: name.clone(),
                 max_running_requests: usize::MAX,
                 ..cfg
             };
@@ -358,19 +367,32 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let config = args.config()?;
     let threads = config.engine.threads.unwrap_or_else(default_threads);
     let engine_cfg = EngineConfig {
+        name: String::new(), // each model's own, below
         max_running_requests: config.limits.max_running_requests,
         max_waiting_requests: config.limits.max_waiting_requests,
         max_num_batched_tokens: config.limits.max_num_batched_tokens,
         kv_cache_tokens: config.engine.kv_cache_tokens,
     };
     let entries = config.served_models();
+    // One compute pool for every model: `threads` is the process's budget, and engines
+    // take turns on it step by step (see `ThreadPool::lease`).
+    let mut pool: Option<Arc<ThreadPool>> = None;
     let mut models = Vec::with_capacity(entries.len());
     for e in entries {
         let backend = match e.engine.as_deref() {
             Some("synthetic") => Backend::Synthetic {
                 tokens_per_second: e.tokens_per_second.unwrap_or(50.0),
             },
-            _ => Backend::Model { threads },
+            _ => Backend::Model {
+                pool: match &pool {
+                    Some(p) => p.clone(),
+                    None => pool
+                        .insert(Arc::new(
+                            ThreadPool::new(threads).context("starting the compute threads")?,
+                        ))
+                        .clone(),
+                },
+            },
         };
         // The synthetic engine needs a vocabulary, not weights: a model file only when
         // one is named, never a download.
@@ -475,7 +497,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
 fn run_bench(args: BenchArgs) -> Result<()> {
     let path = resolve_model(args.model)?;
     let threads = args.threads.unwrap_or_else(default_threads);
-    let model = Model::load(&path, threads)?;
+    let pool = Arc::new(ThreadPool::new(threads).context("starting the compute threads")?);
+    let model = Model::load(&path, pool)?;
     println!(
         "model: {} ({} layers, dim {}), threads: {threads}, kernels: {}",
         path.display(),
@@ -508,6 +531,30 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             args.gen_tokens,
             args.batch_prompt_tokens,
             1000.0 * args.batch as f64 / tok_s
+        );
+        let sampled = bench::bench_batched_sampled_decode(
+            &model,
+            args.batch,
+            args.batch_prompt_tokens,
+            args.gen_tokens,
+            args.reps,
+        );
+        println!(
+            "batched decode sampled at temperature 1, top_p 1: {:.1} tok/s; per step {:.2} ms forward + {:.2} ms sampling (greedy picking: {:.2} ms): {:.2}x greedy",
+            sampled.tok_s,
+            sampled.forward_ms,
+            sampled.sampled_ms,
+            sampled.greedy_ms,
+            sampled.vs_greedy()
+        );
+        let rows: Vec<String> = bench::bench_sampler_row(&model, args.reps)
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.0} us"))
+            .collect();
+        println!(
+            "sampling one row of {} logits, one thread: {}",
+            model.cfg.vocab_size,
+            rows.join(", ")
         );
     }
     if args.no_llama_cpp {

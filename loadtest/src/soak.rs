@@ -67,7 +67,8 @@ pub struct SoakReport {
     /// Greedy answers compared with their reference.
     pub greedy_checked: u64,
     pub memory: Option<MemorySamples>,
-    /// `sluice_kv_cache_usage_ratio` once the load stopped and the engine went idle.
+    /// `sluice_kv_cache_usage_ratio` once the load stopped and the engine went idle
+    /// (summed over the served models, as is `running_at_end`).
     pub kv_usage_at_end: Option<f64>,
     pub running_at_end: Option<f64>,
 }
@@ -402,7 +403,8 @@ async fn gauge(s: &Shared, name: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    metric_value(&text, name)
+    // Engine metrics are per model: the server's total.
+    metric_sum(&text, name, &[])
 }
 
 /// The value of series `name` (labels included, as written) in Prometheus text.
@@ -411,6 +413,61 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         .find(|l| l.split(' ').next() == Some(name))
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+/// The sum of the series of metric `name` whose labels include every `(label, value)` of
+/// `labels` (every series of `name` when empty), in Prometheus text; `None` when no
+/// series matches. E.g. `sluice_requests_running` over all models, or
+/// `sluice_requests_finished_total` with `[("reason", "cancelled")]`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (family, have) = match series.split_once('{') {
+            Some((f, rest)) => (f, parse_labels(rest.strip_suffix('}').unwrap_or(rest))),
+            None => (series, Vec::new()),
+        };
+        if family != name
+            || !labels
+                .iter()
+                .all(|&(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+        {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// `a="x",b="y\"z"` as pairs, escapes undone.
+fn parse_labels(mut s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some((key, rest)) = s.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let mut end = rest.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, e)) => value.push(e),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').to_string(), value));
+        s = &rest[end..];
+    }
+    out
 }
 
 async fn kv_touched_kib(s: &Shared) -> u64 {
@@ -536,4 +593,37 @@ pub async fn soak(spec: SoakSpec, progress: impl Fn(f64, u64)) -> Result<SoakRep
         kv_usage_at_end: kv,
         running_at_end: running,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_adds_the_matching_series() {
+        let text = "# HELP x\n\
+                    sluice_requests_running{model=\"a\"} 2\n\
+                    sluice_requests_running{model=\"b\"} 3\n\
+                    sluice_requests_running_other 7\n\
+                    sluice_requests_finished_total{model=\"a\",reason=\"cancelled\"} 1\n\
+                    sluice_requests_finished_total{model=\"b\",reason=\"cancelled\"} 4\n\
+                    sluice_requests_finished_total{model=\"b\",reason=\"stop\"} 9\n\
+                    sluice_http_requests_total{route=\"/v1/x\",status=\"200\"} 5\n\
+                    odd{v=\"q\\\"x,y\"} 6\n";
+        assert_eq!(metric_sum(text, "sluice_requests_running", &[]), Some(5.0));
+        let m = [("model", "b")];
+        assert_eq!(metric_sum(text, "sluice_requests_running", &m), Some(3.0));
+        let cancelled = [("reason", "cancelled")];
+        assert_eq!(
+            metric_sum(text, "sluice_requests_finished_total", &cancelled),
+            Some(5.0)
+        );
+        let both = [("model", "b"), ("reason", "stop")];
+        assert_eq!(
+            metric_sum(text, "sluice_requests_finished_total", &both),
+            Some(9.0)
+        );
+        assert_eq!(metric_sum(text, "sluice_requests_waiting", &[]), None);
+        assert_eq!(metric_sum(text, "odd", &[("v", "q\"x,y")]), Some(6.0));
+    }
 }

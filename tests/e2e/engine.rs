@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use sluice_engine::model::Model;
 use sluice_engine::sampling::SamplingParams;
+use sluice_engine::thread_pool::ThreadPool;
 use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, FinishReason, GenerationRequest, RequestStream};
 
@@ -13,7 +14,8 @@ use crate::support::model_path;
 
 fn engine(cfg: EngineConfig) -> (Engine, Arc<Tokenizer>) {
     let path = model_path();
-    let model = Model::load(&path, 2).expect("model");
+    let pool = Arc::new(ThreadPool::new(2).expect("compute threads"));
+    let model = Model::load(&path, pool).expect("model");
     let tokenizer = Arc::new(Tokenizer::load(&model.file, Some(&path)).expect("tokenizer"));
     let e = Engine::start(model, tokenizer.clone(), cfg).expect("engine starts");
     (e, tokenizer)
@@ -189,5 +191,61 @@ fn a_seed_gives_the_same_sample_alone_or_batched() {
     assert_ne!(
         alone, other_seed,
         "a different seed should sample differently"
+    );
+}
+
+/// A prompt of about `n` tokens (a longer one, cut to exactly `n`).
+fn long_prompt(tok: &Tokenizer, n: usize) -> Vec<u32> {
+    let text = "The committee met on a grey morning to weigh the harbour plans, the budget for \
+                the new sea wall, and the complaints of the fishermen about the silted channel. "
+        .repeat(40);
+    let mut ids = tok.encode(&text, true).expect("encode");
+    assert!(ids.len() >= n, "{} tokens", ids.len());
+    ids.truncate(n);
+    ids
+}
+
+#[test]
+fn identical_prompts_together_compute_the_prompt_once_with_the_same_greedy_text() {
+    // `n = 4` of one request: four identical prompts submitted together.
+    let cfg = EngineConfig {
+        kv_cache_tokens: 4096,
+        ..EngineConfig::default()
+    };
+    let (e, tok) = engine(cfg.clone());
+    let prompt = long_prompt(&tok, 710);
+    let (gen, n) = (8, 4);
+    let req = GenerationRequest {
+        prompt: prompt.clone(),
+        max_tokens: gen,
+        sampling: greedy(),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut streams: Vec<_> = (0..n).map(|_| e.submit(req.clone()).unwrap()).collect();
+    let outs: Vec<Vec<u32>> = streams.iter_mut().map(|s| collect(s).0).collect();
+    // Stats are published after the step that sent the last token.
+    wait_until(&e, "the requests to leave", |s| s.running == 0);
+    let st = e.stats();
+    // Each choice's first token comes with its prompt; the other gen - 1 are decodes.
+    let decodes = (n * (gen - 1)) as u64;
+    let prompt_work = st.tokens_computed - decodes;
+    assert!(
+        prompt_work as f64 <= 1.1 * prompt.len() as f64,
+        "computed {prompt_work} prompt tokens for a {}-token prompt ({st:?})",
+        prompt.len()
+    );
+    for o in &outs[1..] {
+        assert_eq!(o, &outs[0], "choices of one greedy request differ");
+    }
+    drop(e);
+    // The same prompt alone on a fresh engine, nothing shared: the same text.
+    let (alone, _) = engine(cfg);
+    let want = collect(&mut alone.submit(req).unwrap()).0;
+    assert_eq!(outs[0], want, "sharing the prompt changed the greedy text");
+    wait_until(&alone, "the request to leave", |s| s.running == 0);
+    assert_eq!(
+        alone.stats().tokens_computed,
+        (prompt.len() + gen - 1) as u64
     );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::Server;
+use crate::support::{metric_sum, Server};
 
 /// A fresh key and its `[[keys]]` entry, from `sluice keys new`.
 pub(crate) fn new_key(name: &str, extra: &str) -> (String, String) {
@@ -190,7 +190,7 @@ async fn request_and_token_rates_give_429_with_openai_headers() {
         format!("sluice_key_prompt_tokens_total{{key=\"limited\"}} {prompt}"),
         "sluice_key_generation_tokens_total{key=\"limited\"} 2".into(),
         "sluice_time_to_first_token_seconds_count{".into(),
-        "sluice_request_queue_seconds_count 1".into(),
+        "sluice_request_queue_seconds_count{model=\"SmolLM2-135M-Instruct.Q4_1\"} 1".into(),
     ] {
         assert!(m.contains(&line), "{line} missing from:\n{m}");
     }
@@ -284,7 +284,7 @@ async fn a_full_queue_answers_503_at_once_and_accepted_requests_finish() {
     running.next().await.unwrap().unwrap();
     // The role chunk comes before admission: wait until the engine runs the request.
     let t = std::time::Instant::now();
-    while !server.metrics().await.contains("sluice_requests_running 1") {
+    while metric_sum(&server.metrics().await, "sluice_requests_running", &[]) != Some(1.0) {
         assert!(t.elapsed() < Duration::from_secs(30), "never admitted");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -327,9 +327,10 @@ async fn a_slow_non_streaming_generation_times_out_with_504_and_is_cancelled() {
     let mut freed = false;
     for _ in 0..1500 {
         let m = server.metrics().await;
-        if m.contains("sluice_requests_finished_total{reason=\"cancelled\"} 1")
-            && m.contains("sluice_requests_running 0")
-            && m.contains("sluice_kv_cache_usage_ratio 0")
+        if metric_sum(&m, "sluice_requests_finished_total", &[("reason", "cancelled")])
+            == Some(1.0)
+            && metric_sum(&m, "sluice_requests_running", &[]) == Some(0.0)
+            && metric_sum(&m, "sluice_kv_cache_usage_ratio", &[]) == Some(0.0)
         {
             assert!(!m.contains("reason=\"length\""), "{m}");
             freed = true;

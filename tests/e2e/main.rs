@@ -6,6 +6,7 @@ mod clients;
 mod engine;
 mod gateway;
 mod loadtest;
+mod multi_model;
 mod openai_sdk;
 mod parity;
 mod reliability;

@@ -20,6 +20,7 @@ use sluice_engine::chat_template::{ChatMessage, ChatTemplate};
 use sluice_engine::kv_cache::{KvCache, BLOCK_SIZE};
 use sluice_engine::model::{ForwardScratch, Model, SeqChunk};
 use sluice_engine::sampling::{logprobs, SamplingParams};
+use sluice_engine::thread_pool::ThreadPool;
 use sluice_engine::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, GenerationRequest};
 
@@ -46,8 +47,10 @@ fn loaded() -> &'static Loaded {
     static L: OnceLock<Loaded> = OnceLock::new();
     L.get_or_init(|| {
         let path = model_path();
-        // One model for the engine (greedy runs), one driven directly (replays).
-        let model = Arc::new(Model::load(&path, 2).expect("model"));
+        // One model for the engine (greedy runs), one driven directly (replays), sharing
+        // the process's compute threads as served models do.
+        let pool = Arc::new(ThreadPool::new(2).expect("compute threads"));
+        let model = Arc::new(Model::load(&path, pool.clone()).expect("model"));
         let tokenizer = Arc::new(Tokenizer::load(&model.file, Some(&path)).expect("tokenizer"));
         let src = model
             .file
@@ -57,7 +60,7 @@ fn loaded() -> &'static Loaded {
         let template =
             ChatTemplate::new(&src, "<|im_start|>", "<|im_end|>").expect("template compiles");
         let engine = Engine::start(
-            Model::load(&path, 2).expect("model"),
+            Model::load(&path, pool).expect("model"),
             tokenizer.clone(),
             EngineConfig::default(),
         )

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::gateway::{chat, error_of, hi, new_key};
-use crate::support::{metric, Server};
+use crate::support::{metric, metric_sum, Server};
 use crate::websocket::{connect, is, send, until};
 
 const KEY: &str = "sk-sluice-dev";
@@ -480,7 +480,12 @@ async fn an_engine_panic_fails_requests_in_flight_and_the_engine_restarts() {
     );
     assert!(raw_sse.ends_with("data: [DONE]\n\n"));
     let m = server.metrics().await;
-    assert_eq!(metric(&m, "sluice_engine_restarts_total"), Some(1.0), "{m}");
+    let restarts = [("model", "m")];
+    assert_eq!(
+        metric_sum(&m, "sluice_engine_restarts_total", &restarts),
+        Some(1.0),
+        "{m}"
+    );
     // Serving resumes, with the same greedy text as before the panic.
     let after = answer(chat(&server, &user, greedy).await.json().await.unwrap());
     assert_eq!(after, before);
@@ -488,9 +493,10 @@ async fn an_engine_panic_fails_requests_in_flight_and_the_engine_restarts() {
 }
 
 async fn cancelled(server: &Server) -> f64 {
-    metric(
+    metric_sum(
         &server.metrics().await,
-        "sluice_requests_finished_total{reason=\"cancelled\"}",
+        "sluice_requests_finished_total",
+        &[("reason", "cancelled")],
     )
     .unwrap_or(0.0)
 }
@@ -561,7 +567,7 @@ async fn disconnects_at_every_stage_free_everything() {
         } else {
             // Long enough for the engine to take the request, not to prefill it.
             let t = Instant::now();
-            while metric(&server.metrics().await, "sluice_requests_running") != Some(1.0) {
+            while metric_sum(&server.metrics().await, "sluice_requests_running", &[]) != Some(1.0) {
                 assert!(t.elapsed() < Duration::from_secs(30), "never admitted");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

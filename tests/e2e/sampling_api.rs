@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::{metric, Server};
+use crate::support::{metric_sum, Server};
 
 const KEY: &str = "Bearer sk-sluice-dev";
 
@@ -221,20 +221,22 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_blocks() {
     }
     let during = server.metrics().await;
     assert_eq!(
-        metric(&during, "sluice_requests_running"),
+        metric_sum(&during, "sluice_requests_running", &[]),
         Some(1.0),
         "{during}"
     );
-    assert!(metric(&during, "sluice_kv_cache_usage_ratio").unwrap() > 0.0);
+    assert!(metric_sum(&during, "sluice_kv_cache_usage_ratio", &[]).unwrap() > 0.0);
     drop(body);
     let t = Instant::now();
     loop {
         let m = server.metrics().await;
-        if metric(&m, "sluice_requests_running") == Some(0.0)
-            && metric(&m, "sluice_kv_cache_usage_ratio") == Some(0.0)
+        if metric_sum(&m, "sluice_requests_running", &[]) == Some(0.0)
+            && metric_sum(&m, "sluice_kv_cache_usage_ratio", &[]) == Some(0.0)
         {
-            assert!(
-                m.contains("sluice_requests_finished_total{reason=\"cancelled\"} 1"),
+            let cancelled = [("reason", "cancelled")];
+            assert_eq!(
+                metric_sum(&m, "sluice_requests_finished_total", &cancelled),
+                Some(1.0),
                 "{m}"
             );
             for name in [

@@ -171,6 +171,11 @@ impl Server {
         )
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's resident memory, in KiB.
     pub fn rss_kib(&self) -> u64 {
         sluice_loadtest::soak::rss_kib(self.child.id()).expect("VmRSS of the server")
@@ -188,7 +193,7 @@ impl Server {
                 "sluice_kv_cache_usage_ratio",
             ]
             .iter()
-            .all(|name| metric(&m, name).is_none_or(|v| v == 0.0));
+            .all(|name| metric_sum(&m, name, &[]).is_none_or(|v| v == 0.0));
             if idle {
                 return;
             }
@@ -234,4 +239,5 @@ impl Drop for Server {
     }
 }
 
+pub use sluice_loadtest::soak::metric_sum;
 pub use sluice_loadtest::soak::metric_value as metric;

@@ -275,7 +275,7 @@ pub fn detected() -> KernelSet {
 
 /// Whether AVX-512 kernels may run where the CPU has them: `SLUICE_NO_AVX512` turns them
 /// off, to run (and compare) as on an AVX2-only CPU. Read once by each detector.
-fn avx512_allowed() -> bool {
+pub(crate) fn avx512_allowed() -> bool {
     std::env::var_os("SLUICE_NO_AVX512").is_none()
 }
 
