@@ -183,14 +183,29 @@ pub fn bench_batched_decode(
     Stats::of(&samples).expect("at least one repetition")
 }
 
-/// Where `llama-bench` is: `$LLAMA_BENCH`, else the cache the benchmark scripts build into.
+/// Where `llama-bench` is: `$LLAMA_BENCH`, else the builds `scripts/install-llama-cpp`
+/// makes, the one that matches the kernels we run first: with `SLUICE_NO_AVX512` set, the
+/// AVX2-only build (`--avx2`); else the AVX-512 build (`--avx512`), then the native one
+/// (whose AMX kernels fault on VMs that do not enable AMX).
 pub fn find_llama_bench() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LLAMA_BENCH") {
         return Some(PathBuf::from(p));
     }
     let home = std::env::var_os("HOME")?;
-    let p = Path::new(&home).join(".cache/llamacpp/bin-dir/llama-bench");
-    p.is_file().then_some(p)
+    let builds: &[&str] = if std::env::var_os("SLUICE_NO_AVX512").is_some() {
+        &["llamacpp-avx2"]
+    } else {
+        &["llamacpp-avx512", "llamacpp"]
+    };
+    builds
+        .iter()
+        .map(|b| {
+            Path::new(&home)
+                .join(".cache")
+                .join(b)
+                .join("bin-dir/llama-bench")
+        })
+        .find(|p| p.is_file())
 }
 
 /// One test of a llama-bench run (`ppN` when `n_prompt > 0`, else `tgN`).
@@ -359,13 +374,17 @@ pub fn run(model: &Model, model_path: &Path, o: &BenchOptions) -> String {
     } else {
         match find_llama_bench() {
             None => {
-                say("llama.cpp: absent (set LLAMA_BENCH or run scripts/install-llama-cpp); no comparison".into());
+                say(
+                    "llama.cpp: absent (set LLAMA_BENCH or run scripts/install-llama-cpp, --avx512 \
+                     or, for SLUICE_NO_AVX512 runs, --avx2); no comparison"
+                        .into(),
+                );
                 None
             }
             Some(bin) => {
                 match bench_llama_cpp(&bin, model_path, o.threads, &prompts, o.gen, o.reps) {
                     Ok(run) => {
-                        say(format!("llama.cpp: {}", run.command));
+                        say(format!("llama.cpp: {} ({})", run.command, bin.display()));
                         if let Some(t) = run.tests.first() {
                             say(format!(
                                 "llama.cpp settings: -b {} -ub {} (llama-bench's defaults) {}",
