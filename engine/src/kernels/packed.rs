@@ -252,7 +252,12 @@ mod avx2 {
     /// The CPU must support AVX2, FMA and F16C; `g` is a row group of `w` and
     /// `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out` (`for_each_tile`
     /// checks these); no other thread may access `out`'s cells in rows `8g..8g + 8`.
-    #[inline(always)]
+    // Compiled for the features itself rather than `inline(always)`: it is called from
+    // the closure `run_tiles!` hands to `for_each_tile`, and a closure does not inherit
+    // target features; if that closure were not inlined, every intrinsic here would
+    // become a call (a 10x slower GEMM, seen when the closure's shape changed).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile<const C: usize>(
         w: &PackedQ4_1x8,
         g: usize,
@@ -306,7 +311,9 @@ mod avx2 {
     /// The CPU must support AVX2, FMA and F16C; `g` is a row group of `w` and
     /// `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out` (`for_each_tile`
     /// checks these); no other thread may access `out`'s cells in rows `8g..8g + 8`.
-    #[inline(always)]
+    /// (Compiled for the features itself, as `tile`.)
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_q8<const C: usize>(
         w: &PackedQ8_0x8,
         g: usize,

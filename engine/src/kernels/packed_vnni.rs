@@ -102,8 +102,11 @@ macro_rules! vnni_tiles {
             /// The CPU must support this module's features; `g` is a row group of `w`
             /// and `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out`
             /// (`for_each_tile` checks these); no other thread may access `out`'s cells
-            /// in rows `8g..8g + 8`.
-            #[inline(always)]
+            /// in rows `8g..8g + 8`. Compiled for the features itself (not
+            /// `inline(always)`): it is called from a closure, which does not inherit
+            /// them (see `packed::avx2::tile`).
+            #[inline]
+            #[target_feature(enable = $features)]
             unsafe fn tile_q4_1<const C: usize>(
                 w: &PackedQ4_1x8,
                 g: usize,
@@ -158,8 +161,9 @@ macro_rules! vnni_tiles {
             /// The CPU must support this module's features; `g` is a row group of `w`
             /// and `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out`
             /// (`for_each_tile` checks these); no other thread may access `out`'s cells
-            /// in rows `8g..8g + 8`.
-            #[inline(always)]
+            /// in rows `8g..8g + 8`. Compiled for the features itself, as `tile_q4_1`.
+            #[inline]
+            #[target_feature(enable = $features)]
             unsafe fn tile_q8_0<const C: usize>(
                 w: &PackedQ8_0x8,
                 g: usize,
