@@ -427,6 +427,7 @@ unsafe fn coefficients(
 /// move) and the row's weight, as llama.cpp's CPU flash attention computes them. The
 /// queries are independent; interleaving them keeps several of the running sums' chains
 /// of dependent additions in flight. `exp` is `exp_many` or a wider form equal to it.
+/// Returns whether any row rescales.
 #[inline(always)]
 pub(super) fn fold_scores<const Q: usize>(
     scores: &[[f32; RUN]; Q],
@@ -435,14 +436,30 @@ pub(super) fn fold_scores<const Q: usize>(
     rescale: &mut [[Option<f32>; RUN]; Q],
     weight: &mut [[f32; RUN]; Q],
     exp: fn(&[f32], &mut [f32]),
-) {
+) -> bool {
     assert!(m <= RUN && state.len() == Q);
     // The running maximum decides each row's `exp` argument; the `exp`s then run several
     // at a time (bit-identical to one libm call each), and the sum is folded in row order.
     let mut args = [[0f32; RUN]; Q];
     let mut raised = [[false; RUN]; Q];
+    // Past the first blocks the maximum seldom moves: when no score of a query exceeds
+    // it, every row takes the `else` branch below against the same maximum, which runs
+    // as whole vectors here (the same subtraction per row, so the same numbers).
+    let mut steady = [false; Q];
+    for (i, st) in state.iter_mut().enumerate() {
+        let max = st.max;
+        steady[i] = !scores[i][..m].iter().fold(false, |up, &sc| up | (sc > max));
+        if steady[i] {
+            for (a, &sc) in args[i].iter_mut().zip(&scores[i]).take(m) {
+                *a = sc - max;
+            }
+        }
+    }
     for j in 0..m {
         for (i, st) in state.iter_mut().enumerate() {
+            if steady[i] {
+                continue;
+            }
             let sc = scores[i][j];
             if sc > st.max {
                 args[i][j] = st.max - sc;
@@ -457,9 +474,17 @@ pub(super) fn fold_scores<const Q: usize>(
     let mut e = [[0f32; RUN]; Q];
     // Rows past `m` (arguments 0) are computed and ignored: whole rows vectorise.
     exp(args.as_flattened(), e.as_flattened_mut());
+    for i in 0..Q {
+        if steady[i] {
+            rescale[i] = [None; RUN];
+            weight[i] = e[i];
+        }
+    }
     for j in 0..m {
         for (i, st) in state.iter_mut().enumerate() {
-            if raised[i][j] {
+            if steady[i] {
+                st.sum = st.sum * 1.0 + e[i][j];
+            } else if raised[i][j] {
                 rescale[i][j] = Some(e[i][j]);
                 weight[i][j] = 1.0;
                 st.sum = st.sum * e[i][j] + 1.0;
@@ -470,6 +495,7 @@ pub(super) fn fold_scores<const Q: usize>(
             }
         }
     }
+    !steady.iter().all(|&s| s)
 }
 
 /// [`attend`] with the output held in `NV` registers (`q.len() == out.len() == 8 * NV`).
@@ -732,6 +758,71 @@ pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 mod tests {
     use super::*;
     use crate::kernels::test_support::{avx2, skipped};
+
+    /// `fold_scores` (steady blocks as whole vectors, others row by row, queries
+    /// interleaved) equals the plain row-by-row online-softmax step for every query.
+    #[test]
+    fn fold_scores_equals_the_row_by_row_step() {
+        use crate::kernels::OnlineSoftmax;
+        fn plain(scores: &[f32], st: &mut OnlineSoftmax) -> Vec<(Option<u32>, u32)> {
+            scores
+                .iter()
+                .map(|&sc| {
+                    if sc > st.max {
+                        let e = (st.max - sc).exp();
+                        st.max = sc;
+                        st.sum = st.sum * e + 1.0;
+                        (Some(e.to_bits()), 1f32.to_bits())
+                    } else {
+                        let e = (sc - st.max).exp();
+                        st.sum = st.sum * 1.0 + e;
+                        (None, e.to_bits())
+                    }
+                })
+                .collect()
+        }
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 22) as f32 - 2.0
+        };
+        for m in [16, 11, 1] {
+            let mut states = [OnlineSoftmax::default(); 3];
+            let mut want = states;
+            for block in 0..40 {
+                let mut scores = [[0f32; RUN]; 3];
+                for (i, row) in scores.iter_mut().enumerate() {
+                    for s in row.iter_mut() {
+                        // Query 1 climbs (its maximum keeps moving), the others settle.
+                        *s = next() + if i == 1 { block as f32 * 0.5 } else { 0.0 };
+                    }
+                }
+                let (mut rescale, mut weight) = ([[None; RUN]; 3], [[0f32; RUN]; 3]);
+                let any = fold_scores::<3>(
+                    &scores,
+                    m,
+                    &mut states,
+                    &mut rescale,
+                    &mut weight,
+                    crate::kernels::exp_many,
+                );
+                let mut moved = false;
+                for i in 0..3 {
+                    let rows = plain(&scores[i][..m], &mut want[i]);
+                    for (j, (r, w)) in rows.iter().enumerate() {
+                        assert_eq!(rescale[i][j].map(f32::to_bits), *r, "m={m} block {block}");
+                        assert_eq!(weight[i][j].to_bits(), *w, "m={m} block {block}");
+                        moved |= r.is_some();
+                    }
+                    assert_eq!(states[i].max.to_bits(), want[i].max.to_bits());
+                    assert_eq!(states[i].sum.to_bits(), want[i].sum.to_bits());
+                }
+                assert_eq!(any, moved);
+            }
+        }
+    }
 
     /// Eight dot products side by side give each row's `dot` bit for bit.
     #[test]

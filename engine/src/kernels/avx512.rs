@@ -102,7 +102,7 @@ pub(super) unsafe fn attend_block<const NV: usize, const NZ: usize, const Q: usi
     }
     let mut rescale = [[None; RUN]; Q];
     let mut weight = [[0f32; RUN]; Q];
-    fold_scores::<Q>(
+    let rescales = fold_scores::<Q>(
         &scores,
         n,
         state,
@@ -110,10 +110,11 @@ pub(super) unsafe fn attend_block<const NV: usize, const NZ: usize, const Q: usi
         &mut weight,
         super::expf::exp_many_wide,
     );
-    if round {
-        accumulate::<NZ, Q, true>(v, n, hd, &rescale, &weight, out);
-    } else {
-        accumulate::<NZ, Q, false>(v, n, hd, &rescale, &weight, out);
+    match (round, rescales) {
+        (true, true) => accumulate::<NZ, Q, true, true>(v, n, hd, &rescale, &weight, out),
+        (true, false) => accumulate::<NZ, Q, true, false>(v, n, hd, &rescale, &weight, out),
+        (false, true) => accumulate::<NZ, Q, false, true>(v, n, hd, &rescale, &weight, out),
+        (false, false) => accumulate::<NZ, Q, false, false>(v, n, hd, &rescale, &weight, out),
     }
 }
 
@@ -157,13 +158,14 @@ unsafe fn round_f16x16(v: __m512) -> __m512 {
 
 /// For each query, `out = out * rescale + v_j * weight`, row after row, in `NZ`
 /// registers of 16 lanes: the AVX2 accumulation's element-wise operations (rounded to
-/// f16 after each when `ROUND`).
+/// f16 after each when `ROUND`). Without `RESCALES` no row rescales (`rescale` is all
+/// `None`), so the checks are left out.
 ///
 /// # Safety
 /// As [`attend_block`]: `out` holds `Q` outputs of `16 * NZ == hd` floats and `v` `n`
 /// rows of `hd`.
 #[inline(always)]
-unsafe fn accumulate<const NZ: usize, const Q: usize, const ROUND: bool>(
+unsafe fn accumulate<const NZ: usize, const Q: usize, const ROUND: bool, const RESCALES: bool>(
     v: &[f32],
     n: usize,
     hd: usize,
@@ -185,7 +187,7 @@ unsafe fn accumulate<const NZ: usize, const Q: usize, const ROUND: bool>(
             *x = _mm512_loadu_ps(vp.add(16 * z));
         }
         for (i, qa) in acc.iter_mut().enumerate() {
-            if let Some(ms) = rescale[i][j] {
+            if let (true, Some(ms)) = (RESCALES, rescale[i][j]) {
                 let s = _mm512_set1_ps(ms);
                 for a in qa.iter_mut() {
                     let o = _mm512_mul_ps(*a, s);
