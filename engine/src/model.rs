@@ -46,6 +46,10 @@ pub struct ForwardScratch {
     rope_sin: Vec<f32>,
     tok_pos: Vec<usize>,
     tok_seq: Vec<usize>,
+    attn_items: Vec<AttnItem>,
+    /// Tokens per attention tile when set (tests compare tile sizes); else `ATTN_TILE`.
+    #[cfg(test)]
+    attn_tile: Option<usize>,
     logits: Vec<f32>,
 }
 
@@ -177,7 +181,11 @@ impl Model {
                     &s.v[t * kv_dim..(t + 1) * kv_dim],
                 );
             }
-            self.attention(l, batch, kv, s, n);
+            #[cfg(test)]
+            let tile = s.attn_tile.unwrap_or(ATTN_TILE);
+            #[cfg(not(test))]
+            let tile = ATTN_TILE;
+            self.attention(l, batch, kv, s, n, tile);
             self.matmul(&mut [(&w.wo, &mut s.xb)], &s.att, n, &mut s.acts);
             add_in_place(&mut s.x, &s.xb);
 
@@ -268,10 +276,15 @@ impl Model {
                             let up = |r: usize| r.next_multiple_of(kernels::PACK_ROWS).min(w.rows);
                             let rows = up(rows.start)..up(rows.end);
                             if !rows.is_empty() {
-                                kernels::gemm_packed(p, rows, acts, *out);
+                                // SAFETY: `for_chunks` hands out disjoint ranges, and
+                                // rounding both ends up keeps them disjoint.
+                                unsafe { kernels::gemm_packed(p, rows, acts, *out) };
                             }
                         }
-                        None => kernels::gemm(set, w.ty, w.bytes(), k, rows, acts, x, *out),
+                        // SAFETY: `for_chunks` hands out disjoint ranges.
+                        None => unsafe {
+                            kernels::gemm(set, w.ty, w.bytes(), k, rows, acts, x, *out)
+                        },
                     }
                 }
                 base += w.rows;
@@ -300,7 +313,9 @@ impl Model {
         }
     }
 
-    /// Causal grouped-query attention of every batch token over its sequence's cache.
+    /// Causal grouped-query attention of every batch token over its sequence's cache,
+    /// in tiles of up to `tile` tokens of one sequence times the query heads of one KV
+    /// head (see `kernels::attend_tile`): each tile reads its cache rows once.
     fn attention(
         &self,
         layer: usize,
@@ -308,52 +323,140 @@ impl Model {
         kv: &KvCache,
         s: &mut ForwardScratch,
         n: usize,
+        tile: usize,
     ) {
         let cfg = &self.cfg;
-        let (dim, hd, nh) = (cfg.dim, cfg.head_dim, cfg.n_heads);
+        let (dim, hd, kv_dim) = (cfg.dim, cfg.head_dim, cfg.kv_dim());
         let group = cfg.n_heads / cfg.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let att = OutMatrix::new(&mut s.att, dim);
-        let (q, tok_pos, tok_seq) = (&s.q, &s.tok_pos, &s.tok_seq);
-        self.pool.for_chunks(n * nh, 1, &|range| {
-            let mut qh = vec![0f32; hd];
-            let mut out = vec![0f32; hd];
-            for item in range {
-                let (t, h) = (item / nh, item % nh);
-                let (pos, table) = (tok_pos[t], batch[tok_seq[t]].block_table);
-                let kvh = h / group;
-                // llama.cpp's CPU flash attention takes two paths, and following them
-                // keeps greedy output on llama.cpp's through a small model's near-ties:
-                // multi-token chunks (prefill) go through a tiled f32 kernel; single
-                // tokens (decode) multiply an f16 copy of q and accumulate V in f16.
-                let decode = pos >= batch[tok_seq[t]].decode_from;
-                let qsrc = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
-                if decode {
-                    kernels::round_f16(&mut qh, qsrc);
-                } else {
-                    qh.copy_from_slice(qsrc);
-                }
-                let mut state = kernels::OnlineSoftmax::default();
-                out.iter_mut().for_each(|o| *o = 0.0);
-                let kv_dim = cfg.kv_dim();
-                let mut p = 0;
-                while p <= pos {
-                    // Runs of positions inside one cache block are contiguous rows.
-                    let run = (BLOCK_SIZE - p % BLOCK_SIZE).min(pos + 1 - p);
-                    let k = &kv.k_rows(layer, table, p, run)[kvh * hd..];
-                    let v = &kv.v_rows(layer, table, p, run)[kvh * hd..];
-                    kernels::attend(&qh, k, v, kv_dim, run, scale, decode, &mut state, &mut out);
-                    p += run;
-                }
-                let inv = 1.0 / state.sum;
-                kernels::scale(&mut out, inv, false);
-                for (d, &o) in out.iter().enumerate() {
-                    att.set(t, h * hd + d, o);
+        let tile = tile.max(1);
+
+        // Work items: a run of one sequence's tokens and a run of heads sharing a KV head.
+        let items = &mut s.attn_items;
+        items.clear();
+        let mut t = 0;
+        for (si, c) in batch.iter().enumerate() {
+            let len = c.tokens.len();
+            for a in (0..len).step_by(tile) {
+                for kvh in 0..cfg.n_kv_heads {
+                    items.push(AttnItem {
+                        seq: si,
+                        tokens: t + a..t + (a + tile).min(len),
+                        heads: kvh * group..(kvh + 1) * group,
+                    });
                 }
             }
+            t += len;
+        }
+        // Too few items to keep every thread busy (one sequence decoding): one query head
+        // per item, which reads the cache once per head as the untiled path did.
+        // (In place, as everything here: steady-state steps do not allocate.)
+        if items.len() < 2 * self.pool.threads() && group > 1 {
+            let whole = items.len();
+            for i in 0..whole {
+                for h in items[i].heads.clone() {
+                    let it = AttnItem {
+                        heads: h..h + 1,
+                        ..items[i].clone()
+                    };
+                    items.push(it);
+                }
+            }
+            items.drain(..whole);
+        }
+        // Longest first (later tokens attend over more positions), so the last items
+        // handed out are short ones and threads finish together.
+        let tok_pos = &s.tok_pos;
+        items.sort_unstable_by_key(|it| std::cmp::Reverse(tok_pos[it.tokens.end - 1]));
+
+        let att = OutMatrix::new(&mut s.att[..n * dim], dim);
+        let (q, tok_seq, items) = (&s.q, &s.tok_seq, &s.attn_items);
+        self.pool.for_chunks(items.len(), 1, &|range| {
+            ATTN_SCRATCH.with(|cell| {
+                let a = &mut *cell.borrow_mut();
+                for it in &items[range] {
+                    let c = &batch[it.seq];
+                    let kvh = it.heads.start / group;
+                    a.q.clear();
+                    a.pos.clear();
+                    a.round.clear();
+                    for t in it.tokens.clone() {
+                        // llama.cpp's CPU flash attention takes two paths, and following
+                        // them keeps greedy output on llama.cpp's through a small model's
+                        // near-ties: multi-token chunks (prefill) go through a tiled f32
+                        // kernel; single tokens (decode) multiply an f16 copy of q and
+                        // accumulate V in f16.
+                        let decode = tok_pos[t] >= c.decode_from;
+                        for h in it.heads.clone() {
+                            let src = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
+                            let at = a.q.len();
+                            a.q.extend_from_slice(src);
+                            if decode {
+                                kernels::round_f16(&mut a.q[at..], src);
+                            }
+                            a.pos.push(tok_pos[t]);
+                            a.round.push(decode);
+                        }
+                        debug_assert_eq!(tok_seq[t], it.seq);
+                    }
+                    a.out.resize(a.q.len(), 0.0);
+                    let cache = kernels::CacheRows {
+                        block: BLOCK_SIZE,
+                        stride: kv_dim,
+                        rows: |p: usize, run: usize| {
+                            (
+                                &kv.k_rows(layer, c.block_table, p, run)[kvh * hd..],
+                                &kv.v_rows(layer, c.block_table, p, run)[kvh * hd..],
+                            )
+                        },
+                    };
+                    let queries = kernels::TileQueries {
+                        q: &a.q,
+                        pos: &a.pos,
+                        round: &a.round,
+                    };
+                    kernels::attend_tile(&queries, hd, scale, &cache, &mut a.tile, &mut a.out);
+                    let width = it.heads.len() * hd;
+                    for (i, t) in it.tokens.clone().enumerate() {
+                        // SAFETY: items cover disjoint (token, head) cells of `att`, and
+                        // each item is handed to one thread.
+                        unsafe {
+                            att.write(t, it.heads.start * hd, &a.out[i * width..(i + 1) * width])
+                        };
+                    }
+                }
+            })
         });
     }
 }
+
+/// One attention work item: tokens (batch indices) of one sequence, and query heads
+/// that share one KV head.
+#[derive(Clone)]
+struct AttnItem {
+    seq: usize,
+    tokens: std::ops::Range<usize>,
+    heads: std::ops::Range<usize>,
+}
+
+/// Per-thread attention buffers: the compute threads live as long as the model, so
+/// steady-state steps do not allocate.
+#[derive(Default)]
+struct AttnScratch {
+    q: Vec<f32>,
+    pos: Vec<usize>,
+    round: Vec<bool>,
+    out: Vec<f32>,
+    tile: kernels::TileScratch,
+}
+
+thread_local! {
+    static ATTN_SCRATCH: std::cell::RefCell<AttnScratch> = std::cell::RefCell::default();
+}
+
+/// Tokens per attention tile: each cache block is read once per tile, and a prompt
+/// chunk of 512 tokens still makes 16 tiles per KV head to share among threads.
+const ATTN_TILE: usize = 32;
 
 /// RMSNorm of each row of `x` (row length = `w.len()`), summing squares in f64 in
 /// element order as ggml does.
@@ -642,6 +745,71 @@ pub(crate) mod tests {
             crate::sampling::argmax(&whole),
             crate::sampling::argmax(&last)
         );
+    }
+
+    /// Attention tiles (any number of tokens, whole GQA groups or single heads) change
+    /// which cache reads are shared, never the arithmetic: the logits are identical bit
+    /// for bit, for prefill chunks and for decode steps batched with them.
+    #[test]
+    fn attention_tile_size_does_not_change_a_bit() {
+        let model = load(tiny_llama("llama", None)).unwrap();
+        let prompt: Vec<u32> = (0..45).map(|i| (i * 7 + 3) % 48).collect();
+        let other: Vec<u32> = (0..9).map(|i| (i * 5 + 1) % 48).collect();
+        let run = |tile: usize| -> Vec<u32> {
+            let mut kv = KvCache::new(&model.cfg, 8);
+            let mut s = ForwardScratch {
+                attn_tile: Some(tile),
+                ..Default::default()
+            };
+            let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (4..8).collect());
+            let mut bits = Vec::new();
+            // A prompt in chunks of 20 across block edges, then decode steps of both
+            // sequences together, the second still prefilling.
+            for (i, c) in prompt.chunks(20).enumerate() {
+                let l = model.forward(
+                    &[SeqChunk {
+                        tokens: c,
+                        start_pos: i * 20,
+                        block_table: &ta,
+                        want_logits: true,
+                        decode_from: prompt.len(),
+                    }],
+                    &mut kv,
+                    &mut s,
+                );
+                bits.extend(l.iter().map(|x| x.to_bits()));
+            }
+            for step in 0..3 {
+                let tok = [(step * 11 + 2) as u32];
+                let l = model.forward(
+                    &[
+                        SeqChunk {
+                            tokens: &tok,
+                            start_pos: prompt.len() + step,
+                            block_table: &ta,
+                            want_logits: true,
+                            decode_from: prompt.len(),
+                        },
+                        SeqChunk {
+                            tokens: &other[step * 3..step * 3 + 3],
+                            start_pos: step * 3,
+                            block_table: &tb,
+                            want_logits: true,
+                            decode_from: 6,
+                        },
+                    ],
+                    &mut kv,
+                    &mut s,
+                );
+                bits.extend(l.iter().map(|x| x.to_bits()));
+            }
+            bits
+        };
+        let want = run(1);
+        assert_eq!(want.len(), (3 + 3 * 2) * model.cfg.vocab_size);
+        for tile in [2, 7, 16, 32, 64] {
+            assert!(run(tile) == want, "tile {tile} changed the logits");
+        }
     }
 
     #[test]

@@ -314,7 +314,14 @@ mod tests {
         let waiting = Arc::new(AtomicUsize::new(1));
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         // 100 tokens/s: one every 10 ms, 1 ms of slack (the tick).
-        let mut l = SyntheticLoop::new(rx, waiting.clone(), stats.clone(), 100.0, 16);
+        let mut l = SyntheticLoop::new(
+            rx,
+            waiting.clone(),
+            stats.clone(),
+            100.0,
+            16,
+            crate::metrics::EngineMetrics::new("synthetic"),
+        );
         let (tx, mut events) = tokio::sync::mpsc::channel(64);
         l.take(Command::Submit(Submission {
             req: GenerationRequest {

@@ -1,5 +1,10 @@
 //! `sluice bench`: prefill and decode speed of the engine on one model, and of
 //! llama.cpp's `llama-bench` on the same file when it is installed, as ratios.
+//!
+//! Both sides report the same statistic: the median of N repetitions, with the minimum
+//! and maximum (llama-bench's JSON output carries every repetition in `samples_ts`).
+//! Prompts are processed as `sluice serve` processes them: in chunks of
+//! `max_num_batched_tokens`, each attending over the cache the chunks before it wrote.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,73 +14,126 @@ use sluice_engine::kv_cache::{KvCache, BLOCK_SIZE};
 use sluice_engine::model::{ForwardScratch, Model, SeqChunk};
 use sluice_engine::sampling::{argmax, Sampler, SamplingParams};
 
-/// Tokens per second for prompt processing and generation.
-#[derive(Debug, Clone, Copy)]
-pub struct Speed {
-    pub prefill_tok_s: f64,
-    pub decode_tok_s: f64,
+/// Median, minimum and maximum of a set of repetitions (tokens per second).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Number of repetitions.
+    pub n: usize,
 }
 
-/// Runs our engine: a `prompt`-token prefill and a `gen`-token greedy decode, best of `reps`.
-pub fn bench_engine(model: &Model, prompt: usize, gen: usize, reps: usize) -> Speed {
-    let total = prompt + gen;
-    let mut kv = KvCache::new(&model.cfg, total.div_ceil(BLOCK_SIZE));
-    let table: Vec<u32> = (0..total.div_ceil(BLOCK_SIZE) as u32).collect();
+impl Stats {
+    /// Statistics of `samples`; `None` when there are none.
+    pub fn of(samples: &[f64]) -> Option<Stats> {
+        let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stats {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+
+    /// `median [min–max]`, one decimal.
+    pub fn show(&self) -> String {
+        format!("{:.1} [{:.1}-{:.1}]", self.median, self.min, self.max)
+    }
+}
+
+/// Token ids spread over the vocabulary (llama-bench uses random ones).
+fn prompt_tokens(model: &Model, n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 13) % model.cfg.vocab_size) as u32)
+        .collect()
+}
+
+/// Prefill of a cold `prompt`-token prompt as the server runs it: forward passes of at
+/// most `chunk` tokens, each after the previous one's KV is written. Tokens per second
+/// of the whole prompt, one sample per repetition.
+pub fn bench_prefill(model: &Model, prompt: usize, chunk: usize, reps: usize) -> Stats {
+    let blocks = prompt.div_ceil(BLOCK_SIZE).max(1);
+    let mut kv = KvCache::new(&model.cfg, blocks);
+    let table: Vec<u32> = (0..blocks as u32).collect();
     let mut scratch = ForwardScratch::default();
-    // Token ids spread over the vocabulary, as llama-bench uses random ones.
-    let tokens: Vec<u32> = (0..prompt)
-        .map(|i| ((i * 7919 + 13) % model.cfg.vocab_size) as u32)
-        .collect();
-    let (mut best_pp, mut best_tg) = (f64::MAX, f64::MAX);
+    let tokens = prompt_tokens(model, prompt, 0);
+    let chunk = chunk.max(1);
+    let mut samples = Vec::new();
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        let logits = model.forward(
-            &[SeqChunk {
-                tokens: &tokens,
-                start_pos: 0,
-                block_table: &table,
-                want_logits: true,
-                decode_from: prompt,
-            }],
-            &mut kv,
-            &mut scratch,
-        );
-        let mut next = argmax(logits);
-        best_pp = best_pp.min(t0.elapsed().as_secs_f64());
-        let t1 = Instant::now();
-        for i in 0..gen {
+        for (i, c) in tokens.chunks(chunk).enumerate() {
+            let start_pos = i * chunk;
+            let logits = model.forward(
+                &[SeqChunk {
+                    tokens: c,
+                    start_pos,
+                    block_table: &table,
+                    want_logits: start_pos + c.len() == prompt,
+                    decode_from: prompt,
+                }],
+                &mut kv,
+                &mut scratch,
+            );
+            std::hint::black_box(logits);
+        }
+        samples.push(prompt as f64 / t0.elapsed().as_secs_f64());
+    }
+    Stats::of(&samples).expect("at least one repetition")
+}
+
+/// Single-stream greedy decode of `gen` tokens from an empty context (as llama-bench's
+/// `tg` test): one forward pass per token. One sample per repetition.
+pub fn bench_decode(model: &Model, gen: usize, reps: usize) -> Stats {
+    let blocks = gen.div_ceil(BLOCK_SIZE).max(1);
+    let mut kv = KvCache::new(&model.cfg, blocks);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut scratch = ForwardScratch::default();
+    let mut samples = Vec::new();
+    for _ in 0..reps.max(1) {
+        let mut next = prompt_tokens(model, 1, 1)[0];
+        let t0 = Instant::now();
+        for pos in 0..gen {
             let tok = [next];
             let logits = model.forward(
                 &[SeqChunk {
                     tokens: &tok,
-                    start_pos: prompt + i,
+                    start_pos: pos,
                     block_table: &table,
                     want_logits: true,
-                    decode_from: prompt,
+                    decode_from: 0,
                 }],
                 &mut kv,
                 &mut scratch,
             );
             next = argmax(logits);
         }
-        best_tg = best_tg.min(t1.elapsed().as_secs_f64());
+        samples.push(gen as f64 / t0.elapsed().as_secs_f64());
     }
-    Speed {
-        prefill_tok_s: prompt as f64 / best_pp,
-        decode_tok_s: gen as f64 / best_tg,
-    }
+    Stats::of(&samples).expect("at least one repetition")
 }
 
 /// Batched decode: `batch` sequences, each prefilled with its own `prompt`-token prompt,
 /// then decoded together for `gen` steps (one forward pass per step for all of them, as
-/// the scheduler runs them). Returns output tokens per second of the decode, best of `reps`.
+/// the scheduler runs them). Output tokens per second of the decode, one sample per
+/// repetition.
 pub fn bench_batched_decode(
     model: &Model,
     batch: usize,
     prompt: usize,
     gen: usize,
     reps: usize,
-) -> f64 {
+) -> Stats {
     let per_seq = (prompt + gen).div_ceil(BLOCK_SIZE);
     let mut kv = KvCache::new(&model.cfg, batch * per_seq);
     let tables: Vec<Vec<u32>> = (0..batch)
@@ -86,14 +144,10 @@ pub fn bench_batched_decode(
         })
         .collect();
     let prompts: Vec<Vec<u32>> = (0..batch)
-        .map(|b| {
-            (0..prompt)
-                .map(|i| ((i * 7919 + b * 104_729 + 13) % model.cfg.vocab_size) as u32)
-                .collect()
-        })
+        .map(|b| prompt_tokens(model, prompt, b))
         .collect();
     let mut scratch = ForwardScratch::default();
-    let mut best = f64::MAX;
+    let mut samples = Vec::new();
     for _ in 0..reps.max(1) {
         let mut next = vec![0u32; batch];
         for (b, p) in prompts.iter().enumerate() {
@@ -124,9 +178,9 @@ pub fn bench_batched_decode(
                 next[b] = argmax(row);
             }
         }
-        best = best.min(t0.elapsed().as_secs_f64());
+        samples.push((batch * gen) as f64 / t0.elapsed().as_secs_f64());
     }
-    (batch * gen) as f64 / best
+    Stats::of(&samples).expect("at least one repetition")
 }
 
 /// What sampling costs in batched decode (`bench_batched_sampled_decode`).
@@ -152,7 +206,8 @@ impl SampledDecode {
 /// `top_k`: the whole vocabulary), its rows sampled in parallel on the compute pool as
 /// the engine loop samples them. Every step also times greedy picking on the same logits
 /// (the engine's way too: a greedy sampler per row, in parallel), so the ratio to greedy
-/// comes from the same steps and a noisy machine slows both alike. Best of `reps`.
+/// comes from the same steps and a noisy machine slows both alike. The repetition with
+/// the median throughput of `reps`.
 pub fn bench_batched_sampled_decode(
     model: &Model,
     batch: usize,
@@ -203,7 +258,7 @@ pub fn bench_batched_sampled_decode(
             .for_each_mut(&mut rows, &|(s, l, t)| **t = s.sample(l, &[]));
     };
     let mut scratch = ForwardScratch::default();
-    let mut best: Option<SampledDecode> = None;
+    let mut runs: Vec<SampledDecode> = Vec::new();
     for _ in 0..reps.max(1) {
         let (mut sampled, mut greedy) = (samplers(1.0), samplers(0.0));
         let mut next = vec![0u32; batch];
@@ -249,11 +304,10 @@ pub fn bench_batched_sampled_decode(
             greedy_ms: ms(pick),
             sampled_ms: ms(samp),
         };
-        if best.is_none_or(|b| run.tok_s > b.tok_s) {
-            best = Some(run);
-        }
+        runs.push(run);
     }
-    best.expect("at least one repetition")
+    runs.sort_by(|a, b| a.tok_s.total_cmp(&b.tok_s));
+    runs[runs.len() / 2]
 }
 
 /// Microseconds one thread takes to draw a token from one row of the model's logits (a
@@ -314,60 +368,351 @@ pub fn bench_sampler_row(model: &Model, reps: usize) -> Vec<(&'static str, f64)>
         .collect()
 }
 
-/// Where `llama-bench` is: `$LLAMA_BENCH`, else the cache the benchmark scripts build into.
+/// Where `llama-bench` is: `$LLAMA_BENCH`, else the builds `scripts/install-llama-cpp`
+/// makes, the one that matches the kernels we run first: with `SLUICE_NO_AVX512` set, the
+/// AVX2-only build (`--avx2`); else the native one.
 pub fn find_llama_bench() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LLAMA_BENCH") {
         return Some(PathBuf::from(p));
     }
     let home = std::env::var_os("HOME")?;
-    let p = Path::new(&home).join(".cache/llamacpp/bin-dir/llama-bench");
-    p.is_file().then_some(p)
+    let builds: &[&str] = if std::env::var_os("SLUICE_NO_AVX512").is_some() {
+        &["llamacpp-avx2"]
+    } else {
+        &["llamacpp"]
+    };
+    builds
+        .iter()
+        .map(|b| {
+            Path::new(&home)
+                .join(".cache")
+                .join(b)
+                .join("bin-dir/llama-bench")
+        })
+        .find(|p| p.is_file())
 }
 
-/// Runs `llama-bench` with the same sizes and threads; `None` if it fails.
+/// Whether the CPU reports AMX tiles.
+fn cpu_reports_amx() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+        c.lines()
+            .find(|l| l.starts_with("flags"))
+            .is_some_and(|l| l.split_whitespace().any(|f| f == "amx_tile"))
+    })
+}
+
+/// One test of a llama-bench run (`ppN` when `n_prompt > 0`, else `tgN`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaTest {
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    /// Its logical and physical batch sizes (`-b`, `-ub`).
+    pub n_batch: usize,
+    pub n_ubatch: usize,
+    /// Its settings that matter for the comparison, as llama-bench reports them.
+    pub settings: String,
+    pub stats: Stats,
+}
+
+/// A finished llama-bench run.
+pub struct LlamaRun {
+    /// The command line, for the report.
+    pub command: String,
+    /// llama-bench's JSON, as printed.
+    pub raw_json: String,
+    pub tests: Vec<LlamaTest>,
+}
+
+/// Reads llama-bench's `-o json` output: the per-repetition speeds of every test.
+pub fn parse_llama_bench(json: &str) -> Result<Vec<LlamaTest>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("llama-bench output: {e}"))?;
+    let runs = v
+        .as_array()
+        .ok_or("llama-bench output: expected a JSON array")?;
+    runs.iter()
+        .map(|run| {
+            let num = |k: &str| run[k].as_u64().unwrap_or(0) as usize;
+            let samples: Vec<f64> = run["samples_ts"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default();
+            let stats = Stats::of(&samples)
+                .ok_or_else(|| format!("llama-bench output: a test without samples_ts: {run}"))?;
+            let setting = |k: &str| match &run[k] {
+                serde_json::Value::Null => None,
+                x => Some(format!("{k}={}", x.to_string().trim_matches('"'))),
+            };
+            let settings: Vec<String> = ["n_threads", "type_k", "type_v", "flash_attn"]
+                .iter()
+                .filter_map(|k| setting(k))
+                .collect();
+            Ok(LlamaTest {
+                n_prompt: num("n_prompt"),
+                n_gen: num("n_gen"),
+                n_batch: num("n_batch"),
+                n_ubatch: num("n_ubatch"),
+                settings: settings.join(" "),
+                stats,
+            })
+        })
+        .collect()
+}
+
+/// Runs `llama-bench -p <prompts> -n <gen>` with the same threads and repetitions and
+/// its default batch sizes.
 pub fn bench_llama_cpp(
     bin: &Path,
     model: &Path,
     threads: usize,
-    prompt: usize,
+    prompts: &[usize],
     gen: usize,
     reps: usize,
-) -> Result<Speed, String> {
+    no_repack: bool,
+) -> Result<LlamaRun, String> {
     let dir = bin.parent().unwrap_or(Path::new("."));
+    // An empty list would make llama-bench run its default sizes; 0 runs none.
+    let list = |v: &[usize]| match v {
+        [] => "0".to_string(),
+        v => v
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    let mut args = vec![
+        "-m".to_string(),
+        model.display().to_string(),
+        "-t".into(),
+        threads.to_string(),
+        "-r".into(),
+        reps.max(1).to_string(),
+        "-o".into(),
+        "json".into(),
+    ];
+    // llama-bench runs its default sizes for a list it is not given, so give both.
+    args.extend(["-p".into(), list(prompts)]);
+    args.extend(["-n".into(), gen.to_string()]);
+    if no_repack {
+        args.extend(["--repack".into(), "0".into()]);
+    }
+    let command = format!("llama-bench {}", args.join(" "));
     let out = Command::new(bin)
         .env("LD_LIBRARY_PATH", dir)
-        .arg("-m")
-        .arg(model)
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-p",
-            &prompt.to_string(),
-            "-n",
-            &gen.to_string(),
-            "-r",
-            &reps.to_string(),
-            "-o",
-            "json",
-        ])
+        .args(&args)
         .output()
         .map_err(|e| format!("running {}: {e}", bin.display()))?;
     if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        // A signal (e.g. SIGILL from a build for another CPU) leaves stderr empty.
+        return Err(format!(
+            "{} ({}): {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
-    let mut speed = Speed {
-        prefill_tok_s: 0.0,
-        decode_tok_s: 0.0,
+    let raw_json = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tests = parse_llama_bench(&raw_json)?;
+    Ok(LlamaRun {
+        command,
+        raw_json,
+        tests,
+    })
+}
+
+/// What `sluice bench` runs.
+pub struct BenchOptions {
+    pub threads: usize,
+    /// Prompt sizes for the prefill rows (`ppN`); 0 entries are skipped.
+    pub prompts: Vec<usize>,
+    /// Tokens of the single-stream decode row (`tgN`); 0 skips it.
+    pub gen: usize,
+    pub reps: usize,
+    /// Prefill chunk: the server's `max_num_batched_tokens`.
+    pub chunk: usize,
+    /// Sequences of the batched-decode row; 0 skips it.
+    pub batch: usize,
+    pub batch_prompt: usize,
+    pub llama_cpp: bool,
+}
+
+/// Runs the benchmark, printing each line as it is known; returns everything printed
+/// plus llama-bench's raw JSON (for `--save`).
+pub fn run(model: &Model, model_path: &Path, o: &BenchOptions) -> String {
+    let mut text = String::new();
+    let mut say = |line: String| {
+        println!("{line}");
+        text.push_str(&line);
+        text.push('\n');
     };
-    for run in v.as_array().into_iter().flatten() {
-        let ts = run["avg_ts"].as_f64().unwrap_or(0.0);
-        if run["n_prompt"].as_u64().unwrap_or(0) > 0 {
-            speed.prefill_tok_s = ts;
-        } else {
-            speed.decode_tok_s = ts;
+    say(format!(
+        "model: {} ({} layers, dim {}), threads: {}",
+        model_path.display(),
+        model.cfg.n_layers,
+        model.cfg.dim,
+        o.threads
+    ));
+    say(sluice_engine::kernels::cpu_summary());
+    say(format!(
+        "each figure: median [min-max] tok/s of {} repetitions, on both sides",
+        o.reps.max(1)
+    ));
+    say(format!(
+        "sluice prefill: cold prompts (no prefix cache) in chunks of {} tokens, as `sluice serve` \
+         runs them (--max-num-batched-tokens)",
+        o.chunk
+    ));
+    let prompts: Vec<usize> = o.prompts.iter().copied().filter(|&p| p > 0).collect();
+
+    // llama.cpp first: if it is missing or fails, the reader knows before our rows.
+    let theirs = if !o.llama_cpp {
+        say("llama.cpp: skipped (--no-llama-cpp)".into());
+        None
+    } else {
+        match find_llama_bench() {
+            None => {
+                say(
+                    "llama.cpp: absent (set LLAMA_BENCH or run scripts/install-llama-cpp, with \
+                     --avx2 for SLUICE_NO_AVX512 runs); no comparison"
+                        .into(),
+                );
+                None
+            }
+            Some(bin) => {
+                // The native build's AMX kernels fault where the hypervisor does not enable
+                // AMX (our VMs); its weight repacking is what picks them.
+                let no_repack = std::env::var_os("SLUICE_NO_AVX512").is_none() && cpu_reports_amx();
+                match bench_llama_cpp(
+                    &bin, model_path, o.threads, &prompts, o.gen, o.reps, no_repack,
+                ) {
+                    Ok(run) => {
+                        say(format!("llama.cpp: {} ({})", run.command, bin.display()));
+                        if let Some(t) = run.tests.first() {
+                            say(format!(
+                                "llama.cpp settings: -b {} -ub {} (llama-bench's defaults) {}",
+                                t.n_batch, t.n_ubatch, t.settings
+                            ));
+                        }
+                        Some(run)
+                    }
+                    Err(e) => {
+                        say(format!("llama.cpp: llama-bench failed: {}", e.trim()));
+                        None
+                    }
+                }
+            }
         }
+    };
+    let llama = |n_prompt: usize, n_gen: usize| {
+        theirs.as_ref().and_then(|r| {
+            r.tests
+                .iter()
+                .find(|t| t.n_prompt == n_prompt && t.n_gen == n_gen)
+                .map(|t| t.stats)
+        })
+    };
+
+    say(format!(
+        "{:<10} {:>28} {:>28} {:>8}",
+        "test", "sluice tok/s", "llama.cpp tok/s", "ratio"
+    ));
+    let mut row = |name: String, ours: Stats, theirs: Option<Stats>| {
+        let (t, ratio) = match theirs {
+            Some(t) => (t.show(), format!("{:.2}x", ours.median / t.median)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        say(format!(
+            "{name:<10} {:>28} {:>28} {:>8}",
+            ours.show(),
+            t,
+            ratio
+        ));
+    };
+    for &p in &prompts {
+        let ours = bench_prefill(model, p, o.chunk, o.reps);
+        row(format!("pp{p}"), ours, llama(p, 0));
     }
-    Ok(speed)
+    if o.gen > 0 {
+        let ours = bench_decode(model, o.gen, o.reps);
+        row(format!("tg{}", o.gen), ours, llama(0, o.gen));
+    }
+    if o.batch > 0 && o.gen > 0 {
+        let s = bench_batched_decode(model, o.batch, o.batch_prompt, o.gen, o.reps);
+        say(format!(
+            "batched decode (sluice only): {} sequences x {} tokens (prompts of {}): {} tok/s, \
+             {:.2} ms per step at the median",
+            o.batch,
+            o.gen,
+            o.batch_prompt,
+            s.show(),
+            1000.0 * o.batch as f64 / s.median
+        ));
+    }
+    if o.batch > 0 && o.gen > 0 {
+        let s = bench_batched_sampled_decode(model, o.batch, o.batch_prompt, o.gen, o.reps);
+        say(format!(
+            "batched decode sampled at temperature 1, top_p 1 (sluice only): {:.1} tok/s; per step \
+             {:.2} ms forward + {:.2} ms sampling (greedy picking: {:.2} ms): {:.2}x greedy",
+            s.tok_s,
+            s.forward_ms,
+            s.sampled_ms,
+            s.greedy_ms,
+            s.vs_greedy()
+        ));
+        let rows: Vec<String> = bench_sampler_row(model, o.reps)
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.0} us"))
+            .collect();
+        say(format!(
+            "sampling one row of {} logits, one thread: {}",
+            model.cfg.vocab_size,
+            rows.join(", ")
+        ));
+    }
+    if let Some(r) = theirs {
+        text.push_str("\nllama-bench raw JSON output:\n");
+        text.push_str(&r.raw_json);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_min_max() {
+        let s = Stats::of(&[5.0, 1.0, 3.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (3.0, 1.0, 5.0, 3));
+        let s = Stats::of(&[4.0, 1.0, 3.0, 10.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (3.5, 1.0, 10.0));
+        assert_eq!(Stats::of(&[]), None);
+        assert_eq!(Stats::of(&[f64::NAN, 2.0]).unwrap().median, 2.0);
+    }
+
+    /// The shape llama-bench prints with `-o json` (fields trimmed to those we read).
+    #[test]
+    fn llama_bench_json_gives_per_repetition_statistics() {
+        let json = r#"[
+          {"n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "type_k": "f16", "type_v": "f16",
+           "flash_attn": -1, "n_prompt": 1024, "n_gen": 0, "avg_ts": 500.0,
+           "samples_ts": [480.0, 520.0, 500.0, 470.0, 530.0]},
+          {"n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "n_prompt": 0, "n_gen": 128,
+           "avg_ts": 200.0, "samples_ts": [210.0, 190.0]}
+        ]"#;
+        let tests = parse_llama_bench(json).unwrap();
+        assert_eq!(tests.len(), 2);
+        assert_eq!((tests[0].n_prompt, tests[0].n_gen), (1024, 0));
+        assert_eq!((tests[0].n_batch, tests[0].n_ubatch), (2048, 512));
+        assert_eq!(tests[0].stats.median, 500.0);
+        assert_eq!((tests[0].stats.min, tests[0].stats.max), (470.0, 530.0));
+        assert_eq!(
+            tests[0].settings,
+            "n_threads=2 type_k=f16 type_v=f16 flash_attn=-1"
+        );
+        assert_eq!((tests[1].n_prompt, tests[1].n_gen), (0, 128));
+        assert_eq!(tests[1].stats.median, 200.0);
+        assert!(parse_llama_bench(r#"[{"n_prompt": 1}]"#).is_err());
+        assert!(parse_llama_bench("not json").is_err());
+    }
 }

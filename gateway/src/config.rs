@@ -155,7 +155,7 @@ impl Default for EngineSection {
     fn default() -> Self {
         EngineSection {
             threads: None,
-            // ~3 GiB for the default model (f32 storage); pages are only touched when used.
+            // ~1.4 GiB for the default model (f16 storage); pages are only touched when used.
             kv_cache_tokens: 65536,
         }
     }

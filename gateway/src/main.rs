@@ -209,13 +209,17 @@ struct BenchArgs {
     model: Option<PathBuf>,
     #[arg(long)]
     threads: Option<usize>,
-    /// Prompt length for the prefill figure.
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
-    /// Tokens generated for the decode figure.
+    /// Prompt sizes for the prefill rows, comma-separated (llama-bench's `-p`).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,4096,8192")]
+    prompt: Vec<usize>,
+    /// Prefill chunk, as the server's --max-num-batched-tokens (default: its default).
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+    /// Tokens generated for the decode rows (llama-bench's `-n`; 0 skips them).
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
-    #[arg(long, default_value_t = 3)]
+    /// Repetitions of each test; figures are the median, with min and max.
+    #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Sequences decoded together for the batched figure (0 skips it).
     #[arg(long, default_value_t = 16)]
@@ -226,6 +230,9 @@ struct BenchArgs {
     /// Skip llama.cpp even when installed.
     #[arg(long)]
     no_llama_cpp: bool,
+    /// Also write the output, with llama-bench's raw JSON, to this file.
+    #[arg(long)]
+    save: Option<PathBuf>,
 }
 
 fn default_threads() -> usize {
@@ -499,76 +506,22 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let threads = args.threads.unwrap_or_else(default_threads);
     let pool = Arc::new(ThreadPool::new(threads).context("starting the compute threads")?);
     let model = Model::load(&path, pool)?;
-    println!(
-        "model: {} ({} layers, dim {}), threads: {threads}, kernels: {}",
-        path.display(),
-        model.cfg.n_layers,
-        model.cfg.dim,
-        model.kernel_name()
-    );
-    let ours = bench::bench_engine(&model, args.prompt_tokens, args.gen_tokens, args.reps);
-    println!(
-        "{:<12} {:>14} {:>14}",
-        "engine",
-        format!("pp{} tok/s", args.prompt_tokens),
-        format!("tg{} tok/s", args.gen_tokens)
-    );
-    println!(
-        "{:<12} {:>14.1} {:>14.1}",
-        "sluice", ours.prefill_tok_s, ours.decode_tok_s
-    );
-    if args.batch > 0 {
-        let tok_s = bench::bench_batched_decode(
-            &model,
-            args.batch,
-            args.batch_prompt_tokens,
-            args.gen_tokens,
-            args.reps,
-        );
-        println!(
-            "batched decode: {} sequences x {} tokens (prompts of {}): {tok_s:.1} tok/s, {:.2} ms per step",
-            args.batch,
-            args.gen_tokens,
-            args.batch_prompt_tokens,
-            1000.0 * args.batch as f64 / tok_s
-        );
-        let sampled = bench::bench_batched_sampled_decode(
-            &model,
-            args.batch,
-            args.batch_prompt_tokens,
-            args.gen_tokens,
-            args.reps,
-        );
-        println!(
-            "batched decode sampled at temperature 1, top_p 1: {:.1} tok/s; per step {:.2} ms forward + {:.2} ms sampling (greedy picking: {:.2} ms): {:.2}x greedy",
-            sampled.tok_s,
-            sampled.forward_ms,
-            sampled.sampled_ms,
-            sampled.greedy_ms,
-            sampled.vs_greedy()
-        );
-        let rows: Vec<String> = bench::bench_sampler_row(&model, args.reps)
-            .iter()
-            .map(|(name, us)| format!("{name} {us:.0} us"))
-            .collect();
-        println!(
-            "sampling one row of {} logits, one thread: {}",
-            model.cfg.vocab_size,
-            rows.join(", ")
-        );
-    }
-    if args.no_llama_cpp {
-        return Ok(());
-    }
-    match bench::find_llama_bench() {
-        None => println!("llama-bench not found (set LLAMA_BENCH or run scripts/install-llama-cpp) — no comparison"),
-        Some(bin) => match bench::bench_llama_cpp(&bin, &path, threads, args.prompt_tokens, args.gen_tokens, args.reps) {
-            Ok(theirs) => {
-                println!("{:<12} {:>14.1} {:>14.1}", "llama.cpp", theirs.prefill_tok_s, theirs.decode_tok_s);
-                println!("{:<12} {:>13.2}x {:>13.2}x", "ratio", ours.prefill_tok_s / theirs.prefill_tok_s, ours.decode_tok_s / theirs.decode_tok_s);
-            }
-            Err(e) => println!("llama-bench failed: {e}"),
-        },
+    let opts = bench::BenchOptions {
+        threads,
+        prompts: args.prompt,
+        gen: args.gen_tokens,
+        reps: args.reps,
+        chunk: args
+            .max_num_batched_tokens
+            .unwrap_or(EngineConfig::default().max_num_batched_tokens),
+        batch: args.batch,
+        batch_prompt: args.batch_prompt_tokens,
+        llama_cpp: !args.no_llama_cpp,
+    };
+    let text = bench::run(&model, &path, &opts);
+    if let Some(p) = args.save {
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        println!("saved to {}", p.display());
     }
     Ok(())
 }

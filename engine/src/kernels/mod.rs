@@ -6,19 +6,23 @@
 //! (plus VNNI tiles for the packed matrices where the CPU has them). The scalar code is the
 //! reference the SIMD code is tested against.
 
+mod attention;
 mod avx2;
+mod avx512;
 mod expf;
 mod packed;
 mod packed_vnni;
 mod scalar;
 mod swiglu;
 
+pub use attention::{attend_tile, CacheRows, TileQueries, TileScratch};
 pub use expf::exp_many;
 pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
 #[cfg(target_arch = "x86_64")]
 pub use packed_vnni::{detected_vnni, Vnni};
 pub use swiglu::swiglu;
 
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -127,6 +131,51 @@ pub fn round_f16(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// `dst[i]` = the f16 bits of `src[i]`, rounded to nearest even (F16C where available).
+pub fn f32_to_f16(dst: &mut [u16], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 {
+        // SAFETY: the CPU reported avx2, fma and f16c.
+        done = unsafe { avx2::f32_to_f16(dst, src) };
+    }
+    for (d, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = f16::from_f32(x).to_bits();
+    }
+}
+
+/// `dst[i]` = the f16 whose bits are `src[i]`, widened to f32 (exact; F16C where
+/// available).
+pub fn f16_to_f32(dst: &mut [f32], src: &[u16]) {
+    assert_eq!(dst.len(), src.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 {
+        // SAFETY: the CPU reported avx2, fma and f16c.
+        done = unsafe { avx2::f16_to_f32(dst, src) };
+    }
+    for (d, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = f16::from_bits(x).to_f32();
+    }
+}
+
+/// Rows `0..n` of `hd` f16 values (bits; row `i` at `src[i * stride..]`) widened to f32
+/// into `dst`, back to back.
+pub fn widen_rows(dst: &mut [f32], src: &[u16], stride: usize, n: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if detected() == KernelSet::Avx2 && hd.is_multiple_of(8) {
+        // SAFETY: the CPU reported avx2, fma and f16c; the kernel checks the lengths.
+        return unsafe { avx2::widen_rows(dst, src, stride, n, hd) };
+    }
+    for i in 0..n {
+        f16_to_f32(
+            &mut dst[i * hd..(i + 1) * hd],
+            &src[i * stride..i * stride + hd],
+        );
+    }
+}
+
 /// `out *= s`, rounded to f16 precision when `round`.
 pub fn scale(out: &mut [f32], s: f32, round: bool) {
     #[cfg(target_arch = "x86_64")]
@@ -206,45 +255,77 @@ fn scale_rows(out: &mut [f32], s: f32, round: bool) {
     }
 }
 
-/// Raw pointer to an output matrix that several threads fill in disjoint columns.
+/// An output matrix, `out[token * stride + row]`, that several threads fill at once.
+///
+/// It holds the buffer's exclusive borrow for `'a`, so it cannot outlive the buffer and
+/// nothing else reads or writes the buffer meanwhile; copies of it go to the threads.
+/// Writing is `unsafe` because the type cannot check the one remaining rule: no two
+/// threads touch the same cell at the same time (each takes its own weight rows, or
+/// its own tokens and heads).
 #[derive(Clone, Copy)]
-pub struct OutMatrix {
+pub struct OutMatrix<'a> {
     ptr: *mut f32,
     len: usize,
     /// Distance between consecutive token rows (the weight's row count).
-    pub stride: usize,
+    stride: usize,
+    _buf: PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: threads write disjoint (token, row) cells; the caller keeps the buffer alive
-// for the duration of the parallel call.
-unsafe impl Send for OutMatrix {}
-unsafe impl Sync for OutMatrix {}
+// SAFETY: the buffer is exclusively borrowed for 'a and only reached through the
+// `unsafe` writes below, whose contract forbids two threads touching one cell at once.
+unsafe impl Send for OutMatrix<'_> {}
+unsafe impl Sync for OutMatrix<'_> {}
 
-impl OutMatrix {
+impl<'a> OutMatrix<'a> {
     /// Wraps `out`, laid out as `out[token * stride + row]`.
-    pub fn new(out: &mut [f32], stride: usize) -> Self {
+    pub fn new(out: &'a mut [f32], stride: usize) -> Self {
         OutMatrix {
             ptr: out.as_mut_ptr(),
             len: out.len(),
             stride,
+            _buf: PhantomData,
         }
     }
 
+    /// Distance between consecutive token rows.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Sets cell (`token`, `row`); panics when it is out of bounds.
+    ///
+    /// # Safety
+    /// No other thread may read or write this cell while this runs.
     #[inline]
-    pub(crate) fn set(&self, token: usize, row: usize, v: f32) {
+    pub unsafe fn set(&self, token: usize, row: usize, v: f32) {
         let i = token * self.stride + row;
-        assert!(i < self.len);
-        // SAFETY: bounds checked above; disjointness is the caller's contract.
+        assert!(row < self.stride && i < self.len);
+        // SAFETY: in bounds (checked above); exclusive access is the caller's contract.
         unsafe { *self.ptr.add(i) = v }
     }
 
-    /// Pointer to `n` consecutive cells of one token row, bounds checked.
+    /// Copies `src` into cells `row..row + src.len()` of one token row; panics when they
+    /// are out of bounds.
+    ///
+    /// # Safety
+    /// No other thread may read or write these cells while this runs.
+    #[inline]
+    pub unsafe fn write(&self, token: usize, row: usize, src: &[f32]) {
+        let dst = self.cells(token, row, src.len());
+        // SAFETY: `cells` checked the bounds; the buffer is borrowed exclusively by us
+        // (so it cannot overlap `src`), and exclusive access to the cells is the
+        // caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) }
+    }
+
+    /// Pointer to `n` consecutive cells of one token row, bounds checked. Writes through
+    /// it are bound by the contract of [`OutMatrix::set`].
     #[inline]
     pub(crate) fn cells(&self, token: usize, row: usize, n: usize) -> *mut f32 {
         let i = token * self.stride + row;
         assert!(row + n <= self.stride && i + n <= self.len);
-        // SAFETY: in bounds, checked above.
-        unsafe { self.ptr.add(i) }
+        // In bounds (checked above), so the offset stays inside the allocation.
+        self.ptr.wrapping_add(i)
     }
 }
 
@@ -305,6 +386,85 @@ pub fn describe() -> &'static str {
     }
 }
 
+/// The CPU's model name (`/proc/cpuinfo` on Linux; the architecture elsewhere).
+pub fn cpu_model_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// The CPU features our kernels use, as (name, present on this CPU), whatever the
+/// `SLUICE_NO_*` variables ask.
+pub fn cpu_features() -> Vec<(&'static str, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        vec![
+            ("AVX2", is_x86_feature_detected!("avx2")),
+            ("FMA", is_x86_feature_detected!("fma")),
+            ("F16C", is_x86_feature_detected!("f16c")),
+            ("AVX-512", is_x86_feature_detected!("avx512f")),
+            (
+                "AVX-512 VNNI",
+                is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"),
+            ),
+            ("AVX-VNNI", is_x86_feature_detected!("avxvnni")),
+        ]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    vec![]
+}
+
+/// One line for benchmark output: the CPU, its features (yes/no) and the kernels in use,
+/// with any `SLUICE_*` override that changed them.
+pub fn cpu_summary() -> String {
+    let features: Vec<String> = cpu_features()
+        .iter()
+        .map(|(name, has)| format!("{name} {}", if *has { "yes" } else { "no" }))
+        .collect();
+    let overrides: Vec<&str> = ["SLUICE_FORCE_SCALAR", "SLUICE_NO_AVX512", "SLUICE_NO_VNNI"]
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_some())
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    let attention = if avx512::detected() {
+        "avx512"
+    } else {
+        describe_family()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let attention = describe_family();
+    format!(
+        "CPU: {}; {}; kernels in use: {} (attention {attention}, SwiGLU {}){}",
+        cpu_model_name(),
+        if features.is_empty() {
+            "no x86 features".to_string()
+        } else {
+            features.join(", ")
+        },
+        describe(),
+        swiglu::form(),
+        if overrides.is_empty() {
+            String::new()
+        } else {
+            format!(", set: {}", overrides.join(" "))
+        }
+    )
+}
+
+/// The kernel family alone: `scalar` or `avx2`.
+fn describe_family() -> &'static str {
+    match detected() {
+        KernelSet::Scalar => "scalar",
+        KernelSet::Avx2 => "avx2",
+    }
+}
+
 /// Whether `ty` is multiplied against quantized (rather than float) activations.
 pub fn wants_quantized_acts(ty: GgmlType) -> bool {
     !matches!(ty, GgmlType::F32 | GgmlType::F16)
@@ -314,8 +474,12 @@ pub fn wants_quantized_acts(ty: GgmlType) -> bool {
 ///
 /// `w` holds the whole matrix (`row_bytes` per row). Float weights read `acts_f32`
 /// (`n_tokens × k`); quantized ones read `acts_q`.
+///
+/// # Safety
+/// No other thread may access the cells `(t, r)` of `out`, `r` in `rows`, while this
+/// runs: calls on copies of one `OutMatrix` at the same time take disjoint `rows`.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(
+pub unsafe fn gemm(
     set: KernelSet,
     ty: GgmlType,
     w: &[u8],
@@ -325,8 +489,12 @@ pub fn gemm(
     acts_f32: &[f32],
     out: OutMatrix,
 ) {
+    // SAFETY (all arms): the kernels write only cells (t, r) with r in `rows`, which the
+    // caller gives us alone.
     match ty {
-        GgmlType::F32 | GgmlType::F16 => scalar::gemm_float(ty, w, k, rows, acts_f32, out),
+        GgmlType::F32 | GgmlType::F16 => unsafe {
+            scalar::gemm_float(ty, w, k, rows, acts_f32, out)
+        },
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if set == KernelSet::Avx2 => {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `set` is Avx2 only when the CPU reported avx2, fma and f16c.
@@ -334,22 +502,33 @@ pub fn gemm(
                 avx2::gemm(ty, w, k, rows, acts_q, out)
             }
             #[cfg(not(target_arch = "x86_64"))]
-            scalar::gemm_quant(ty, w, k, rows, acts_q, out)
+            unsafe {
+                scalar::gemm_quant(ty, w, k, rows, acts_q, out)
+            }
         }
-        _ => scalar::gemm_quant(ty, w, k, rows, acts_q, out),
+        _ => unsafe { scalar::gemm_quant(ty, w, k, rows, acts_q, out) },
     }
 }
 
 /// [`gemm`] for a matrix repacked by [`PackedMatrix::pack`]; `rows` are multiples of
 /// [`PACK_ROWS`]. Matrices are packed only when this CPU runs the AVX2 kernels.
-pub fn gemm_packed(w: &PackedMatrix, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
+///
+/// # Safety
+/// As for [`gemm`]: no other thread may access the cells of `out` in `rows` meanwhile.
+pub unsafe fn gemm_packed(
+    w: &PackedMatrix,
+    rows: Range<usize>,
+    acts: &QuantizedActs,
+    out: OutMatrix,
+) {
     assert_eq!(
         detected(),
         KernelSet::Avx2,
         "packed weights need the AVX2 kernels"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU reported avx2, fma and f16c, and the VNNI encoding when one is used.
+    // SAFETY: the CPU reported avx2, fma and f16c, and the VNNI encoding when one is
+    // used; the cells of `rows` are ours (the caller's contract).
     unsafe {
         match detected_vnni() {
             Some(vnni) => packed_vnni::gemm_packed_vnni(vnni, w, rows, acts, out),
@@ -358,10 +537,110 @@ pub fn gemm_packed(w: &PackedMatrix, rows: Range<usize>, acts: &QuantizedActs, o
     }
 }
 
+/// What the kernel tests can run here, and how they say what they could not.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::io::Write;
+
+    /// Tells the person running the tests (libtest does not capture a direct stderr
+    /// write) that part of a test did not run, and why.
+    pub(crate) fn skipped(test: &str, why: &str) {
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    }
+
+    /// Whether the AVX2 kernels (and the packed tiles) can run.
+    pub(crate) fn avx2() -> Result<(), String> {
+        if super::detected() == super::KernelSet::Avx2 {
+            return Ok(());
+        }
+        if std::env::var_os("SLUICE_FORCE_SCALAR").is_some() {
+            return Err("SLUICE_FORCE_SCALAR is set".into());
+        }
+        Err("the CPU lacks AVX2, FMA or F16C".into())
+    }
+
+    /// Whether the AVX-512 SwiGLU and attention kernels can run (the CPU has AVX-512 F,
+    /// DQ and VL, whatever `SLUICE_NO_AVX512` picks).
+    pub(crate) fn avx512() -> Result<(), String> {
+        avx2()?;
+        #[cfg(target_arch = "x86_64")]
+        if super::avx512::cpu_has() {
+            return Ok(());
+        }
+        Err("the CPU lacks AVX-512 F, DQ or VL".into())
+    }
+
+    /// Whether the packed tiles in this VNNI encoding can run (whatever `SLUICE_NO_VNNI`).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn vnni(v: super::Vnni) -> Result<(), String> {
+        avx2()?;
+        if super::packed_vnni::encodings_on_this_cpu().contains(&v) {
+            Ok(())
+        } else {
+            Err(format!("the CPU lacks {}", vnni_name(v)))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn vnni_name(v: super::Vnni) -> &'static str {
+        match v {
+            super::Vnni::Avx512 => "avx512-vnni",
+            super::Vnni::Avx => "avx-vnni",
+        }
+    }
+
+    /// Every kernel set the tests know, with whether they run it on this CPU.
+    pub(crate) fn kernel_sets() -> Vec<(&'static str, Result<(), String>)> {
+        #[allow(unused_mut)]
+        let mut v = vec![("scalar", Ok(())), ("avx2", avx2()), ("avx512", avx512())];
+        #[cfg(target_arch = "x86_64")]
+        for e in [super::Vnni::Avx512, super::Vnni::Avx] {
+            v.push((vnni_name(e), vnni(e)));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for name in ["avx512-vnni", "avx-vnni"] {
+            v.push((name, Err("not an x86-64 build".to_string())));
+        }
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_support::{self, skipped};
     use super::*;
     use crate::quant::{dequantize_row, quantize::quantize_row};
+
+    /// The suite's summary line: which kernel sets the kernel tests exercise on this
+    /// CPU, and which they cannot (each skipping test also says so).
+    #[test]
+    fn kernel_sets_exercised() {
+        let sets = test_support::kernel_sets();
+        let ran: Vec<&str> = sets
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(n, _)| *n)
+            .collect();
+        let not: Vec<String> = sets
+            .iter()
+            .filter_map(|(n, r)| r.as_ref().err().map(|why| format!("{n} ({why})")))
+            .collect();
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!(
+                "kernel sets exercised: {}; not on this CPU: {}\n{}\n",
+                ran.join(", "),
+                if not.is_empty() {
+                    "none".to_string()
+                } else {
+                    not.join(", ")
+                },
+                cpu_summary()
+            )
+            .as_bytes(),
+        );
+        assert_eq!(ran[0], "scalar");
+    }
 
     fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
@@ -420,17 +699,25 @@ mod tests {
         let om = OutMatrix::new(&mut out, rows);
         // Split rows into two ranges to exercise the range handling as threads do.
         let mid = rows / 2 + 1;
-        gemm(set, ty, w, k, 0..mid, &q, x, om);
-        gemm(set, ty, w, k, mid..rows, &q, x, om);
+        // SAFETY: one thread, disjoint row ranges.
+        unsafe {
+            gemm(set, ty, w, k, 0..mid, &q, x, om);
+            gemm(set, ty, w, k, mid..rows, &q, x, om);
+        }
         out
     }
 
     #[test]
     fn every_kernel_matches_dequantize_then_multiply() {
-        let sets: Vec<KernelSet> = if detected() == KernelSet::Avx2 {
-            vec![KernelSet::Scalar, KernelSet::Avx2]
-        } else {
-            vec![KernelSet::Scalar]
+        let sets: Vec<KernelSet> = match test_support::avx2() {
+            Ok(()) => vec![KernelSet::Scalar, KernelSet::Avx2],
+            Err(why) => {
+                skipped(
+                    "every_kernel_matches_dequantize_then_multiply (avx2 part)",
+                    &why,
+                );
+                vec![KernelSet::Scalar]
+            }
         };
         // Odd row and token counts hit every tile remainder path.
         for &(rows, k, n_tok) in &[
@@ -490,8 +777,68 @@ mod tests {
         }
     }
 
+    /// The F16C conversions of the KV cache equal the portable ones: widening on all
+    /// 65,536 f16 values, narrowing on ties, subnormals, overflow and a sweep.
+    #[test]
+    fn f16_conversions_equal_the_portable_ones() {
+        if let Err(why) = test_support::avx2() {
+            skipped("f16_conversions_equal_the_portable_ones (F16C part)", &why);
+        }
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut wide = vec![0f32; all.len()];
+        f16_to_f32(&mut wide, &all);
+        for (&h, &w) in all.iter().zip(&wide) {
+            assert!(same(w, f16::from_bits(h).to_f32()), "{h:#06x}: {w}");
+        }
+        // The same through `widen_rows`, three rows of 24 at a stride of 40.
+        let mut rows = vec![0f32; 3 * 24];
+        widen_rows(&mut rows, &all[1000..], 40, 3, 24);
+        for i in 0..3 {
+            for x in 0..24 {
+                assert!(same(rows[i * 24 + x], wide[1000 + i * 40 + x]));
+            }
+        }
+        let mut xs: Vec<f32> = (0..20_000)
+            .map(|i| (i as f32 - 10_000.0) * 7.31e-3)
+            .collect();
+        xs.extend([
+            65504.0,
+            65520.0,
+            65519.99,
+            1e9,
+            -1e9,
+            6.0e-8,
+            2.9802322e-8,
+            5.9604645e-8,
+            1e-10,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            2049.0,
+            2051.0,
+        ]);
+        let mut narrow = vec![0u16; xs.len()];
+        f32_to_f16(&mut narrow, &xs);
+        for (&x, &h) in xs.iter().zip(&narrow) {
+            let want = f16::from_f32(x);
+            assert!(
+                h == want.to_bits() || (x.is_nan() && f16::from_bits(h).is_nan()),
+                "{x:e}: {h:#06x} vs {:#06x}",
+                want.to_bits()
+            );
+        }
+    }
+
     #[test]
     fn simd_quantization_equals_scalar() {
+        if let Err(why) = test_support::avx2() {
+            skipped("simd_quantization_equals_scalar (avx2 part)", &why);
+        }
         let x = pseudo(32 * 40, 5);
         for b in x.chunks_exact(32) {
             let mut qs = [0i8; 32];

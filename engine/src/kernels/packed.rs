@@ -213,6 +213,11 @@ macro_rules! run_tiles {
 #[cfg(target_arch = "x86_64")]
 pub(super) use run_tiles;
 
+/// The Q8_0 x8 kernel over `rows` (multiples of 8) and every token.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; no other thread may access the cells of
+/// `out` in `rows` meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn gemm_q8_avx2(w: &PackedQ8_0x8, rows: Range<usize>, acts: &QuantizedActs, out: OutMatrix) {
@@ -242,7 +247,17 @@ mod avx2 {
     use crate::kernels::{OutMatrix, QuantizedActs, QK8};
 
     /// Rows `8g..8g+8` against tokens `t0..t0+C`.
-    #[inline(always)]
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `g` is a row group of `w` and
+    /// `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out` (`for_each_tile`
+    /// checks these); no other thread may access `out`'s cells in rows `8g..8g + 8`.
+    // Compiled for the features itself rather than `inline(always)`: it is called from
+    // the closure `run_tiles!` hands to `for_each_tile`, and a closure does not inherit
+    // target features; if that closure were not inlined, every intrinsic here would
+    // become a call (a 10x slower GEMM, seen when the closure's shape changed).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile<const C: usize>(
         w: &PackedQ4_1x8,
         g: usize,
@@ -291,7 +306,14 @@ mod avx2 {
     /// Q8_0 rows `8g..8g+8` against tokens `t0..t0+C`. Signed weights use the sign
     /// trick (`|w|` times `a` carrying `w`'s sign); each product pair fills an i16, so
     /// every `maddubs` is widened to i32 at once.
-    #[inline(always)]
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `g` is a row group of `w` and
+    /// `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out` (`for_each_tile`
+    /// checks these); no other thread may access `out`'s cells in rows `8g..8g + 8`.
+    /// (Compiled for the features itself, as `tile`.)
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_q8<const C: usize>(
         w: &PackedQ8_0x8,
         g: usize,
@@ -343,7 +365,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{detected, gemm, KernelSet};
+    use crate::kernels::test_support;
+    use crate::kernels::{gemm, KernelSet, Vnni};
     use crate::quant::quantize::quantize_row;
 
     fn pseudo(n: usize, seed: u64) -> Vec<f32> {
@@ -372,8 +395,18 @@ mod tests {
 
     #[test]
     fn packed_gemm_matches_the_scalar_kernel_and_vnni_matches_avx2() {
-        if detected() != KernelSet::Avx2 {
-            return; // no packed kernel to test on this CPU
+        const NAME: &str = "packed_gemm_matches_the_scalar_kernel_and_vnni_matches_avx2";
+        if let Err(why) = test_support::avx2() {
+            // Matrices are only packed where the AVX2 kernels run.
+            test_support::skipped(NAME, &format!("no packed kernels here: {why}"));
+            return;
+        }
+        let mut encodings = Vec::new();
+        for vnni in [Vnni::Avx512, Vnni::Avx] {
+            match test_support::vnni(vnni) {
+                Ok(()) => encodings.push(vnni),
+                Err(why) => test_support::skipped(&format!("{NAME} ({vnni:?} VNNI part)"), &why),
+            }
         }
         for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
             for &(rows, k, n_tok) in &[
@@ -392,13 +425,14 @@ mod tests {
                 q.quantize(&x, n_tok, k);
                 let mut want = vec![0f32; n_tok * rows];
                 let om = OutMatrix::new(&mut want, rows);
-                gemm(KernelSet::Scalar, ty, &w, k, 0..rows, &q, &x, om);
+                // SAFETY: one thread.
+                unsafe { gemm(KernelSet::Scalar, ty, &w, k, 0..rows, &q, &x, om) };
                 let packed = PackedMatrix::pack(ty, &w, rows, k).unwrap();
                 let mut got = vec![f32::NAN; n_tok * rows];
                 let om = OutMatrix::new(&mut got, rows);
                 // Two calls, as two threads would split the rows.
                 let mid = rows / 16 * 8;
-                // SAFETY: detected above.
+                // SAFETY: detected above; one thread, disjoint row ranges.
                 unsafe {
                     gemm_packed_avx2(&packed, 0..mid, &q, om);
                     gemm_packed_avx2(&packed, mid..rows, &q, om);
@@ -412,10 +446,10 @@ mod tests {
                 }
                 // The VNNI tiles give the AVX2 tiles' output bit for bit (the integer sums
                 // are exact either way), for every encoding this CPU has.
-                for vnni in super::super::packed_vnni::encodings_on_this_cpu() {
+                for &vnni in &encodings {
                     let mut v = vec![f32::NAN; n_tok * rows];
                     let om = OutMatrix::new(&mut v, rows);
-                    // SAFETY: the encoding was detected.
+                    // SAFETY: the encoding was detected; one thread, disjoint rows.
                     unsafe {
                         super::super::packed_vnni::gemm_packed_vnni(vnni, &packed, 0..mid, &q, om);
                         super::super::packed_vnni::gemm_packed_vnni(

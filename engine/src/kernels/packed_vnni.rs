@@ -77,6 +77,11 @@ macro_rules! vnni_tiles {
             use super::{for_each_tile, PackedMatrix};
             use crate::kernels::{OutMatrix, QuantizedActs, QK8};
 
+            /// The VNNI x8 kernel of `w` over `rows` (multiples of 8) and every token.
+            ///
+            /// # Safety
+            /// The CPU must support `$features`; no other thread may access the cells of
+            /// `out` in `rows` meanwhile.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn gemm(
                 w: &PackedMatrix,
@@ -92,7 +97,16 @@ macro_rules! vnni_tiles {
 
             /// Q4_1 rows `8g..8g+8` against tokens `t0..t0+C` (the AVX2 tile's float
             /// steps, with each `maddubs`/`add` pair fused into one `vpdpbusd`).
-            #[inline(always)]
+            ///
+            /// # Safety
+            /// The CPU must support this module's features; `g` is a row group of `w`
+            /// and `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out`
+            /// (`for_each_tile` checks these); no other thread may access `out`'s cells
+            /// in rows `8g..8g + 8`. Compiled for the features itself (not
+            /// `inline(always)`): it is called from a closure, which does not inherit
+            /// them (see `packed::avx2::tile`).
+            #[inline]
+            #[target_feature(enable = $features)]
             unsafe fn tile_q4_1<const C: usize>(
                 w: &PackedQ4_1x8,
                 g: usize,
@@ -142,7 +156,14 @@ macro_rules! vnni_tiles {
 
             /// Q8_0 rows `8g..8g+8` against tokens `t0..t0+C`, with the AVX2 tile's sign
             /// trick (`|w|` unsigned times `a` carrying `w`'s sign).
-            #[inline(always)]
+            ///
+            /// # Safety
+            /// The CPU must support this module's features; `g` is a row group of `w`
+            /// and `t0..t0 + C` tokens of `acts`, whose shape matches `w` and `out`
+            /// (`for_each_tile` checks these); no other thread may access `out`'s cells
+            /// in rows `8g..8g + 8`. Compiled for the features itself, as `tile_q4_1`.
+            #[inline]
+            #[target_feature(enable = $features)]
             unsafe fn tile_q8_0<const C: usize>(
                 w: &PackedQ8_0x8,
                 g: usize,

@@ -8,7 +8,10 @@ use super::{OutMatrix, QuantizedActs, QK8};
 use crate::quant::{f16_at, k_scale_min, GgmlType, QK_K};
 
 /// Float weights (F32/F16) times float activations.
-pub(super) fn gemm_float(
+///
+/// # Safety
+/// No other thread may access the cells of `out` in `rows` while this runs.
+pub(super) unsafe fn gemm_float(
     ty: GgmlType,
     w: &[u8],
     k: usize,
@@ -34,7 +37,8 @@ pub(super) fn gemm_float(
             }
         }
         for t in 0..n_tok {
-            out.set(t, r, dot_f32(&row, &x[t * k..(t + 1) * k]));
+            // SAFETY: the cells of `rows` are ours (the caller's contract).
+            unsafe { out.set(t, r, dot_f32(&row, &x[t * k..(t + 1) * k])) };
         }
     }
 }
@@ -58,7 +62,10 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Quantized weights times 8-bit activations, with integer inner products.
-pub(super) fn gemm_quant(
+///
+/// # Safety
+/// No other thread may access the cells of `out` in `rows` while this runs.
+pub(super) unsafe fn gemm_quant(
     ty: GgmlType,
     w: &[u8],
     k: usize,
@@ -74,7 +81,8 @@ pub(super) fn gemm_quant(
             let qa = &acts.qs[t * k..(t + 1) * k];
             let da = &acts.d[t * nb..(t + 1) * nb];
             let sa = &acts.s[t * nb..(t + 1) * nb];
-            out.set(t, r, vec_dot(ty, wr, qa, da, sa));
+            // SAFETY: the cells of `rows` are ours (the caller's contract).
+            unsafe { out.set(t, r, vec_dot(ty, wr, qa, da, sa)) };
         }
     }
 }

@@ -29,6 +29,20 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Which form [`swiglu`] runs here: `avx512`, `avx2` or `scalar`.
+pub fn form() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512_detected() {
+            return "avx512";
+        }
+        if super::detected() == super::KernelSet::Avx2 {
+            return "avx2";
+        }
+    }
+    "scalar"
+}
+
 /// Whether SwiGLU runs its AVX-512 form (AVX-512F and DQ present and allowed).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512_detected() -> bool {
@@ -47,6 +61,9 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// ggml's 16-lane `ggml_v_expf` (AVX-512F/DQ).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512DQ.
     #[inline(always)]
     unsafe fn expf16(x: __m512) -> __m512 {
         let r = _mm512_set1_ps(f32::from_bits(0x4b40_0000)); // 0x1.8p23
@@ -94,6 +111,9 @@ mod x86 {
     }
 
     /// ggml's 8-lane `ggml_v_expf` (AVX2 + FMA).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline(always)]
     unsafe fn expf8(x: __m256) -> __m256 {
         let r = _mm256_set1_ps(f32::from_bits(0x4b40_0000));
@@ -210,20 +230,32 @@ mod tests {
         let mut got = xs.clone();
         swiglu(&mut got, &up);
         check(&got, xs.len(), "dispatched");
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx512_detected() {
-                let mut got = xs.clone();
-                // SAFETY: detected.
-                let n = unsafe { x86::swiglu_avx512(&mut got, &up) };
-                check(&got, n, "avx512");
+        use super::super::test_support::{avx2, avx512, skipped};
+        const NAME: &str = "swiglu_matches_the_exact_function";
+        // Both vector forms where the CPU has them, whatever SLUICE_NO_AVX512 picks.
+        match avx512() {
+            Ok(()) => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let mut got = xs.clone();
+                    // SAFETY: the CPU has avx512f and avx512dq (checked above).
+                    let n = unsafe { x86::swiglu_avx512(&mut got, &up) };
+                    check(&got, n, "avx512");
+                }
             }
-            if super::super::detected() == super::super::KernelSet::Avx2 {
-                let mut got = xs.clone();
-                // SAFETY: detected.
-                let n = unsafe { x86::swiglu_avx2(&mut got, &up) };
-                check(&got, n, "avx2");
+            Err(why) => skipped(&format!("{NAME} (avx512 form)"), &why),
+        }
+        match avx2() {
+            Ok(()) => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let mut got = xs.clone();
+                    // SAFETY: the CPU has avx2 and fma (checked above).
+                    let n = unsafe { x86::swiglu_avx2(&mut got, &up) };
+                    check(&got, n, "avx2");
+                }
             }
+            Err(why) => skipped(&format!("{NAME} (avx2 form)"), &why),
         }
     }
 }
