@@ -327,8 +327,11 @@ async fn a_slow_non_streaming_generation_times_out_with_504_and_is_cancelled() {
     let mut freed = false;
     for _ in 0..1500 {
         let m = server.metrics().await;
-        if metric_sum(&m, "sluice_requests_finished_total", &[("reason", "cancelled")])
-            == Some(1.0)
+        if metric_sum(
+            &m,
+            "sluice_requests_finished_total",
+            &[("reason", "cancelled")],
+        ) == Some(1.0)
             && metric_sum(&m, "sluice_requests_running", &[]) == Some(0.0)
             && metric_sum(&m, "sluice_kv_cache_usage_ratio", &[]) == Some(0.0)
         {
