@@ -14,7 +14,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 
-use crate::kv_cache::BLOCK_SIZE;
+use crate::backends::cpu::kv_cache::BLOCK_SIZE;
 
 /// Index of a block in the KV cache.
 pub type BlockId = u32;

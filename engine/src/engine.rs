@@ -19,16 +19,16 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc as tmpsc;
 
+use crate::backends::cpu::kv_cache::{KvCache, BLOCK_SIZE};
+use crate::backends::cpu::model::Model;
 use crate::engine_loop::{Command, EngineLoop, Submission};
 use crate::error::EngineError;
-use crate::kv_cache::{KvCache, BLOCK_SIZE};
 use crate::metrics::EngineMetrics;
-use crate::model::Model;
 use crate::request::{EngineStats, GenerationRequest, RequestStream};
 use crate::scheduler::SchedulerConfig;
 use crate::supervisor::{supervise, EngineHealth};
 use crate::synthetic::SyntheticLoop;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 
 /// Limits of one engine, and the name it reports under.
 #[derive(Debug, Clone)]

@@ -9,16 +9,16 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tmpsc;
 
-use crate::detokenizer::IncrementalDetokenizer;
-use crate::kv_cache::KvCache;
+use crate::backends::cpu::kv_cache::KvCache;
+use crate::backends::cpu::model::{ForwardScratch, Model, SeqChunk};
 use crate::metrics::EngineMetrics;
-use crate::model::{ForwardScratch, Model, SeqChunk};
 use crate::request::{EngineStats, Event, FinishReason, GenerationRequest, Usage};
 use crate::sampling::{logprobs, Sampler, TokenLogprobs};
 use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig, SeqId, Sequence};
-use crate::stop::StopMatcher;
 use crate::supervisor::SupervisedLoop;
-use crate::tokenizer::Tokenizer;
+use crate::text::detokenizer::IncrementalDetokenizer;
+use crate::text::stop::StopMatcher;
+use crate::text::tokenizer::Tokenizer;
 
 /// A request on its way from `Engine::submit` to the loop.
 pub(crate) struct Submission {
@@ -124,7 +124,9 @@ impl EngineLoop {
             .state(sch.n_running(), sch.n_waiting(), sch.kv_usage(), &st);
         let touched = self.kv_touched_before.max(sch.kv_blocks_touched());
         self.metrics.kv_touched(
-            touched * crate::kv_cache::BLOCK_SIZE * KvCache::bytes_per_token(&self.model.cfg),
+            touched
+                * crate::backends::cpu::kv_cache::BLOCK_SIZE
+                * KvCache::bytes_per_token(&self.model.cfg),
         );
         if let Ok(mut s) = self.stats.lock() {
             *s = EngineStats {

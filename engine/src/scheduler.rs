@@ -29,8 +29,8 @@
 
 use std::collections::VecDeque;
 
+use crate::backends::cpu::kv_cache::BLOCK_SIZE;
 use crate::block_allocator::{BlockHasher, BlockId, KvBlockAllocator};
-use crate::kv_cache::BLOCK_SIZE;
 
 /// Identifies a request inside the engine.
 pub type SeqId = u64;

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use sluice_engine::chat_template::ChatTemplate;
-use sluice_engine::model::Model;
-use sluice_engine::thread_pool::ThreadPool;
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::backends::cpu::model::Model;
+use sluice_engine::backends::cpu::thread_pool::ThreadPool;
+use sluice_engine::text::chat_template::ChatTemplate;
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
 use sluice_gateway::config::{Config, ModelEntry};

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_engine::model::Model;
+use sluice_engine::backends::cpu::model::Model;
+use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::sampling::SamplingParams;
-use sluice_engine::thread_pool::ThreadPool;
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, FinishReason, GenerationRequest, RequestStream};
 
 use crate::support::model_path;

@@ -16,12 +16,12 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
-use sluice_engine::chat_template::{ChatMessage, ChatTemplate};
-use sluice_engine::kv_cache::{KvCache, BLOCK_SIZE};
-use sluice_engine::model::{ForwardScratch, Model, SeqChunk};
+use sluice_engine::backends::cpu::kv_cache::{KvCache, BLOCK_SIZE};
+use sluice_engine::backends::cpu::model::{ForwardScratch, Model, SeqChunk};
+use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::sampling::{logprobs, SamplingParams};
-use sluice_engine::thread_pool::ThreadPool;
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::text::chat_template::{ChatMessage, ChatTemplate};
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, GenerationRequest};
 
 use crate::support::{fixtures, fixtures_fa_off, kernels_reference, model_path};

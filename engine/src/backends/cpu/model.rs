@@ -7,13 +7,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::backends::cpu::kernels::{self, KernelSet, OutMatrix, QuantizedActs};
+use crate::backends::cpu::kv_cache::{KvCache, BLOCK_SIZE};
+use crate::backends::cpu::thread_pool::ThreadPool;
+use crate::backends::cpu::weights::{ModelWeights, QMatrix};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
-use crate::kernels::{self, KernelSet, OutMatrix, QuantizedActs};
-use crate::kv_cache::{KvCache, BLOCK_SIZE};
-use crate::thread_pool::ThreadPool;
-use crate::weights::{ModelWeights, QMatrix};
 
 /// One sequence's share of a forward batch.
 pub struct SeqChunk<'a> {
@@ -512,10 +512,10 @@ fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::backends::cpu::kv_cache::BLOCK_SIZE;
+    use crate::gguf::quant::{quantize::quantize_row, GgmlType};
     use crate::gguf::writer::{write, TensorData};
     use crate::gguf::MetaValue;
-    use crate::kv_cache::BLOCK_SIZE;
-    use crate::quant::{quantize::quantize_row, GgmlType};
 
     fn rand_vec(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
         (0..n)
