@@ -251,7 +251,7 @@ pub fn gguf(data: &[u8]) {
     }
     let mut kv = sluice_engine::backends::cpu::kv_cache::KvCache::new(&cfg, 1);
     let mut scratch = sluice_engine::backends::cpu::model::ForwardScratch::default();
-    let chunk = sluice_engine::backends::cpu::model::SeqChunk {
+    let chunk = sluice_engine::backends::SeqChunk {
         tokens: &[0],
         start_pos: 0,
         block_table: &[0],

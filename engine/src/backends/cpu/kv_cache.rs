@@ -7,10 +7,8 @@
 //! results are those of an f32 cache holding f16-rounded values, at half the bytes.
 
 use crate::backends::cpu::kernels;
+use crate::block_allocator::BLOCK_SIZE;
 use crate::config::ModelConfig;
-
-/// Token slots per block.
-pub const BLOCK_SIZE: usize = 16;
 
 /// K and V for every layer, in `n_blocks` blocks of `BLOCK_SIZE` tokens.
 pub struct KvCache {
