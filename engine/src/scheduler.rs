@@ -497,6 +497,41 @@ mod tests {
     }
 
     #[test]
+    fn without_prefix_caching_identical_prompts_share_no_block() {
+        // A runtime that keeps K/V itself: every sequence computes its whole prompt in
+        // blocks of its own, together or after another.
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_running_requests: 4,
+                max_num_batched_tokens: 512,
+                prefix_caching: false,
+            },
+            16,
+        );
+        let p = prompt(1, 40);
+        s.add(1, p.clone());
+        s.add(2, p.clone());
+        let plan = step(&mut s, 5);
+        assert_eq!(
+            plan.chunks,
+            vec![chunk(1, 0, 40, true), chunk(2, 0, 40, true)]
+        );
+        let (b1, b2) = (&s.get(1).unwrap().blocks, &s.get(2).unwrap().blocks);
+        assert!(b1.iter().all(|b| !b2.contains(b)), "{b1:?} {b2:?}");
+        s.remove(1);
+        s.add(3, p);
+        let plan = step(&mut s, 5);
+        assert_eq!(
+            plan.chunks,
+            vec![chunk(2, 40, 1, true), chunk(3, 0, 40, true)]
+        );
+        let (b2, b3) = (&s.get(2).unwrap().blocks, &s.get(3).unwrap().blocks);
+        assert!(b2.iter().all(|b| !b3.contains(b)), "{b2:?} {b3:?}");
+        assert_eq!(s.get(3).unwrap().cached_prompt_tokens, 0);
+        assert_eq!(s.stats().prompt_tokens_cached, 0);
+    }
+
+    #[test]
     fn a_fully_cached_prompt_still_computes_its_last_token() {
         let mut s = sched(4, 512, 16);
         s.add(1, prompt(1, 32));
