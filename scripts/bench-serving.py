@@ -149,7 +149,11 @@ per_rep = [s / g for s, g in zip(sampled16, greedy16)]
 lines += ["", f"Sluice at 16 streams sampling (temperature 1, top_p 1) against its own greedy 16 streams: "
           f"**{statistics.median(sampled16) / statistics.median(greedy16):.2f}×** (ratio of medians; per repetition "
           f"{', '.join(f'{x:.2f}' for x in per_rep)})."]
-json.dump({"reps": reps, "requests": requests, "threads": threads, "avx2": avx2, "levels": summary},
+cpu = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "benchmarks-md.py"), "--cpu-line"]
+                     + (["--avx2"] if avx2 else []), capture_output=True, text=True, check=True).stdout.strip()
+lines = [f"CPU: {cpu}; {threads} threads each; {reps} repetitions of {requests} requests per level "
+         f"(128 output tokens each), the servers alternating.", ""] + lines
+json.dump({"reps": reps, "requests": requests, "threads": threads, "avx2": avx2, "cpu": cpu, "levels": summary},
           open(os.path.join(out, "summary.json"), "w"), indent=1)
 open(os.path.join(out, "table.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -32,6 +32,9 @@ use std::collections::{HashMap, HashSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`).
+pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-5;
+
 /// Per-request sampling settings (already validated by the caller).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -221,7 +224,8 @@ impl Sampler {
             ..
         } = self;
         let logits: &[f32] = if processed { &buf[..] } else { raw };
-        if p.temperature <= 0.0 || p.top_k == 1 {
+        // Below vLLM's epsilon a temperature is greedy: 1/t would overflow the weights.
+        if p.temperature < GREEDY_BELOW_TEMPERATURE || p.top_k == 1 {
             return Selection::Token(argmax(logits));
         }
         let Some(total) = exp_weights(
@@ -235,6 +239,11 @@ impl Sampler {
             // Nothing finite to sample from.
             return Selection::Token(argmax(logits));
         };
+        if total.is_nan() || total <= 0.0 {
+            // Every weight underflowed (cannot happen above the greedy epsilon: the top
+            // token weighs 1), so nothing can be drawn: the likeliest token is the answer.
+            return Selection::Token(argmax(logits));
+        }
         if p.top_k > 0 {
             top_k(logits, weights, p.top_k, candidates);
             if p.top_p < 1.0 {
@@ -325,10 +334,12 @@ fn exp_weights(
 /// The `k` most likely tokens of positive weight, most likely first, into `out`.
 fn top_k(logits: &[f32], weights: &[f32], k: usize, out: &mut Vec<Candidate>) {
     out.clear();
+    // A k past the vocabulary (any client may send one) keeps every token.
+    let k = k.min(weights.len()).max(1);
     // A partial selection over a bounded buffer: once it overflows, only its k best stay
     // and anything not more likely than the k-th of them is skipped for good, so most
     // tokens cost one comparison and nothing is sorted but the final k.
-    let cap = (4 * k).max(256);
+    let cap = k.saturating_mul(4).max(256);
     let mut floor = f32::NEG_INFINITY;
     for (i, (&w, &logit)) in weights.iter().zip(logits).enumerate() {
         // Tokens come in id order: one tied with the k-th so far has a higher id, so
@@ -996,6 +1007,49 @@ mod tests {
             ..Default::default()
         };
         assert!(draw(&k1).iter().all(|&x| x == argmax(&logits)));
+    }
+
+    /// A client may send any positive top_k: one past the vocabulary (even one whose
+    /// candidate buffer size would overflow) keeps every token instead of panicking.
+    #[test]
+    fn a_top_k_past_the_vocabulary_keeps_every_token() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.01).collect();
+        for k in [1001, 1 << 40, usize::MAX / 2, usize::MAX] {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    top_k: k,
+                    seed: Some(3),
+                    ..Default::default()
+                },
+                &[],
+            );
+            let drawn: HashSet<u32> = (0..2000).map(|_| s.sample(&logits, &[])).collect();
+            assert!(
+                drawn.len() > 500,
+                "top_k {k} drew only {} tokens",
+                drawn.len()
+            );
+        }
+    }
+
+    /// A temperature too small to invert (1/t overflows) samples greedily, as at 0,
+    /// rather than from a distribution whose weights all vanished.
+    #[test]
+    fn a_vanishing_temperature_is_greedy() {
+        let logits = [0.5f32, -1.0, 2.0, 1.9];
+        for t in [1e-39f32, 1e-30, 1e-6] {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    temperature: t,
+                    seed: Some(5),
+                    ..Default::default()
+                },
+                &[],
+            );
+            for _ in 0..20 {
+                assert_eq!(s.sample(&logits, &[]), 2, "temperature {t}");
+            }
+        }
     }
 
     #[test]

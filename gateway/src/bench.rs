@@ -19,8 +19,11 @@ use sluice_engine::sampling::{argmax, Sampler, SamplingParams};
 /// Median, minimum and maximum of a set of repetitions (tokens per second).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
+    /// Median of the samples.
     pub median: f64,
+    /// Smallest sample.
     pub min: f64,
+    /// Largest sample.
     pub max: f64,
     /// Number of repetitions.
     pub n: usize,
@@ -190,9 +193,11 @@ pub fn bench_batched_decode(
 pub struct SampledDecode {
     /// Output tokens per second sampling with OpenAI's defaults.
     pub tok_s: f64,
-    /// Mean milliseconds per step of the forward pass, of greedy picking and of sampling.
+    /// Mean milliseconds per step of the forward pass.
     pub forward_ms: f64,
+    /// Mean milliseconds per step picking every row's most likely token.
     pub greedy_ms: f64,
+    /// Mean milliseconds per step sampling every row with OpenAI's defaults.
     pub sampled_ms: f64,
 }
 
@@ -313,7 +318,7 @@ pub fn bench_batched_sampled_decode(
 }
 
 /// Microseconds one thread takes to draw a token from one row of the model's logits (a
-/// real next-token distribution, after a 32-token prompt), best of `reps` x 100 draws,
+/// real next-token distribution, after a 32-token prompt), median of `reps` x 100 draws,
 /// for OpenAI's defaults, `top_p` 0.9, `top_k` 40 and greedy.
 pub fn bench_sampler_row(model: &Model, reps: usize) -> Vec<(&'static str, f64)> {
     let prompt: Vec<u32> = (0..32)
@@ -359,13 +364,17 @@ pub fn bench_sampler_row(model: &Model, reps: usize) -> Vec<(&'static str, f64)>
         .map(|(name, mut params)| {
             params.seed = Some(1);
             let mut s = Sampler::new(params, &prompt);
-            let mut best = f64::MAX;
-            for _ in 0..reps.max(1) * 100 {
-                let t = Instant::now();
-                std::hint::black_box(s.sample(&logits, &[]));
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            (name, best * 1e6)
+            let times: Vec<f64> = (0..reps.max(1) * 100)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(s.sample(&logits, &[]));
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            (
+                name,
+                Stats::of(&times).map_or(f64::NAN, |st| st.median) * 1e6,
+            )
         })
         .collect()
 }
@@ -378,8 +387,12 @@ pub fn find_llama_bench() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let home = std::env::var_os("HOME")?;
+    // The peer must use the instruction sets our kernels use: the AVX2-only build when
+    // AVX-512 is switched off here; on a CPU without AVX-512 the native build is one too.
     let builds: &[&str] = if std::env::var_os("SLUICE_NO_AVX512").is_some() {
         &["llamacpp-avx2"]
+    } else if !cpu_has_flag("avx512f") {
+        &["llamacpp", "llamacpp-avx2"]
     } else {
         &["llamacpp"]
     };
@@ -396,10 +409,15 @@ pub fn find_llama_bench() -> Option<PathBuf> {
 
 /// Whether the CPU reports AMX tiles.
 fn cpu_reports_amx() -> bool {
+    cpu_has_flag("amx_tile")
+}
+
+/// Whether /proc/cpuinfo lists `flag` for the first CPU.
+fn cpu_has_flag(flag: &str) -> bool {
     std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
         c.lines()
             .find(|l| l.starts_with("flags"))
-            .is_some_and(|l| l.split_whitespace().any(|f| f == "amx_tile"))
+            .is_some_and(|l| l.split_whitespace().any(|f| f == flag))
     })
 }
 
@@ -524,17 +542,21 @@ pub fn bench_llama_cpp(
 
 /// What `sluice bench` runs.
 pub struct BenchOptions {
+    /// Compute threads, on both sides.
     pub threads: usize,
     /// Prompt sizes for the prefill rows (`ppN`); 0 entries are skipped.
     pub prompts: Vec<usize>,
     /// Tokens of the single-stream decode row (`tgN`); 0 skips it.
     pub gen: usize,
+    /// Repetitions of every test, on both sides.
     pub reps: usize,
     /// Prefill chunk: the server's `max_num_batched_tokens`.
     pub chunk: usize,
     /// Sequences of the batched-decode row; 0 skips it.
     pub batch: usize,
+    /// Prompt tokens of each batched sequence.
     pub batch_prompt: usize,
+    /// Run llama-bench too, when it is installed.
     pub llama_cpp: bool,
 }
 
@@ -666,8 +688,9 @@ pub fn run(model: &Model, model_path: &Path, o: &BenchOptions) -> String {
             .map(|(name, us)| format!("{name} {us:.0} us"))
             .collect();
         say(format!(
-            "sampling one row of {} logits, one thread: {}",
+            "sampling one row of {} logits, one thread (median of {} draws): {}",
             model.cfg.vocab_size,
+            o.reps.max(1) * 100,
             rows.join(", ")
         ));
     }

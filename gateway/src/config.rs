@@ -35,6 +35,7 @@ pub struct Config {
     pub models: Vec<ModelEntry>,
     /// Write prompts and completions to the logs (off: they never appear there).
     pub log_payloads: bool,
+    /// `[metrics]`: who may read `/metrics`.
     pub metrics: MetricsSection,
     pub debug: DebugSection,
 }

@@ -6,7 +6,7 @@
 //! charging it (for the `x-ratelimit-*` headers of a refused request).
 //! Token accounting: a request is charged its prompt tokens plus `max_tokens` for every
 //! choice when it is accepted, as OpenAI estimates, with no refund for tokens not
-//! generated. Concurrent streams are a semaphore whose permit lives as long as the
+//! generated (a request refused after the charge, by a full queue, gets it back). Concurrent streams are a semaphore whose permit lives as long as the
 //! response body (or the WebSocket generation).
 //!
 //! HTTP requests and WebSocket generations go through the same functions here
@@ -41,6 +41,7 @@ struct Budget {
 /// What a budget says, for the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetState {
+    /// Units per minute.
     pub limit: u32,
     /// Whole units that could be taken now.
     pub remaining: u32,
@@ -99,6 +100,15 @@ impl Budget {
         }
         *full_at = (*full_at).max(now) + self.unit * n;
         Ok(self.state(*full_at, now))
+    }
+
+    /// Gives back `n` units taken for work that was then refused.
+    fn give_back(&self, n: u32) {
+        let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
+        // Earlier than now just means full: `take` starts from now at the latest.
+        if let Some(t) = full_at.checked_sub(self.unit * n) {
+            *full_at = t;
+        }
     }
 
     /// [`Budget::take`] as the API answers it.
@@ -172,6 +182,13 @@ impl KeyLimits {
             .transpose()
     }
 
+    /// Gives back `n` tokens charged for a generation that was then refused.
+    pub fn refund_tokens(&self, n: usize) {
+        if let Some(b) = &self.tokens {
+            b.give_back(u32::try_from(n).unwrap_or(u32::MAX));
+        }
+    }
+
     /// A concurrent-stream slot, or 429 when all are taken.
     pub fn take_stream(&self) -> Result<StreamSlot, ApiError> {
         match &self.streams {
@@ -205,17 +222,20 @@ impl KeyLimits {
 pub struct Admission {
     /// The request budget after counting this request, if the key has one.
     pub requests: Option<BudgetState>,
+    /// The key's concurrent-stream slot, released when dropped.
     pub slot: StreamSlot,
 }
 
 /// Admits one request (an HTTP request or a WebSocket generation) under `key`'s
 /// request rate and concurrent streams, counting a refusal in the metrics.
 pub fn admit(key: &ApiKey) -> Result<Admission, ApiError> {
-    let requests = key.limits.take_request().inspect_err(|_| {
-        crate::metrics::rate_limited(&key.name, "requests");
-    })?;
+    // The slot first: a request refused for want of one spends no request budget (a
+    // slot taken for a request the rate then refuses is released at once).
     let slot = key.limits.take_stream().inspect_err(|_| {
         crate::metrics::rate_limited(&key.name, "streams");
+    })?;
+    let requests = key.limits.take_request().inspect_err(|_| {
+        crate::metrics::rate_limited(&key.name, "requests");
     })?;
     Ok(Admission { requests, slot })
 }
@@ -409,6 +429,10 @@ mod tests {
         ));
         assert!(k.take_request().unwrap().is_none(), "no request limit set");
         assert_eq!(k.tokens_now().unwrap().remaining, 40);
+        // A generation refused after its charge (a full queue) gets it back.
+        k.refund_tokens(60);
+        assert_eq!(k.tokens_now().unwrap().remaining, 100);
+        assert_eq!(k.take_tokens(100).unwrap().unwrap().remaining, 0);
     }
 
     #[test]

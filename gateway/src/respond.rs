@@ -218,7 +218,7 @@ pub async fn generate(
     )?;
     let charged = request.prompt.len() + n * request.max_tokens;
     let tokens = crate::rate_limit::charge_tokens(key, charged)?;
-    let streams = submit(model, &request, n)?;
+    let streams = submit(model, &request, n).inspect_err(|_| key.limits.refund_tokens(charged))?;
     let meta = ResponseMeta {
         id: state.new_id(match flavor {
             Flavor::Chat => "chatcmpl",

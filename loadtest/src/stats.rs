@@ -5,11 +5,17 @@ use serde::Serialize;
 /// Mean, extremes and percentiles of one metric (interpolated like numpy's default).
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Summary {
+    /// Arithmetic mean.
     pub mean: f64,
+    /// Smallest sample.
     pub min: f64,
+    /// Median.
     pub p50: f64,
+    /// 90th percentile.
     pub p90: f64,
+    /// 99th percentile.
     pub p99: f64,
+    /// Largest sample.
     pub max: f64,
 }
 

@@ -294,8 +294,14 @@ async fn a_full_queue_answers_503_at_once_and_accepted_requests_finish() {
     // Refused at once, not queued: the answer came before the running request (100
     // tokens) finished, whatever the machine's speed.
     let m = server.metrics().await;
-    assert!(
-        !m.contains("sluice_requests_finished_total{reason=\"length\"}"),
+    assert_eq!(
+        metric_sum(
+            &m,
+            "sluice_requests_finished_total",
+            &[("reason", "length")]
+        )
+        .unwrap_or(0.0),
+        0.0,
         "the refusal waited for the running request:\n{m}"
     );
     assert_eq!(r.headers()["retry-after"], "1");

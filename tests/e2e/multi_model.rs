@@ -89,7 +89,10 @@ async fn two_models_share_the_threads_both_progress_and_report_apart() {
     }
 
     // Both stream at once, and each gets a fair share of the steps while the other runs.
-    let n = 48;
+    // Measured over the time both were streaming (from the later first piece to the
+    // earlier last one), so a request that reached its engine late does not count
+    // against fairness; long enough streams that the two overlap on any machine.
+    let n = 128;
     let (a, b) = tokio::join!(stream_times(&server, "a", n), stream_times(&server, "b", n));
     assert!(
         a.len() >= n - 2 && b.len() >= n - 2,
@@ -97,13 +100,17 @@ async fn two_models_share_the_threads_both_progress_and_report_apart() {
         a.len(),
         b.len()
     );
-    let (a_end, b_end) = (*a.last().unwrap(), *b.last().unwrap());
-    let a_before_b_ends = a.iter().filter(|&&t| t < b_end).count();
-    let b_before_a_ends = b.iter().filter(|&&t| t < a_end).count();
+    let from = a[0].max(b[0]);
+    let to = (*a.last().unwrap()).min(*b.last().unwrap());
+    let within = |t: &[std::time::Instant]| t.iter().filter(|&&x| x >= from && x <= to).count();
+    let (a_in, b_in) = (within(&a), within(&b));
     assert!(
-        a_before_b_ends >= n / 4 && b_before_a_ends >= n / 4,
-        "one model waited for the other: {a_before_b_ends} of a's pieces came before b ended, \
-         {b_before_a_ends} of b's before a ended"
+        a_in + b_in >= n / 2,
+        "the two streams hardly overlapped ({a_in} + {b_in} pieces): one model waited for the other"
+    );
+    assert!(
+        a_in * 4 >= a_in + b_in && b_in * 4 >= a_in + b_in,
+        "while both streamed, a got {a_in} pieces and b {b_in}: one model starved the other"
     );
 
     // An n = 4 completion over a 710-token prompt on "a" computes the prompt about once;
@@ -173,12 +180,21 @@ async fn two_models_share_the_threads_both_progress_and_report_apart() {
     // Idle, the process uses no CPU: the compute threads and both engine loops sleep.
     server.wait_until_idle().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    if let Some(t0) = cpu_ticks(server.pid()) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let used = cpu_ticks(server.pid()).unwrap() - t0;
-        assert!(
-            used <= 5,
-            "an idle server used {used} ticks of CPU in a second"
-        );
+    match cpu_ticks(server.pid()) {
+        Some(t0) => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let used = cpu_ticks(server.pid()).unwrap() - t0;
+            assert!(
+                used <= 5,
+                "an idle server used {used} ticks of CPU in a second"
+            );
+        }
+        None => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED two_models_share_the_threads (idle CPU part): no /proc here"
+            );
+        }
     }
 }

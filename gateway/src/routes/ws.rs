@@ -379,20 +379,25 @@ async fn generate(
         model.context_length,
         model.tokenizer.vocab_size(),
     )?;
-    crate::rate_limit::charge_tokens(key, request.prompt.len() + request.max_tokens)?;
+    let charged = request.prompt.len() + request.max_tokens;
+    crate::rate_limit::charge_tokens(key, charged)?;
     let prompt_tokens = request.prompt.len();
-    let stream = crate::respond::submit(model, &request, 1)?
+    let stream = crate::respond::submit(model, &request, 1)
+        .inspect_err(|_| key.limits.refund_tokens(charged))?
         .pop()
         .ok_or_else(|| ApiError::Internal("no engine request was submitted".into()))?;
     let id = state.new_id("gen");
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let (s2, name) = (s.clone(), key.name.clone());
     // Dropping `stream` on refusal cancels the engine request.
-    s.start_generation(&id, user, cancel_tx)
-        .map_err(|r| match r {
+    s.start_generation(&id, user, cancel_tx).map_err(|r| {
+        // Refused after the charge (another member's generation won the race).
+        key.limits.refund_tokens(charged);
+        match r {
             Refusal::Busy => busy(),
             r => Refused::Protocol(r.code(), "say something before generating".into()),
-        })?;
+        }
+    })?;
     tokio::spawn(async move {
         drive(s2, stream, cancel_rx, prompt_tokens, name).await;
         // The generation held its place in flight and its key's stream slot until now.

@@ -81,7 +81,9 @@ fn attend_tile_with<'c, F>(
     let (nq, hd) = (t.pos.len(), head_dim);
     // The 512-bit kernels take the common head sizes and blocks of up to 16 rows.
     let wide = wide && matches!(hd, 64 | 128) && cache.block <= RUN;
-    assert!(t.q.len() == nq * hd && t.round.len() == nq && out.len() == nq * hd);
+    let tile_len = nq.checked_mul(hd).expect("tile size overflows");
+    assert!(t.q.len() == tile_len && t.round.len() == nq && out.len() == tile_len);
+    assert!(cache.block.max(RUN).checked_mul(hd).is_some());
     assert!(cache.block > 0 && cache.stride >= hd);
     let Some(&last) = t.pos.iter().max() else {
         return;
@@ -97,7 +99,8 @@ fn attend_tile_with<'c, F>(
         let run = (cache.block - p % cache.block).min(end - p);
         let (k, v) = (cache.rows)(p, run);
         assert!(
-            k.len() >= (run - 1) * cache.stride + hd && v.len() >= (run - 1) * cache.stride + hd
+            super::rows_fit(k.len(), run, cache.stride, hd)
+                && super::rows_fit(v.len(), run, cache.stride, hd)
         );
         widen_rows(&mut s.v, v, cache.stride, run, hd);
         if !wide {

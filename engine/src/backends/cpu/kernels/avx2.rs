@@ -683,8 +683,8 @@ pub(super) unsafe fn f32_to_f16(dst: &mut [u16], src: &[f32]) -> usize {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn widen_rows(dst: &mut [f32], src: &[u16], stride: usize, n: usize, hd: usize) {
-    assert!(hd.is_multiple_of(8) && dst.len() >= n * hd);
-    assert!(n == 0 || src.len() >= (n - 1) * stride + hd);
+    assert!(hd.is_multiple_of(8) && super::rows_fit(dst.len(), n, hd, hd));
+    assert!(super::rows_fit(src.len(), n, stride, hd));
     for i in 0..n {
         let (s, d) = (src.as_ptr().add(i * stride), dst.as_mut_ptr().add(i * hd));
         for x in (0..hd).step_by(8) {

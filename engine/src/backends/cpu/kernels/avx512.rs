@@ -47,7 +47,7 @@ pub(super) unsafe fn widen_k_pairs(
     hd: usize,
 ) {
     assert!(hd.is_multiple_of(8) && n <= RUN && dst.len() >= RUN * hd);
-    assert!(n == 0 || src.len() >= (n - 1) * stride + hd);
+    assert!(super::rows_fit(src.len(), n, stride, hd));
     for i in 0..n {
         let (row, at) = (src.as_ptr().add(i * stride), (i / 2) * 2 * hd + (i % 2) * 8);
         for x in 0..hd / 8 {

@@ -205,6 +205,16 @@ impl Default for OnlineSoftmax {
     }
 }
 
+/// Whether `n` rows of `row` elements, `stride` apart, fit in a slice of `len`: checked,
+/// so that no stride a safe caller passes can wrap the bound and let a kernel read past it.
+pub(crate) fn rows_fit(len: usize, n: usize, stride: usize, row: usize) -> bool {
+    n == 0
+        || (n - 1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(row))
+            .is_some_and(|need| len >= need)
+}
+
 /// Folds `n` keys and values into one head's online-softmax attention, in the order and
 /// rounding of llama.cpp's CPU flash attention (f16 accumulator when `round`).
 ///
@@ -224,7 +234,7 @@ pub fn attend(
 ) {
     let hd = q.len();
     assert!(out.len() == hd && n > 0);
-    assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
+    assert!(rows_fit(k.len(), n, stride, hd) && rows_fit(v.len(), n, stride, hd));
     #[cfg(target_arch = "x86_64")]
     if detected() == KernelSet::Avx2 && hd.is_multiple_of(8) {
         // SAFETY: the CPU reported avx2, fma and f16c; lengths asserted above.
@@ -868,6 +878,35 @@ mod tests {
         for hd in [64, 40] {
             fused_attention_case(hd);
         }
+    }
+
+    /// A stride so large that `(n - 1) * stride + hd` wraps must be refused, not let the
+    /// kernel read past the slices.
+    #[test]
+    #[should_panic]
+    fn attend_refuses_a_stride_that_wraps_the_bound() {
+        let (q, k, v) = (vec![0f32; 64], vec![0f32; 64], vec![0f32; 64]);
+        let mut out = vec![0f32; 64];
+        let stride = usize::MAX / 2 + 1; // (3 - 1) * stride wraps to 0
+        attend(
+            &q,
+            &k,
+            &v,
+            stride,
+            3,
+            1.0,
+            false,
+            &mut OnlineSoftmax::default(),
+            &mut out,
+        );
+    }
+
+    #[test]
+    fn rows_fit_is_checked() {
+        assert!(rows_fit(10, 0, usize::MAX, 5));
+        assert!(rows_fit(10, 2, 5, 5) && !rows_fit(9, 2, 5, 5));
+        assert!(!rows_fit(usize::MAX, 3, usize::MAX / 2 + 1, 64));
+        assert!(!rows_fit(usize::MAX, 2, usize::MAX, 1));
     }
 
     fn fused_attention_case(hd: usize) {
