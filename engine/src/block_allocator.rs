@@ -14,7 +14,9 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 
-use crate::kv_cache::BLOCK_SIZE;
+/// Token slots per KV block: the unit the scheduler hands out, and in which a runtime
+/// with paged K/V storage lays out its cache.
+pub const BLOCK_SIZE: usize = 16;
 
 /// Index of a block in the KV cache.
 pub type BlockId = u32;

@@ -1,6 +1,7 @@
 //! The engine handle: submit a request, get a stream of events, drop it to cancel.
 //!
-//! The model loop runs on its own thread (`engine_loop`), never on the async runtime.
+//! The model loop runs on its own thread (`engine_loop`), never on the async runtime,
+//! and computes its steps on a `ModelRuntime` (see `backends`), whatever runs it.
 //! Queues and their bounds:
 //! - waiting: at most `max_waiting_requests` accepted requests wait for a place in the
 //!   running batch; `submit` beyond that fails at once with `EngineError::QueueFull`
@@ -19,16 +20,15 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc as tmpsc;
 
+use crate::backends::{KvStorage, ModelRuntime, RuntimeInfo};
 use crate::engine_loop::{Command, EngineLoop, Submission};
 use crate::error::EngineError;
-use crate::kv_cache::{KvCache, BLOCK_SIZE};
 use crate::metrics::EngineMetrics;
-use crate::model::Model;
 use crate::request::{EngineStats, GenerationRequest, RequestStream};
 use crate::scheduler::SchedulerConfig;
 use crate::supervisor::{supervise, EngineHealth};
 use crate::synthetic::SyntheticLoop;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 
 /// Limits of one engine, and the name it reports under.
 #[derive(Debug, Clone)]
@@ -39,8 +39,6 @@ pub struct EngineConfig {
     pub max_waiting_requests: usize,
     /// Tokens one forward step may process (prefill chunks plus decodes).
     pub max_num_batched_tokens: usize,
-    /// KV cache capacity in tokens.
-    pub kv_cache_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -50,7 +48,6 @@ impl Default for EngineConfig {
             max_running_requests: 32,
             max_waiting_requests: 256,
             max_num_batched_tokens: 512,
-            kv_cache_tokens: 65536,
         }
     }
 }
@@ -62,6 +59,7 @@ struct EngineLimits {
     kv_capacity_tokens: usize,
     max_waiting: usize,
     kv_blocks: usize,
+    runtime: RuntimeInfo,
 }
 
 /// Handle to a running engine; cheap to clone.
@@ -78,41 +76,46 @@ struct EngineShared {
     context_length: usize,
     kv_capacity_tokens: usize,
     vocab_size: usize,
+    runtime: RuntimeInfo,
     stats: Arc<Mutex<EngineStats>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Engine {
-    /// Starts the model loop on its own thread.
+    /// Starts the model loop on its own thread, computing on `runtime` (built by
+    /// `backends::load` for a model file). The scheduler's KV blocks are the runtime's
+    /// declared capacity; a runtime that keeps K/V itself gets no prefix caching.
     pub fn start(
-        model: Model,
+        runtime: Box<dyn ModelRuntime>,
         tokenizer: Arc<Tokenizer>,
         cfg: EngineConfig,
     ) -> Result<Engine, EngineError> {
-        let n_blocks = cfg.kv_cache_tokens.div_ceil(BLOCK_SIZE).max(1);
+        let kv = runtime.kv_capacity();
         let sched = SchedulerConfig {
             max_running_requests: cfg.max_running_requests.max(1),
             max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
+            // Sharing a prefix means two sequences' block tables name the same blocks:
+            // meaningful only where the blocks are the runtime's storage.
+            prefix_caching: runtime.capabilities().kv == KvStorage::Paged,
         };
         let limits = EngineLimits {
-            context_length: model.cfg.context_length,
-            vocab_size: model.cfg.vocab_size,
-            kv_capacity_tokens: n_blocks * BLOCK_SIZE,
+            context_length: runtime.context_length(),
+            vocab_size: runtime.vocab_size(),
+            kv_capacity_tokens: kv.tokens(),
             max_waiting: cfg.max_waiting_requests,
-            kv_blocks: n_blocks,
+            kv_blocks: kv.blocks,
+            runtime: runtime.info(),
         };
         let metrics = EngineMetrics::new(&cfg.name);
         Self::spawn(
             "sluice-engine",
             limits,
             move |rx, waiting, stats, health| {
-                let kv = KvCache::new(&model.cfg, n_blocks);
                 let name = metrics.model().to_string();
                 let mut l = EngineLoop::new(
-                    model,
+                    runtime,
                     tokenizer,
                     sched,
-                    kv,
                     rx,
                     waiting,
                     stats,
@@ -143,6 +146,10 @@ impl Engine {
             kv_capacity_tokens: usize::MAX,
             max_waiting: cfg.max_waiting_requests,
             kv_blocks: 0,
+            runtime: RuntimeInfo {
+                backend: "synthetic",
+                device: "none".into(),
+            },
         };
         let max_running = cfg.max_running_requests.max(1);
         let metrics = EngineMetrics::new(&cfg.name);
@@ -192,6 +199,7 @@ impl Engine {
                 context_length: l.context_length,
                 kv_capacity_tokens: l.kv_capacity_tokens,
                 vocab_size: l.vocab_size,
+                runtime: l.runtime,
                 stats,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -201,6 +209,11 @@ impl Engine {
     /// The model's context length in tokens.
     pub fn context_length(&self) -> usize {
         self.inner.context_length
+    }
+
+    /// What computes the steps: backend and device, as `/admin/models` shows them.
+    pub fn runtime(&self) -> &RuntimeInfo {
+        &self.inner.runtime
     }
 
     /// Queues a request. Fails at once when the waiting queue is full or the request

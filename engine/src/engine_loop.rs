@@ -1,5 +1,6 @@
-//! The model loop: owns the model, the KV cache and the scheduler, and turns scheduled
-//! steps into forward passes, sampled tokens and events.
+//! The model loop: owns the model runtime and the scheduler, and turns scheduled steps
+//! into the runtime's forward passes, sampled tokens and events. It knows the runtime
+//! only through `ModelRuntime`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,16 +10,16 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tmpsc;
 
-use crate::detokenizer::IncrementalDetokenizer;
-use crate::kv_cache::KvCache;
+use crate::backends::{KvCapacity, ModelRuntime, RowRunner, SeqChunk};
+use crate::block_allocator::BLOCK_SIZE;
 use crate::metrics::EngineMetrics;
-use crate::model::{ForwardScratch, Model, SeqChunk};
 use crate::request::{EngineStats, Event, FinishReason, GenerationRequest, Usage};
 use crate::sampling::{logprobs, Sampler, TokenLogprobs};
 use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig, SeqId, Sequence};
-use crate::stop::StopMatcher;
 use crate::supervisor::SupervisedLoop;
-use crate::tokenizer::Tokenizer;
+use crate::text::detokenizer::IncrementalDetokenizer;
+use crate::text::stop::StopMatcher;
+use crate::text::tokenizer::Tokenizer;
 
 /// A request on its way from `Engine::submit` to the loop.
 pub(crate) struct Submission {
@@ -51,16 +52,16 @@ struct Active {
 }
 
 pub(crate) struct EngineLoop {
-    model: Model,
+    runtime: Box<dyn ModelRuntime>,
+    /// The runtime's, read once: the scheduler's block pool and the KV memory metric.
+    kv: KvCapacity,
     tokenizer: Arc<Tokenizer>,
-    kv: KvCache,
     scheduler: Scheduler,
     active: HashMap<SeqId, Active>,
     rx: Receiver<Command>,
     /// Accepted requests not yet admitted; shared with `Engine::submit` for its bound.
     waiting_count: Arc<AtomicUsize>,
     next_id: SeqId,
-    scratch: ForwardScratch,
     /// Published after every iteration for `Engine::stats`.
     stats: Arc<Mutex<EngineStats>>,
     sched_cfg: SchedulerConfig,
@@ -87,26 +88,25 @@ impl EngineLoop {
     // The loop's parts, each from a different owner: grouping them would only rename them.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        model: Model,
+        runtime: Box<dyn ModelRuntime>,
         tokenizer: Arc<Tokenizer>,
         cfg: SchedulerConfig,
-        kv: KvCache,
         rx: Receiver<Command>,
         waiting_count: Arc<AtomicUsize>,
         stats: Arc<Mutex<EngineStats>>,
         metrics: EngineMetrics,
     ) -> Self {
-        let scheduler = Scheduler::new(cfg, kv.n_blocks());
+        let kv = runtime.kv_capacity();
+        let scheduler = Scheduler::new(cfg, kv.blocks);
         EngineLoop {
-            model,
-            tokenizer,
+            runtime,
             kv,
+            tokenizer,
             scheduler,
             active: HashMap::new(),
             rx,
             waiting_count,
             next_id: 0,
-            scratch: ForwardScratch::default(),
             stats,
             sched_cfg: cfg,
             panic_next_step: false,
@@ -123,9 +123,8 @@ impl EngineLoop {
         self.metrics
             .state(sch.n_running(), sch.n_waiting(), sch.kv_usage(), &st);
         let touched = self.kv_touched_before.max(sch.kv_blocks_touched());
-        self.metrics.kv_touched(
-            touched * crate::kv_cache::BLOCK_SIZE * KvCache::bytes_per_token(&self.model.cfg),
-        );
+        self.metrics
+            .kv_touched(touched * BLOCK_SIZE * self.kv.bytes_per_token);
         if let Ok(mut s) = self.stats.lock() {
             *s = EngineStats {
                 running: sch.n_running(),
@@ -215,18 +214,13 @@ impl EngineLoop {
         }
         let started = Instant::now();
         let Self {
-            model,
+            runtime,
             tokenizer,
-            kv,
             scheduler,
             active,
-            scratch,
             metrics,
             ..
         } = self;
-        // The pool is ours from the forward pass through sampling; another model's loop
-        // waits (asleep) for its turn.
-        let lease = model.pool().lease();
         // Every planned sequence is tracked by the scheduler; one that were not (a bug)
         // would be left out of the step rather than panic the loop.
         let planned: Vec<(&ScheduledChunk, &Sequence)> = plan
@@ -244,52 +238,47 @@ impl EngineLoop {
                 decode_from: seq.prompt_len,
             })
             .collect();
-        let logits = model.forward(&chunks, kv, scratch);
-        let vocab = model.cfg.vocab_size;
+        let vocab = runtime.vocab_size();
         let row_of: HashMap<SeqId, usize> = planned
             .iter()
             .filter(|(c, _)| c.sample)
             .enumerate()
             .map(|(row, (c, _))| (c.seq, row))
             .collect();
-        let mut rows: Vec<SampledRow> = active
-            .iter_mut()
-            .filter_map(|(&seq, a)| {
-                let &row = row_of.get(&seq)?;
-                Some(SampledRow {
-                    row,
-                    seq,
-                    logits: &logits[row * vocab..(row + 1) * vocab],
-                    active: a,
-                    token: 0,
-                    logprobs: None,
-                })
-            })
-            .collect();
-        rows.sort_unstable_by_key(|r| r.row);
-        // Each row's sampler is independent: whole-vocabulary passes per row, spread over
-        // the compute threads instead of run one after another on this one.
         let tokenizer: &Tokenizer = tokenizer;
-        model.pool().for_each_mut(&mut rows, &|r| {
-            let a = &mut *r.active;
-            let banned: Vec<u32> = if a.generated < a.min_tokens {
-                tokenizer
-                    .stop_tokens
-                    .iter()
-                    .chain(&a.stop_token_ids)
-                    .copied()
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            r.token = a.sampler.sample(r.logits, &banned);
-            r.logprobs = a.logprobs.map(|n| logprobs(r.logits, r.token, n));
+        let mut sampled: Vec<(SeqId, u32)> = Vec::new();
+        let mut lps: Vec<Option<TokenLogprobs>> = Vec::new();
+        runtime.step(&chunks, &mut |logits: &[f32], runner: &dyn RowRunner| {
+            let mut rows: Vec<SampledRow> = active
+                .iter_mut()
+                .filter_map(|(&seq, a)| {
+                    let &row = row_of.get(&seq)?;
+                    Some(SampledRow {
+                        row,
+                        seq,
+                        logits: &logits[row * vocab..(row + 1) * vocab],
+                        active: a,
+                        token: 0,
+                        logprobs: None,
+                    })
+                })
+                .collect();
+            rows.sort_unstable_by_key(|r| r.row);
+            // Each row's sampler is independent: the runtime may run them side by side.
+            let mut jobs: Vec<_> = rows
+                .iter_mut()
+                .map(|r| move || sample_row(r, tokenizer))
+                .collect();
+            let mut jobs: Vec<&mut (dyn FnMut() + Send)> = jobs
+                .iter_mut()
+                .map(|j| j as &mut (dyn FnMut() + Send))
+                .collect();
+            runner.run_rows(&mut jobs);
+            (sampled, lps) = rows
+                .into_iter()
+                .map(|r| ((r.seq, r.token), r.logprobs))
+                .unzip();
         });
-        drop(lease);
-        let (sampled, lps): (Vec<(SeqId, u32)>, Vec<Option<TokenLogprobs>>) = rows
-            .into_iter()
-            .map(|r| ((r.seq, r.token), r.logprobs))
-            .unzip();
         scheduler.update(&plan, &sampled);
         let n_tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
         metrics.step(
@@ -357,11 +346,28 @@ impl SupervisedLoop for EngineLoop {
             .kv_touched_before
             .max(self.scheduler.kv_blocks_touched());
         self.tokens_before += self.scheduler.stats().tokens_scheduled;
-        self.scheduler = Scheduler::new(self.sched_cfg, self.kv.n_blocks());
-        self.scratch = ForwardScratch::default();
+        self.scheduler = Scheduler::new(self.sched_cfg, self.kv.blocks);
+        self.runtime.reset();
         self.panic_next_step = false;
         self.publish();
     }
+}
+
+/// Draws `r`'s next token (and its logprobs when asked for) from its logits.
+fn sample_row(r: &mut SampledRow, tokenizer: &Tokenizer) {
+    let a = &mut *r.active;
+    let banned: Vec<u32> = if a.generated < a.min_tokens {
+        tokenizer
+            .stop_tokens
+            .iter()
+            .chain(&a.stop_token_ids)
+            .copied()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    r.token = a.sampler.sample(r.logits, &banned);
+    r.logprobs = a.logprobs.map(|n| logprobs(r.logits, r.token, n));
 }
 
 /// Sends what token `id` adds to request `a`'s stream; returns the finish reason when

@@ -462,8 +462,12 @@ mod vector {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
-            if crate::kernels::detected() == crate::kernels::KernelSet::Avx2 {
-                if crate::kernels::avx512_allowed() && is_x86_feature_detected!("avx512f") {
+            if crate::backends::cpu::kernels::detected()
+                == crate::backends::cpu::kernels::KernelSet::Avx2
+            {
+                if crate::backends::cpu::kernels::avx512_allowed()
+                    && is_x86_feature_detected!("avx512f")
+                {
                     return Isa::Avx512;
                 }
                 return Isa::Avx2;

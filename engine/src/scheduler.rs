@@ -12,11 +12,12 @@
 //! from its prompt and the tokens it had produced, and then continue.
 //!
 //! A block enters the prefix cache when it is *scheduled* to be filled, not after the
-//! step: the forward pass writes every token's K/V of a layer before any attention of
-//! that layer (see `Model::forward`), so a sequence later in the same step may attend to
-//! blocks an earlier one computes in it. Identical prompts admitted together (the `n`
-//! choices of one request, or simultaneous requests) therefore compute their shared
-//! blocks once.
+//! step: a runtime with paged K/V writes every token's K/V of a layer before any
+//! attention of that layer (the contract in `backends`), so a sequence later in the same
+//! step may attend to blocks an earlier one computes in it. Identical prompts admitted
+//! together (the `n` choices of one request, or simultaneous requests) therefore compute
+//! their shared blocks once. A runtime that keeps K/V itself shares nothing: its
+//! scheduler runs with `prefix_caching` off.
 //!
 //! A waiting request never finds the next block of its prompt still to be computed by a
 //! running request: waiting requests are admitted only with budget left after every
@@ -29,8 +30,8 @@
 
 use std::collections::VecDeque;
 
+use crate::block_allocator::BLOCK_SIZE;
 use crate::block_allocator::{BlockHasher, BlockId, KvBlockAllocator};
-use crate::kv_cache::BLOCK_SIZE;
 
 /// Identifies a request inside the engine.
 pub type SeqId = u64;
@@ -42,6 +43,9 @@ pub struct SchedulerConfig {
     pub max_running_requests: usize,
     /// Tokens one step may process (decodes plus prefill chunks).
     pub max_num_batched_tokens: usize,
+    /// Share the blocks of a common prefix between sequences. Off for a runtime that
+    /// keeps K/V itself (`KvStorage::Internal`): its sequences never share a block.
+    pub prefix_caching: bool,
 }
 
 /// A request as the scheduler sees it: tokens and where their K/V live.
@@ -242,7 +246,9 @@ impl Scheduler {
                 len: n,
                 sample: seq.computed + n == seq.tokens.len(),
             });
-            Self::register_scheduled(&self.hasher, &mut self.alloc, seq, seq.computed + n);
+            if self.cfg.prefix_caching {
+                Self::register_scheduled(&self.hasher, &mut self.alloc, seq, seq.computed + n);
+            }
             budget -= n;
             i += 1;
         }
@@ -267,10 +273,14 @@ impl Scheduler {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
-            self.hasher.extend(&mut seq.hashes, &seq.tokens);
-            // At least the last token is computed, to get logits for the next one.
-            let max_hit = (seq.tokens.len() - 1) / BLOCK_SIZE;
-            let hits = self.alloc.take_cached_prefix(&seq.hashes, max_hit);
+            let hits = if self.cfg.prefix_caching {
+                self.hasher.extend(&mut seq.hashes, &seq.tokens);
+                // At least the last token is computed, to get logits for the next one.
+                let max_hit = (seq.tokens.len() - 1) / BLOCK_SIZE;
+                self.alloc.take_cached_prefix(&seq.hashes, max_hit)
+            } else {
+                Vec::new()
+            };
             let computed = hits.len() * BLOCK_SIZE;
             let n = (seq.tokens.len() - computed).min(budget);
             let need = (computed + n).div_ceil(BLOCK_SIZE) - hits.len();
@@ -302,7 +312,9 @@ impl Scheduler {
             });
             // Before the next waiting request looks up the cache, so that an identical
             // prompt behind this one shares the blocks this step fills.
-            Self::register_scheduled(&self.hasher, &mut self.alloc, &mut seq, computed + n);
+            if self.cfg.prefix_caching {
+                Self::register_scheduled(&self.hasher, &mut self.alloc, &mut seq, computed + n);
+            }
             budget -= n;
             self.running.push(seq);
         }
@@ -373,6 +385,7 @@ mod tests {
             SchedulerConfig {
                 max_running_requests: max_running,
                 max_num_batched_tokens: budget,
+                prefix_caching: true,
             },
             blocks,
         )
@@ -481,6 +494,41 @@ mod tests {
             (st.prompt_tokens_queried, st.prompt_tokens_cached),
             (110, 64)
         );
+    }
+
+    #[test]
+    fn without_prefix_caching_identical_prompts_share_no_block() {
+        // A runtime that keeps K/V itself: every sequence computes its whole prompt in
+        // blocks of its own, together or after another.
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_running_requests: 4,
+                max_num_batched_tokens: 512,
+                prefix_caching: false,
+            },
+            16,
+        );
+        let p = prompt(1, 40);
+        s.add(1, p.clone());
+        s.add(2, p.clone());
+        let plan = step(&mut s, 5);
+        assert_eq!(
+            plan.chunks,
+            vec![chunk(1, 0, 40, true), chunk(2, 0, 40, true)]
+        );
+        let (b1, b2) = (&s.get(1).unwrap().blocks, &s.get(2).unwrap().blocks);
+        assert!(b1.iter().all(|b| !b2.contains(b)), "{b1:?} {b2:?}");
+        s.remove(1);
+        s.add(3, p);
+        let plan = step(&mut s, 5);
+        assert_eq!(
+            plan.chunks,
+            vec![chunk(2, 40, 1, true), chunk(3, 0, 40, true)]
+        );
+        let (b2, b3) = (&s.get(2).unwrap().blocks, &s.get(3).unwrap().blocks);
+        assert!(b2.iter().all(|b| !b3.contains(b)), "{b2:?} {b3:?}");
+        assert_eq!(s.get(3).unwrap().cached_prompt_tokens, 0);
+        assert_eq!(s.stats().prompt_tokens_cached, 0);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
-use sluice_engine::chat_template::{ChatMessage, ChatTemplate, MAX_RENDERED_BYTES};
 use sluice_engine::gguf::GgufFile;
+use sluice_engine::text::chat_template::{ChatMessage, ChatTemplate, MAX_RENDERED_BYTES};
 use sluice_gateway::api_types::{ChatRequest, CommonParams, CompletionRequest};
 use sluice_gateway::error::ApiError;
 use sluice_gateway::generation::{build_request, MAX_N};
@@ -223,7 +223,7 @@ pub fn gguf(data: &[u8]) {
         // Every tensor the reader accepted lies inside the file.
         let _ = file.tensor_bytes(t);
     }
-    if let Ok(tok) = sluice_engine::tokenizer::Tokenizer::load(&file, None) {
+    if let Ok(tok) = sluice_engine::text::tokenizer::Tokenizer::load(&file, None) {
         if let Ok(ids) = tok.encode("Hello, wörld! 123", true) {
             assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
             let _ = tok.decode(&ids, true);
@@ -236,10 +236,12 @@ pub fn gguf(data: &[u8]) {
         }
     }
     // One thread, so no worker is spawned per input.
-    let Ok(pool) = sluice_engine::thread_pool::ThreadPool::new(1) else {
+    let Ok(pool) = sluice_engine::backends::cpu::thread_pool::ThreadPool::new(1) else {
         return;
     };
-    let Ok(model) = sluice_engine::model::Model::from_gguf(file, std::sync::Arc::new(pool)) else {
+    let Ok(model) =
+        sluice_engine::backends::cpu::model::Model::from_gguf(file, std::sync::Arc::new(pool))
+    else {
         return;
     };
     let cfg = model.cfg.clone();
@@ -247,9 +249,9 @@ pub fn gguf(data: &[u8]) {
     if cfg.dim * cfg.vocab_size > 1 << 22 || cfg.n_layers > 8 {
         return;
     }
-    let mut kv = sluice_engine::kv_cache::KvCache::new(&cfg, 1);
-    let mut scratch = sluice_engine::model::ForwardScratch::default();
-    let chunk = sluice_engine::model::SeqChunk {
+    let mut kv = sluice_engine::backends::cpu::kv_cache::KvCache::new(&cfg, 1);
+    let mut scratch = sluice_engine::backends::cpu::model::ForwardScratch::default();
+    let chunk = sluice_engine::backends::SeqChunk {
         tokens: &[0],
         start_pos: 0,
         block_table: &[0],

@@ -56,10 +56,10 @@ fn gguf_corpus() {
 #[test]
 #[ignore = "writes the committed GGUF seed corpus"]
 fn write_gguf_seeds() {
+    use sluice_engine::gguf::quant::quantize::quantize_row;
+    use sluice_engine::gguf::quant::GgmlType;
     use sluice_engine::gguf::writer::{write, TensorData};
     use sluice_engine::gguf::MetaValue;
-    use sluice_engine::quant::quantize::quantize_row;
-    use sluice_engine::quant::GgmlType;
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/gguf");
     std::fs::create_dir_all(&dir).unwrap();
@@ -167,9 +167,9 @@ fn write_gguf_seeds() {
         });
     }
     let whole = write(&meta, &tensors);
-    let model = sluice_engine::model::Model::from_gguf(
+    let model = sluice_engine::backends::cpu::model::Model::from_gguf(
         std::sync::Arc::new(sluice_engine::gguf::GgufFile::from_bytes(whole.clone()).unwrap()),
-        std::sync::Arc::new(sluice_engine::thread_pool::ThreadPool::new(1).unwrap()),
+        std::sync::Arc::new(sluice_engine::backends::cpu::thread_pool::ThreadPool::new(1).unwrap()),
     );
     assert!(
         model.is_ok(),

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use sluice_engine::kv_cache::{KvCache, BLOCK_SIZE};
-use sluice_engine::model::{ForwardScratch, Model, SeqChunk};
+use sluice_engine::backends::cpu::kv_cache::KvCache;
+use sluice_engine::backends::cpu::model::{ForwardScratch, Model};
+use sluice_engine::backends::SeqChunk;
+use sluice_engine::block_allocator::BLOCK_SIZE;
 use sluice_engine::sampling::{argmax, Sampler, SamplingParams};
 
 /// Median, minimum and maximum of a set of repetitions (tokens per second).
@@ -574,7 +576,7 @@ pub fn run(model: &Model, model_path: &Path, o: &BenchOptions) -> String {
         model.cfg.dim,
         o.threads
     ));
-    say(sluice_engine::kernels::cpu_summary());
+    say(sluice_engine::backends::cpu::kernels::cpu_summary());
     say(format!(
         "each figure: median [min-max] tok/s of {} repetitions, on both sides",
         o.reps.max(1)

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use sluice_engine::chat_template::ChatTemplate;
-use sluice_engine::model::Model;
-use sluice_engine::thread_pool::ThreadPool;
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::backends::cpu::model::Model;
+use sluice_engine::backends::cpu::thread_pool::ThreadPool;
+use sluice_engine::backends::{self, RuntimeOptions};
+use sluice_engine::config::ModelConfig;
+use sluice_engine::text::chat_template::ChatTemplate;
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
 use sluice_gateway::config::{Config, ModelEntry};
@@ -263,8 +265,9 @@ fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
 
 /// How a served model generates.
 enum Backend {
-    /// Our inference engine on the GGUF's weights, computing on the process's pool.
-    Model { pool: Arc<ThreadPool> },
+    /// Our inference engine on the GGUF's weights, on the runtime `backends::load` picks
+    /// (computing on the process's pool).
+    Model { runtime: RuntimeOptions },
     /// No inference: filler tokens at this many per second per request.
     Synthetic { tokens_per_second: f64 },
 }
@@ -306,22 +309,22 @@ fn load_served_model(
     };
     // Without a file only the synthetic engine runs: its context length is the default
     // model's, its vocabulary the built-in one.
-    let (context_length, vocab_size) = match path {
-        Some(_) => {
-            let mcfg = sluice_engine::config::ModelConfig::from_gguf(&file)?;
-            (mcfg.context_length, mcfg.vocab_size)
-        }
+    let mcfg = path.map(|_| ModelConfig::from_gguf(&file)).transpose()?;
+    let (context_length, vocab_size) = match &mcfg {
+        Some(m) => (m.context_length, m.vocab_size),
         None => (
             model_store::SYNTHETIC_CONTEXT_LENGTH,
             tokenizer.vocab_size(),
         ),
     };
-    let engine = match backend {
-        Backend::Model { pool } => {
-            let model = Model::from_gguf(file, pool).with_context(|| format!("loading {shown}"))?;
-            info!(model = %name, arch = %model.cfg.architecture, layers = model.cfg.n_layers, context_length, kernels = model.kernel_name(), threads = model.threads(), "model loaded");
+    let engine = match (backend, mcfg) {
+        (Backend::Model { .. }, None) => bail!("the inference engine needs a model file"),
+        (Backend::Model { runtime: opts }, Some(mcfg)) => {
+            let runtime =
+                backends::load(file, &opts).with_context(|| format!("loading {shown}"))?;
+            info!(model = %name, arch = %mcfg.architecture, layers = mcfg.n_layers, context_length, kernels = %runtime.info().device, threads = opts.pool.threads(), "model loaded");
             Engine::start(
-                model,
+                runtime,
                 tokenizer.clone(),
                 EngineConfig {
                     name: name.clone(),
@@ -329,7 +332,7 @@ fn load_served_model(
                 },
             )?
         }
-        Backend::Synthetic { tokens_per_second } => {
+        (Backend::Synthetic { tokens_per_second }, _) => {
             info!(model = %name, tokens_per_second, vocabulary = %shown, "synthetic engine: no inference, filler tokens at a fixed pace");
             // No compute limits the batch: every accepted request runs at once.
             let cfg = EngineConfig {
@@ -378,7 +381,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_running_requests: config.limits.max_running_requests,
         max_waiting_requests: config.limits.max_waiting_requests,
         max_num_batched_tokens: config.limits.max_num_batched_tokens,
-        kv_cache_tokens: config.engine.kv_cache_tokens,
     };
     let entries = config.served_models();
     // One compute pool for every model: `threads` is the process's budget, and engines
@@ -391,13 +393,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 tokens_per_second: e.tokens_per_second.unwrap_or(50.0),
             },
             _ => Backend::Model {
-                pool: match &pool {
-                    Some(p) => p.clone(),
-                    None => pool
-                        .insert(Arc::new(
-                            ThreadPool::new(threads).context("starting the compute threads")?,
-                        ))
-                        .clone(),
+                runtime: RuntimeOptions {
+                    pool: match &pool {
+                        Some(p) => p.clone(),
+                        None => pool
+                            .insert(Arc::new(
+                                ThreadPool::new(threads).context("starting the compute threads")?,
+                            ))
+                            .clone(),
+                    },
+                    kv_cache_tokens: config.engine.kv_cache_tokens,
                 },
             },
         };

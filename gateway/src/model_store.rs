@@ -411,8 +411,8 @@ mod tests {
 
     #[test]
     fn the_synthetic_vocabulary_round_trips_text_and_renders_chatml() {
-        use sluice_engine::chat_template::{ChatMessage, ChatTemplate};
-        use sluice_engine::tokenizer::Tokenizer;
+        use sluice_engine::text::chat_template::{ChatMessage, ChatTemplate};
+        use sluice_engine::text::tokenizer::Tokenizer;
         let file = synthetic_vocabulary().unwrap();
         let t = Tokenizer::load(&file, None).unwrap();
         assert_eq!(t.vocab_size(), 259);

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hyper::body::Frame;
 use serde_json::{json, Value};
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Event, FinishReason, GenerationRequest, RequestStream, TokenLogprobs, Usage};
 
 use crate::api_types::{CommonParams, UsageBody};

@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sluice_engine::chat_template::ChatTemplate;
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::text::chat_template::ChatTemplate;
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::Engine;
 
 use crate::auth::{ApiKey, AuthPolicy};

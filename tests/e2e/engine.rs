@@ -4,22 +4,32 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_engine::model::Model;
+use sluice_engine::backends::cpu::thread_pool::ThreadPool;
+use sluice_engine::backends::{self, RuntimeOptions};
+use sluice_engine::gguf::GgufFile;
 use sluice_engine::sampling::SamplingParams;
-use sluice_engine::thread_pool::ThreadPool;
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, FinishReason, GenerationRequest, RequestStream};
 
 use crate::support::model_path;
 
-fn engine(cfg: EngineConfig) -> (Engine, Arc<Tokenizer>) {
+/// An engine on the default model, built as `sluice serve` builds it, with K/V for
+/// `kv_cache_tokens` tokens.
+fn engine(kv_cache_tokens: usize) -> (Engine, Arc<Tokenizer>) {
     let path = model_path();
-    let pool = Arc::new(ThreadPool::new(2).expect("compute threads"));
-    let model = Model::load(&path, pool).expect("model");
-    let tokenizer = Arc::new(Tokenizer::load(&model.file, Some(&path)).expect("tokenizer"));
-    let e = Engine::start(model, tokenizer.clone(), cfg).expect("engine starts");
+    let file = Arc::new(GgufFile::open(&path).expect("model"));
+    let tokenizer = Arc::new(Tokenizer::load(&file, Some(&path)).expect("tokenizer"));
+    let opts = RuntimeOptions {
+        pool: Arc::new(ThreadPool::new(2).expect("compute threads")),
+        kv_cache_tokens,
+    };
+    let runtime = backends::load(file, &opts).expect("model");
+    let e =
+        Engine::start(runtime, tokenizer.clone(), EngineConfig::default()).expect("engine starts");
     (e, tokenizer)
 }
+
+const DEFAULT_KV: usize = RuntimeOptions::DEFAULT_KV_CACHE_TOKENS;
 
 fn request(
     tok: &Tokenizer,
@@ -76,7 +86,7 @@ fn wait_until(e: &Engine, what: &str, ok: impl Fn(&sluice_engine::EngineStats) -
 
 #[test]
 fn batching_does_not_change_greedy_output() {
-    let (e, tok) = engine(EngineConfig::default());
+    let (e, tok) = engine(DEFAULT_KV);
     let alone: Vec<Vec<u32>> = PROMPTS
         .iter()
         .map(|p| collect(&mut e.submit(request(&tok, p, 24, greedy())).unwrap()).0)
@@ -91,17 +101,14 @@ fn batching_does_not_change_greedy_output() {
 
 #[test]
 fn preempted_requests_finish_with_the_same_greedy_text() {
-    let (big, tok) = engine(EngineConfig::default());
+    let (big, tok) = engine(DEFAULT_KV);
     let want: Vec<Vec<u32>> = PROMPTS
         .iter()
         .map(|p| collect(&mut big.submit(request(&tok, p, 40, greedy())).unwrap()).0)
         .collect();
     drop(big);
     // 8 blocks = 128 tokens; four requests of ~10 + 40 tokens need ~16 blocks together.
-    let (small, tok) = engine(EngineConfig {
-        kv_cache_tokens: 128,
-        ..EngineConfig::default()
-    });
+    let (small, tok) = engine(128);
     let mut streams: Vec<_> = PROMPTS
         .iter()
         .map(|p| small.submit(request(&tok, p, 40, greedy())).unwrap())
@@ -121,7 +128,7 @@ fn preempted_requests_finish_with_the_same_greedy_text() {
 
 #[test]
 fn a_repeated_prefix_is_served_from_the_cache() {
-    let (e, tok) = engine(EngineConfig::default());
+    let (e, tok) = engine(DEFAULT_KV);
     let system = "You are a careful assistant who answers questions about astronomy, physics and \
                   the history of science in short, precise sentences.";
     let first = format!("{system} Question: why is the sky blue?");
@@ -153,7 +160,7 @@ fn a_repeated_prefix_is_served_from_the_cache() {
 
 #[test]
 fn dropping_a_stream_cancels_the_request_and_frees_its_blocks() {
-    let (e, tok) = engine(EngineConfig::default());
+    let (e, tok) = engine(DEFAULT_KV);
     let mut s = e.submit(request(&tok, PROMPTS[0], 2000, greedy())).unwrap();
     for _ in 0..3 {
         assert!(matches!(s.blocking_recv(), Some(Event::Token { .. })));
@@ -170,7 +177,7 @@ fn dropping_a_stream_cancels_the_request_and_frees_its_blocks() {
 
 #[test]
 fn a_seed_gives_the_same_sample_alone_or_batched() {
-    let (e, tok) = engine(EngineConfig::default());
+    let (e, tok) = engine(DEFAULT_KV);
     let seeded = |seed| SamplingParams {
         temperature: 0.9,
         top_p: 0.95,
@@ -208,11 +215,7 @@ fn long_prompt(tok: &Tokenizer, n: usize) -> Vec<u32> {
 #[test]
 fn identical_prompts_together_compute_the_prompt_once_with_the_same_greedy_text() {
     // `n = 4` of one request: four identical prompts submitted together.
-    let cfg = EngineConfig {
-        kv_cache_tokens: 4096,
-        ..EngineConfig::default()
-    };
-    let (e, tok) = engine(cfg.clone());
+    let (e, tok) = engine(4096);
     let prompt = long_prompt(&tok, 710);
     let (gen, n) = (8, 4);
     let req = GenerationRequest {
@@ -240,7 +243,7 @@ fn identical_prompts_together_compute_the_prompt_once_with_the_same_greedy_text(
     }
     drop(e);
     // The same prompt alone on a fresh engine, nothing shared: the same text.
-    let (alone, _) = engine(cfg);
+    let (alone, _) = engine(4096);
     let want = collect(&mut alone.submit(req).unwrap()).0;
     assert_eq!(outs[0], want, "sharing the prompt changed the greedy text");
     wait_until(&alone, "the request to leave", |s| s.running == 0);

@@ -16,12 +16,14 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
-use sluice_engine::chat_template::{ChatMessage, ChatTemplate};
-use sluice_engine::kv_cache::{KvCache, BLOCK_SIZE};
-use sluice_engine::model::{ForwardScratch, Model, SeqChunk};
+use sluice_engine::backends::cpu::kv_cache::KvCache;
+use sluice_engine::backends::cpu::model::{ForwardScratch, Model};
+use sluice_engine::backends::cpu::thread_pool::ThreadPool;
+use sluice_engine::backends::{self, RuntimeOptions, SeqChunk};
+use sluice_engine::block_allocator::BLOCK_SIZE;
 use sluice_engine::sampling::{logprobs, SamplingParams};
-use sluice_engine::thread_pool::ThreadPool;
-use sluice_engine::tokenizer::Tokenizer;
+use sluice_engine::text::chat_template::{ChatMessage, ChatTemplate};
+use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, GenerationRequest};
 
 use crate::support::{fixtures, fixtures_fa_off, kernels_reference, model_path};
@@ -59,12 +61,13 @@ fn loaded() -> &'static Loaded {
             .to_string();
         let template =
             ChatTemplate::new(&src, "<|im_start|>", "<|im_end|>").expect("template compiles");
-        let engine = Engine::start(
-            Model::load(&path, pool).expect("model"),
-            tokenizer.clone(),
-            EngineConfig::default(),
-        )
-        .expect("engine starts");
+        let opts = RuntimeOptions {
+            pool,
+            kv_cache_tokens: RuntimeOptions::DEFAULT_KV_CACHE_TOKENS,
+        };
+        let runtime = backends::load(model.file.clone(), &opts).expect("model");
+        let engine = Engine::start(runtime, tokenizer.clone(), EngineConfig::default())
+            .expect("engine starts");
         Loaded {
             model,
             engine,

@@ -306,6 +306,9 @@ async fn every_route_refuses_bad_keys_model_allow_lists_hold_and_admin_routes_ne
         .unwrap();
     assert_eq!(engines["data"].as_array().unwrap().len(), 2);
     assert_eq!(engines["data"][0]["ready"], true);
+    // What computes the model: the CPU runtime, and the kernel set it runs.
+    assert_eq!(engines["data"][0]["backend"], "cpu");
+    assert!(!engines["data"][0]["device"].as_str().unwrap().is_empty());
     let r = client
         .post(format!("{}/admin/models/a/inject-panic", server.base))
         .bearer_auth(&ops)

@@ -22,7 +22,7 @@ pub fn model_path() -> PathBuf {
 /// Whether this process runs our kernels' AVX-512 forms, and which llama.cpp build the
 /// fixtures come from accordingly (see tests/fixtures/README.md).
 pub fn kernels_reference() -> (bool, &'static str) {
-    if sluice_engine::kernels::avx512_in_use() {
+    if sluice_engine::backends::cpu::kernels::avx512_in_use() {
         (true, "AVX-512 kernels vs llama.cpp's native AVX-512 build")
     } else {
         (false, "AVX2 kernels vs llama.cpp's AVX2-only build")

@@ -58,8 +58,8 @@ pub async fn require_metrics_key(
     Ok(next.run(req).await)
 }
 
-/// `GET /admin/models`: each model's engine: its state (`ready`, `restarting` or `down`
-/// for good), restarts, queue and KV cache.
+/// `GET /admin/models`: each model's engine: what computes it (`backend` and `device`),
+/// its state (`ready`, `restarting` or `down` for good), restarts, queue and KV cache.
 pub async fn engines(State(state): State<SharedState>) -> Json<Value> {
     let data: Vec<Value> = state
         .models
@@ -67,8 +67,11 @@ pub async fn engines(State(state): State<SharedState>) -> Json<Value> {
         .map(|m| {
             let s = m.engine.stats();
             let engine_state = m.state();
+            let runtime = m.engine.runtime();
             json!({
                 "id": m.name,
+                "backend": runtime.backend,
+                "device": runtime.device,
                 "ready": engine_state == EngineState::Ready,
                 "state": engine_state.as_str(),
                 "restarts": m.engine.restarts(),

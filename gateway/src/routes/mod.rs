@@ -12,7 +12,7 @@ pub mod ws;
 use std::sync::Arc;
 
 use serde_json::Value;
-use sluice_engine::chat_template::ChatMessage;
+use sluice_engine::text::chat_template::ChatMessage;
 use tokio::sync::Semaphore;
 
 use crate::api_types::InMessage;

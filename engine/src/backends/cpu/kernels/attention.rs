@@ -192,7 +192,7 @@ fn wide_queries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::round_f16;
+    use crate::backends::cpu::kernels::round_f16;
     use half::f16;
 
     fn pseudo(n: usize, seed: u64) -> Vec<f32> {
@@ -246,11 +246,11 @@ mod tests {
     #[test]
     fn tiled_attention_equals_untiled_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
-        let wide = crate::kernels::avx512::cpu_has();
+        let wide = crate::backends::cpu::kernels::avx512::cpu_has();
         #[cfg(not(target_arch = "x86_64"))]
         let wide = false;
         if !wide {
-            crate::kernels::test_support::skipped(
+            crate::backends::cpu::kernels::test_support::skipped(
                 "tiled_attention_equals_untiled_bit_for_bit (avx512 part)",
                 "the CPU lacks AVX-512F/DQ/VL or the AVX2 set",
             );
@@ -267,8 +267,8 @@ mod tests {
             let v32 = pseudo(ctx * stride, 2 + hd as u64);
             let mut k16 = vec![0u16; k32.len()];
             let mut v16 = vec![0u16; v32.len()];
-            crate::kernels::f32_to_f16(&mut k16, &k32);
-            crate::kernels::f32_to_f16(&mut v16, &v32);
+            crate::backends::cpu::kernels::f32_to_f16(&mut k16, &k32);
+            crate::backends::cpu::kernels::f32_to_f16(&mut v16, &v32);
             let (mut k32r, mut v32r) = (vec![0f32; k32.len()], vec![0f32; v32.len()]);
             round_f16(&mut k32r, &k32);
             round_f16(&mut v32r, &v32);

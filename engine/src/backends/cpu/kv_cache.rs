@@ -6,11 +6,9 @@
 //! to the same f32 values in the attention kernels (with F16C where the CPU has it), so
 //! results are those of an f32 cache holding f16-rounded values, at half the bytes.
 
+use crate::backends::cpu::kernels;
+use crate::block_allocator::BLOCK_SIZE;
 use crate::config::ModelConfig;
-use crate::kernels;
-
-/// Token slots per block.
-pub const BLOCK_SIZE: usize = 16;
 
 /// K and V for every layer, in `n_blocks` blocks of `BLOCK_SIZE` tokens.
 pub struct KvCache {

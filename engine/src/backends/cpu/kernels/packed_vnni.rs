@@ -75,7 +75,7 @@ macro_rules! vnni_tiles {
                 PackedQ4_1x8, PackedQ8_0x8, GROUP_BLOCK_BYTES, PACK_ROWS, Q8_GROUP_BLOCK_BYTES,
             };
             use super::{for_each_tile, PackedMatrix};
-            use crate::kernels::{OutMatrix, QuantizedActs, QK8};
+            use crate::backends::cpu::kernels::{OutMatrix, QuantizedActs, QK8};
 
             /// The VNNI x8 kernel of `w` over `rows` (multiples of 8) and every token.
             ///

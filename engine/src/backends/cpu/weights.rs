@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
+use crate::backends::cpu::kernels::{self, KernelSet, PackedMatrix};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::gguf::quant::{dequantize_row, GgmlType};
 use crate::gguf::GgufFile;
-use crate::kernels::{self, KernelSet, PackedMatrix};
-use crate::quant::{dequantize_row, GgmlType};
 
 /// A weight matrix of `rows` rows of `cols` elements, left in its file encoding.
 pub struct QMatrix {

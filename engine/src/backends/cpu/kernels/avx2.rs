@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{OutMatrix, QuantizedActs, QK8};
-use crate::quant::GgmlType;
+use crate::gguf::quant::GgmlType;
 
 /// How one weight format unpacks a block of 32 into bytes.
 trait Block {
@@ -757,13 +757,13 @@ pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::{avx2, skipped};
+    use crate::backends::cpu::kernels::test_support::{avx2, skipped};
 
     /// `fold_scores` (steady blocks as whole vectors, others row by row, queries
     /// interleaved) equals the plain row-by-row online-softmax step for every query.
     #[test]
     fn fold_scores_equals_the_row_by_row_step() {
-        use crate::kernels::OnlineSoftmax;
+        use crate::backends::cpu::kernels::OnlineSoftmax;
         fn plain(scores: &[f32], st: &mut OnlineSoftmax) -> Vec<(Option<u32>, u32)> {
             scores
                 .iter()
@@ -806,7 +806,7 @@ mod tests {
                     &mut states,
                     &mut rescale,
                     &mut weight,
-                    crate::kernels::exp_many,
+                    crate::backends::cpu::kernels::exp_many,
                 );
                 let mut moved = false;
                 for i in 0..3 {

@@ -4,6 +4,9 @@
 //! The file is untrusted input. Every count and length is checked against the bytes
 //! that are actually left before anything is allocated, so a lying header gives an
 //! error naming the problem instead of a panic or a multi-gigabyte allocation.
+//! The tensor types the reader accepts and their block layouts are in `quant`.
+
+pub mod quant;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,7 +15,7 @@ use std::path::Path;
 use memmap2::Mmap;
 
 use crate::error::GgufError;
-use crate::quant::GgmlType;
+use crate::gguf::quant::GgmlType;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -414,7 +417,7 @@ impl<'a> Reader<'a> {
 /// Writes GGUF files; used by tests to build tiny models and by fuzz seeds.
 pub mod writer {
     use super::MetaValue;
-    use crate::quant::GgmlType;
+    use crate::gguf::quant::GgmlType;
 
     /// A tensor to write: name, dims (innermost first), type and raw bytes.
     pub struct TensorData {

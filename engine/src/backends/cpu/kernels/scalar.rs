@@ -5,7 +5,7 @@ use std::ops::Range;
 use half::f16;
 
 use super::{OutMatrix, QuantizedActs, QK8};
-use crate::quant::{f16_at, k_scale_min, GgmlType, QK_K};
+use crate::gguf::quant::{f16_at, k_scale_min, GgmlType, QK_K};
 
 /// Float weights (F32/F16) times float activations.
 ///

@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 
 use half::f16;
 
-use crate::quant::GgmlType;
+use crate::gguf::quant::GgmlType;
 
 /// Elements per activation block.
 pub const QK8: usize = 32;
@@ -619,7 +619,7 @@ pub(crate) mod test_support {
 mod tests {
     use super::test_support::{self, skipped};
     use super::*;
-    use crate::quant::{dequantize_row, quantize::quantize_row};
+    use crate::gguf::quant::{dequantize_row, quantize::quantize_row};
 
     /// The suite's summary line: which kernel sets the kernel tests exercise on this
     /// CPU, and which they cannot (each skipping test also says so).

@@ -15,7 +15,7 @@
 use std::ops::Range;
 
 use super::{OutMatrix, QuantizedActs, QK8};
-use crate::quant::GgmlType;
+use crate::gguf::quant::GgmlType;
 
 /// Rows per packed group.
 pub const PACK_ROWS: usize = 8;
@@ -244,7 +244,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{PackedQ4_1x8, PackedQ8_0x8, GROUP_BLOCK_BYTES, PACK_ROWS, Q8_GROUP_BLOCK_BYTES};
-    use crate::kernels::{OutMatrix, QuantizedActs, QK8};
+    use crate::backends::cpu::kernels::{OutMatrix, QuantizedActs, QK8};
 
     /// Rows `8g..8g+8` against tokens `t0..t0+C`.
     ///
@@ -365,9 +365,9 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support;
-    use crate::kernels::{gemm, KernelSet, Vnni};
-    use crate::quant::quantize::quantize_row;
+    use crate::backends::cpu::kernels::test_support;
+    use crate::backends::cpu::kernels::{gemm, KernelSet, Vnni};
+    use crate::gguf::quant::quantize::quantize_row;
 
     fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

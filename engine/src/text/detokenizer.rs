@@ -1,7 +1,7 @@
 //! Incremental detokenization for streaming: tokens go in one at a time, text comes
 //! out as soon as it forms whole UTF-8 characters, never half of one.
 
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 
 /// Accumulates token bytes and releases the longest valid UTF-8 prefix.
 #[derive(Default)]

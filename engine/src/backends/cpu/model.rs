@@ -7,28 +7,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::backends::cpu::kernels::{self, KernelSet, OutMatrix, QuantizedActs};
+use crate::backends::cpu::kv_cache::KvCache;
+use crate::backends::cpu::thread_pool::ThreadPool;
+use crate::backends::cpu::weights::{ModelWeights, QMatrix};
+use crate::backends::SeqChunk;
+use crate::block_allocator::BLOCK_SIZE;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
-use crate::kernels::{self, KernelSet, OutMatrix, QuantizedActs};
-use crate::kv_cache::{KvCache, BLOCK_SIZE};
-use crate::thread_pool::ThreadPool;
-use crate::weights::{ModelWeights, QMatrix};
-
-/// One sequence's share of a forward batch.
-pub struct SeqChunk<'a> {
-    /// Tokens to process, at positions `start_pos..start_pos + tokens.len()`.
-    pub tokens: &'a [u32],
-    pub start_pos: usize,
-    /// The sequence's KV blocks; must cover every position up to the chunk's end.
-    pub block_table: &'a [u32],
-    /// Whether to return logits for the chunk's last token.
-    pub want_logits: bool,
-    /// First position that holds a generated token (the prompt's length). Generated
-    /// tokens take llama.cpp's single-token attention path even when they are recomputed
-    /// in a chunk (after preemption), so recomputing reproduces the same numbers.
-    pub decode_from: usize,
-}
 
 /// Reusable buffers for `forward`, so steady-state steps do not allocate.
 #[derive(Default)]
@@ -512,10 +499,10 @@ fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::block_allocator::BLOCK_SIZE;
+    use crate::gguf::quant::{quantize::quantize_row, GgmlType};
     use crate::gguf::writer::{write, TensorData};
     use crate::gguf::MetaValue;
-    use crate::kv_cache::BLOCK_SIZE;
-    use crate::quant::{quantize::quantize_row, GgmlType};
 
     fn rand_vec(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
         (0..n)
