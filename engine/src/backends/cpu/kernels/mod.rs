@@ -10,6 +10,7 @@ mod attention;
 mod avx2;
 mod avx512;
 mod expf;
+mod geglu;
 mod packed;
 mod packed_vnni;
 mod scalar;
@@ -17,6 +18,7 @@ mod swiglu;
 
 pub use attention::{attend_tile, CacheRows, TileQueries, TileScratch};
 pub use expf::exp_many;
+pub use geglu::geglu;
 pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
 #[cfg(target_arch = "x86_64")]
 pub use packed_vnni::{detected_vnni, Vnni};
