@@ -1038,3 +1038,4 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("sliding_window"), "{e}");
     }
 }
+
