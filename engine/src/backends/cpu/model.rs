@@ -1038,4 +1038,3 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("sliding_window"), "{e}");
     }
 }
-
