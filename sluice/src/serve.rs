@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::backends::{self, RuntimeOptions};
 use sluice_engine::config::ModelConfig;
-use sluice_engine::text::chat_template::ChatTemplate;
+use sluice_engine::text::chat_template::{self, ChatTemplate};
 use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
@@ -114,7 +114,7 @@ impl ServeArgs {
             let name = self.model_name.clone().unwrap_or_else(|| {
                 self.model
                     .as_deref()
-                    .map_or_else(|| model_store::DEFAULT_MODEL_NAME.to_string(), model_stem)
+                    .map_or_else(|| model_store::DEFAULT_MODEL_NAME.to_string(), served_name)
             });
             c.models = vec![ModelEntry {
                 name,
@@ -142,9 +142,19 @@ impl ServeArgs {
     }
 }
 
-fn model_stem(p: &std::path::Path) -> String {
-    p.file_stem()
-        .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+/// The name `--model ARG` is served under: the stem of the file it resolves to (a path,
+/// or a model of the models folder by name: `gemma-3-270m` → `gemma-3-270m-q4_k_m`).
+fn served_name(arg: &std::path::Path) -> String {
+    model_store::models_dir()
+        .and_then(|dir| model_store::resolve_model_ref(arg, &dir))
+        .map_or_else(
+            // Not resolvable: loading will say why; name it after the argument.
+            |_| {
+                arg.file_stem()
+                    .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+            },
+            |r| r.served_name(),
+        )
 }
 
 /// Compute threads when none are configured: one per core.
@@ -181,9 +191,16 @@ fn load_served_model(
         None => model_store::synthetic_vocabulary()?,
     });
     let tokenizer = Arc::new(Tokenizer::load(&file, path)?);
+    // The file's own template; else, for architectures that have one turn format
+    // (Gemma), the built-in template llama.cpp also falls back to.
+    let arch = file
+        .meta("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
     let template = match file
         .meta("tokenizer.chat_template")
         .and_then(|v| v.as_str())
+        .or_else(|| chat_template::builtin_template(arch))
     {
         Some(src) => {
             let text =
