@@ -44,7 +44,19 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with one line on stderr (`error: ...` with its causes), never
+/// a backtrace: they are expected failures (a missing model, a bad config), not bugs.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
