@@ -13,6 +13,8 @@ pub enum GgmlType {
     F16 = 1,
     Q4_0 = 2,
     Q4_1 = 3,
+    Q5_0 = 6,
+    Q5_1 = 7,
     Q8_0 = 8,
     Q4K = 12,
     Q5K = 13,
@@ -30,6 +32,8 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
             12 => Self::Q4K,
             13 => Self::Q5K,
@@ -45,6 +49,8 @@ impl GgmlType {
             Self::F16 => "F16",
             Self::Q4_0 => "Q4_0",
             Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
             Self::Q8_0 => "Q8_0",
             Self::Q4K => "Q4_K",
             Self::Q5K => "Q5_K",
@@ -56,7 +62,7 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
             Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
         }
     }
@@ -68,6 +74,8 @@ impl GgmlType {
             Self::F16 => 2,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q5K => 176,
@@ -130,6 +138,29 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
                 for j in 0..16 {
                     y[j] = (b[4 + j] & 0xF) as f32 * d + m;
                     y[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
+                }
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // d (and m for Q5_1), then qh (bit j: the fifth bit of element j), then the
+            // low nibbles: byte j holds element j (low) and element j + 16 (high).
+            let min = ty == GgmlType::Q5_1;
+            let bb = ty.block_bytes();
+            for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(bb)) {
+                let d = f16_at(b, 0);
+                let (m, h) = if min { (f16_at(b, 2), 4) } else { (0.0, 2) };
+                let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
+                let qs = &b[h + 4..h + 20];
+                for j in 0..16 {
+                    let lo = (qs[j] & 0xF) as u32 | ((qh >> j) & 1) << 4;
+                    let hi = (qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    if min {
+                        y[j] = lo as f32 * d + m;
+                        y[j + 16] = hi as f32 * d + m;
+                    } else {
+                        y[j] = (lo as i32 - 16) as f32 * d;
+                        y[j + 16] = (hi as i32 - 16) as f32 * d;
+                    }
                 }
             }
         }
@@ -261,6 +292,43 @@ pub mod quantize {
                     put_f16(&mut out, min);
                     let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
                     out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                }
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                // As llama.cpp's reference quantizers: Q5_0 maps the value of largest
+                // magnitude to -16; Q5_1 spans min..max in 31 steps.
+                for b in x.chunks_exact(32) {
+                    let (d, base, offset) = if ty == GgmlType::Q5_0 {
+                        let (mut amax, mut max) = (0f32, 0f32);
+                        for &v in b {
+                            if v.abs() > amax {
+                                amax = v.abs();
+                                max = v;
+                            }
+                        }
+                        (max / -16.0, 0.0, 16.5)
+                    } else {
+                        let min = b.iter().cloned().fold(f32::INFINITY, f32::min);
+                        let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                        ((max - min) / 31.0, min, 0.5)
+                    };
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    put_f16(&mut out, d);
+                    if ty == GgmlType::Q5_1 {
+                        put_f16(&mut out, base);
+                    }
+                    let q: Vec<u32> = b
+                        .iter()
+                        .map(|&v| (((v - base) * id + offset) as i32).clamp(0, 31) as u32)
+                        .collect();
+                    let qh = q
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |h, (j, &v)| h | ((v >> 4) << j));
+                    out.extend_from_slice(&qh.to_le_bytes());
+                    out.extend(
+                        (0..16).map(|j| (q[j] & 0xF) as u8 | ((q[j + 16] & 0xF) << 4) as u8),
+                    );
                 }
             }
             GgmlType::Q4K | GgmlType::Q5K => {
@@ -419,6 +487,33 @@ mod tests {
             .collect()
     }
 
+    /// A hand-made block in llama.cpp's layout (`dequantize_row_q5_0`/`_q5_1`): qh bit j
+    /// is the fifth bit of element j, byte j of qs holds elements j and j + 16.
+    #[test]
+    fn q5_blocks_decode_as_llama_cpp_lays_them_out() {
+        let mut q5_0 = vec![0u8; 22];
+        q5_0[..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        // Fifth bits of elements 0, 3 and 17.
+        q5_0[2..6].copy_from_slice(&(1u32 | 1 << 3 | 1 << 17).to_le_bytes());
+        q5_0[6] = 0x21; // element 0: 1 | 16, element 16: 2
+        q5_0[7] = 0xF0; // element 1: 0, element 17: 15 | 16
+        q5_0[9] = 0x07; // element 3: 7 | 16, element 19: 0
+        let mut y = [0f32; 32];
+        dequantize_row(GgmlType::Q5_0, &q5_0, &mut y);
+        assert_eq!(
+            [y[0], y[16], y[1], y[17], y[3], y[19]],
+            [0.5, -7.0, -8.0, 7.5, 3.5, -8.0]
+        );
+        let mut q5_1 = vec![0u8; 24];
+        q5_1[..2].copy_from_slice(&f16::from_f32(2.0).to_le_bytes());
+        q5_1[2..4].copy_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        q5_1[4..8].copy_from_slice(&(1u32 << 16 | 1 << 31).to_le_bytes());
+        q5_1[8] = 0x13; // element 0: 3, element 16: 1 | 16
+        q5_1[23] = 0xF0; // element 15: 0, element 31: 15 | 16
+        dequantize_row(GgmlType::Q5_1, &q5_1, &mut y);
+        assert_eq!([y[0], y[16], y[15], y[31]], [5.0, 33.0, -1.0, 61.0]);
+    }
+
     #[test]
     fn every_type_round_trips_within_its_precision() {
         let x = signal(512, 3);
@@ -429,6 +524,8 @@ mod tests {
             (GgmlType::Q8_0, 0.01),
             (GgmlType::Q4_0, 0.15),
             (GgmlType::Q4_1, 0.1),
+            (GgmlType::Q5_0, 0.07),
+            (GgmlType::Q5_1, 0.05),
             (GgmlType::Q4K, 0.12),
             (GgmlType::Q5K, 0.06),
             (GgmlType::Q6K, 0.04),

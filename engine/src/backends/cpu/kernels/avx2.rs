@@ -1,4 +1,4 @@
-//! AVX2 + FMA + F16C kernels for Q4_0, Q4_1 and Q8_0 weights.
+//! AVX2 + FMA + F16C kernels for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights.
 //!
 //! Work is tiled as R weight rows × C activation rows: each weight block is loaded and
 //! unpacked once and multiplied with every activation row of the tile, so a batch of
@@ -79,6 +79,61 @@ impl Block for Q4_1 {
     unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
         let (d, m) = f16_pair(p);
         (nibbles(p.add(4)), d, m)
+    }
+}
+
+/// Byte j is 0xFF where bit j of `bits` is set, else 0 (as ggml's `bytes_from_bits_32`).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn bit_bytes(bits: u32) -> __m256i {
+    let v = _mm256_set1_epi32(bits as i32);
+    // Byte j takes byte j / 8 of `bits` (each 128-bit half sees all four).
+    let spread = _mm256_shuffle_epi8(
+        v,
+        _mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+}
+
+struct Q5_0;
+impl Block for Q5_0 {
+    const BYTES: usize = 22;
+    const SIGNED: bool = true;
+    const HAS_MIN: bool = false;
+    /// # Safety
+    /// As [`Block::load`].
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let (d, _) = f16_pair(p);
+        let qh = (p.add(2) as *const u32).read_unaligned();
+        // q - 16 as a signed byte: the nibble where the fifth bit is set, else the
+        // nibble with 0xF0 added (two's complement of nibble - 16).
+        let high = _mm256_andnot_si256(bit_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+        (_mm256_or_si256(nibbles(p.add(6)), high), d, 0.0)
+    }
+}
+
+struct Q5_1;
+impl Block for Q5_1 {
+    const BYTES: usize = 24;
+    const SIGNED: bool = false;
+    const HAS_MIN: bool = true;
+    /// # Safety
+    /// As [`Block::load`].
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let (d, m) = f16_pair(p);
+        let qh = (p.add(4) as *const u32).read_unaligned();
+        let high = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
+        (_mm256_or_si256(nibbles(p.add(8)), high), d, m)
     }
 }
 
@@ -245,6 +300,8 @@ pub(super) unsafe fn gemm(
     match ty {
         GgmlType::Q4_0 => gemm_typed::<Q4_0>(w, k, rows, acts, out),
         GgmlType::Q4_1 => gemm_typed::<Q4_1>(w, k, rows, acts, out),
+        GgmlType::Q5_0 => gemm_typed::<Q5_0>(w, k, rows, acts, out),
+        GgmlType::Q5_1 => gemm_typed::<Q5_1>(w, k, rows, acts, out),
         GgmlType::Q8_0 => gemm_typed::<Q8_0>(w, k, rows, acts, out),
         other => unreachable!("no AVX2 kernel for {}", other.name()),
     }

@@ -8,16 +8,25 @@
 
 mod attention;
 mod avx2;
+mod avx2_float;
 mod avx512;
+#[cfg(test)]
+mod bench;
 mod expf;
+mod geglu;
 mod packed;
+mod packed_k;
+mod packed_q5;
 mod packed_vnni;
 mod scalar;
 mod swiglu;
 
 pub use attention::{attend_tile, CacheRows, TileQueries, TileScratch};
 pub use expf::exp_many;
+pub use geglu::geglu;
 pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
+pub use packed_k::PackedKx8;
+pub use packed_q5::PackedQ5x8;
 #[cfg(target_arch = "x86_64")]
 pub use packed_vnni::{detected_vnni, Vnni};
 pub use swiglu::swiglu;
@@ -35,8 +44,10 @@ pub const QK8: usize = 32;
 
 /// A batch of activation rows quantized to 8-bit blocks of 32.
 ///
-/// Per block: `d` (the scale, rounded through f16 exactly as llama.cpp stores it) and
-/// `s = d * sum(q)` (also f16-rounded), which the offset formats (Q4_1, k-quants) need.
+/// Per block: `d` (the scale, rounded through f16 exactly as llama.cpp stores it),
+/// `s = d * sum(q)` (also f16-rounded), which the offset formats (Q4_1, k-quants) need,
+/// and `sum(q)` itself, exact, for kernels that multiply unsigned codes and take the
+/// centre off afterwards (Q5_0's packed tiles).
 #[derive(Default)]
 pub struct QuantizedActs {
     pub n_rows: usize,
@@ -44,6 +55,7 @@ pub struct QuantizedActs {
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    pub sum: Vec<i32>,
 }
 
 impl QuantizedActs {
@@ -62,6 +74,7 @@ impl QuantizedActs {
         self.qs.resize(n_rows * row_len, 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        self.sum.resize(nb, 0);
         let set = detected();
         for (b, (xb, qb)) in x
             .chunks_exact(QK8)
@@ -77,6 +90,7 @@ impl QuantizedActs {
             let d = amax / 127.0;
             self.d[b] = f16::from_f32(d).to_f32();
             self.s[b] = f16::from_f32(d * sum as f32).to_f32();
+            self.sum[b] = sum;
         }
     }
 }
@@ -502,10 +516,23 @@ pub unsafe fn gemm(
     // SAFETY (all arms): the kernels write only cells (t, r) with r in `rows`, which the
     // caller gives us alone.
     match ty {
+        GgmlType::F32 | GgmlType::F16 if set == KernelSet::Avx2 => {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `set` is Avx2 only when the CPU reported avx2, fma and f16c.
+            unsafe {
+                avx2_float::gemm(ty, w, k, rows, acts_f32, out)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unsafe {
+                scalar::gemm_float(ty, w, k, rows, acts_f32, out)
+            }
+        }
         GgmlType::F32 | GgmlType::F16 => unsafe {
             scalar::gemm_float(ty, w, k, rows, acts_f32, out)
         },
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if set == KernelSet::Avx2 => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+            if set == KernelSet::Avx2 =>
+        {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `set` is Avx2 only when the CPU reported avx2, fma and f16c.
             unsafe {
@@ -743,6 +770,8 @@ mod tests {
                 GgmlType::F16,
                 GgmlType::Q4_0,
                 GgmlType::Q4_1,
+                GgmlType::Q5_0,
+                GgmlType::Q5_1,
                 GgmlType::Q8_0,
                 GgmlType::Q4K,
                 GgmlType::Q5K,
@@ -968,5 +997,6 @@ mod tests {
         assert_eq!(&q.qs[..4], &[127, 2, 4, -2]);
         assert_eq!(q.d[0], 1.0);
         assert_eq!(q.s[0], 131.0);
+        assert_eq!(q.sum[0], 131);
     }
 }

@@ -14,6 +14,8 @@
 
 use std::ops::Range;
 
+use super::packed_k::PackedKx8;
+use super::packed_q5::PackedQ5x8;
 use super::{OutMatrix, QuantizedActs, QK8};
 use crate::gguf::quant::GgmlType;
 
@@ -134,6 +136,10 @@ impl PackedQ8_0x8 {
 pub enum PackedMatrix {
     Q4_1(PackedQ4_1x8),
     Q8_0(PackedQ8_0x8),
+    /// Q5_0 or Q5_1.
+    Q5(PackedQ5x8),
+    /// Q4_K, Q5_K or Q6_K.
+    K(PackedKx8),
 }
 
 impl PackedMatrix {
@@ -142,6 +148,12 @@ impl PackedMatrix {
         match ty {
             GgmlType::Q4_1 => PackedQ4_1x8::pack(ty, src, rows, cols).map(PackedMatrix::Q4_1),
             GgmlType::Q8_0 => PackedQ8_0x8::pack(ty, src, rows, cols).map(PackedMatrix::Q8_0),
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                PackedQ5x8::pack(ty, src, rows, cols).map(PackedMatrix::Q5)
+            }
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+                PackedKx8::pack(ty, src, rows, cols).map(PackedMatrix::K)
+            }
             _ => None,
         }
     }
@@ -162,6 +174,8 @@ pub(super) unsafe fn gemm_packed_avx2(
     match w {
         PackedMatrix::Q4_1(p) => gemm_avx2(p, rows, acts, out),
         PackedMatrix::Q8_0(p) => gemm_q8_avx2(p, rows, acts, out),
+        PackedMatrix::Q5(p) => super::packed_q5::gemm_avx2(p, rows, acts, out),
+        PackedMatrix::K(p) => super::packed_k::gemm_avx2(p, rows, acts, out),
     }
 }
 
@@ -408,14 +422,27 @@ mod tests {
                 Err(why) => test_support::skipped(&format!("{NAME} ({vnni:?} VNNI part)"), &why),
             }
         }
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ] {
             for &(rows, k, n_tok) in &[
                 (8usize, 32usize, 1usize),
                 (24, 576, 5),
                 (16, 1536, 9),
                 (16, 576, 15),
                 (16, 1536, 16),
+                (24, 768, 3),
+                (8, 256, 12),
             ] {
+                if !k.is_multiple_of(ty.block_size()) {
+                    continue;
+                }
                 let x = pseudo(n_tok * k, 3 + k as u64);
                 let w: Vec<u8> = pseudo(rows * k, 11 + rows as u64)
                     .chunks_exact(k)

@@ -92,6 +92,9 @@ macro_rules! vnni_tiles {
                 match w {
                     PackedMatrix::Q4_1(p) => run_tiles!(tile_q4_1, p, rows, acts, out),
                     PackedMatrix::Q8_0(p) => run_tiles!(tile_q8_0, p, rows, acts, out),
+                    // No VNNI tiles (yet) for these: the AVX2 ones, which every VNNI CPU runs.
+                    PackedMatrix::Q5(p) => super::super::packed_q5::gemm_avx2(p, rows, acts, out),
+                    PackedMatrix::K(p) => super::super::packed_k::gemm_avx2(p, rows, acts, out),
                 }
             }
 

@@ -114,6 +114,24 @@ pub(crate) fn vec_dot(ty: GgmlType, w: &[u8], qa: &[i8], da: &[f32], sa: &[f32])
                 acc += f16_at(b, 0) * da[i] * s as f32 + f16_at(b, 2) * sa[i];
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let min = ty == GgmlType::Q5_1;
+            let h = if min { 4 } else { 2 };
+            for (i, b) in w.chunks_exact(ty.block_bytes()).enumerate() {
+                let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
+                let q = &b[h + 4..h + 20];
+                let a = &qa[i * 32..i * 32 + 32];
+                // Q5_0 is centred on 16; Q5_1 adds its offset times the activations' sum.
+                let off = if min { 0 } else { 16 };
+                let code = |j: usize, v: u8| (v as u32 | ((qh >> j) & 1) << 4) as i32 - off;
+                let s = isum((0..16).map(|j| code(j, q[j] & 0xF)), &a[..16])
+                    + isum((0..16).map(|j| code(j + 16, q[j] >> 4)), &a[16..]);
+                acc += f16_at(b, 0) * da[i] * s as f32;
+                if min {
+                    acc += f16_at(b, 2) * sa[i];
+                }
+            }
+        }
         GgmlType::Q8_0 => {
             for (i, b) in w.chunks_exact(34).enumerate() {
                 let s = isum(
