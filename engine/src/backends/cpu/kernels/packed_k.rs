@@ -352,7 +352,6 @@ mod avx2 {
                 let (h, kq) = (blk32 / 4, blk32 % 4);
                 let ql = blk.add(144 + 32 * 16 * h);
                 let qh = blk.add(144 + 1024 + 32 * 8 * h);
-                let mut isum = [_mm256_setzero_si256(); C];
                 for part in 0..2 {
                     // Four `maddubs` of at most 2·32·127 per i16 lane: 32,512 < 32,767.
                     let mut p16 = [_mm256_setzero_si256(); C];
@@ -366,15 +365,15 @@ mod avx2 {
                             *v = _mm256_add_epi16(*v, p);
                         }
                     }
+                    // Each part straight into the float sums: carrying an i32 sum per
+                    // token across both parts costs more in spilled registers.
                     let sc = scale_pairs(blk.add(16 + 8 * (8 * h + 2 * kq + part)));
-                    for (s, p) in isum.iter_mut().zip(&p16) {
-                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*p, sc));
+                    for (c, p) in p16.iter().enumerate() {
+                        let ti = (t0 + c) * nb + sb * 8 + blk32;
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*acts.d.get_unchecked(ti)));
+                        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(*p, sc));
+                        acc[c] = _mm256_fmadd_ps(scale, sums, acc[c]);
                     }
-                }
-                for (c, v) in isum.iter().enumerate() {
-                    let ti = (t0 + c) * nb + sb * 8 + blk32;
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*acts.d.get_unchecked(ti)));
-                    acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(*v), acc[c]);
                 }
             }
         }
