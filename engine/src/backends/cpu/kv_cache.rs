@@ -94,7 +94,14 @@ mod tests {
             context_length: 256,
             rms_eps: 1e-5,
             rope_theta: 10000.0,
+            rope_freq_scale: 1.0,
             rope_style: crate::config::RopeStyle::Interleaved,
+            ffn_activation: crate::config::FfnActivation::SwiGlu,
+            sliding_window: None,
+            embedding_scale: None,
+            qk_norm: false,
+            post_norms: false,
+            final_logit_softcap: None,
         }
     }
 

@@ -13,7 +13,7 @@ use crate::backends::cpu::thread_pool::ThreadPool;
 use crate::backends::cpu::weights::{ModelWeights, QMatrix};
 use crate::backends::SeqChunk;
 use crate::block_allocator::BLOCK_SIZE;
-use crate::config::{ModelConfig, RopeStyle};
+use crate::config::{FfnActivation, ModelConfig, RopeStyle};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 
@@ -31,6 +31,9 @@ pub struct ForwardScratch {
     acts: QuantizedActs,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    /// The local (sliding-window) layers' tables, when their RoPE base differs.
+    rope_cos_local: Vec<f32>,
+    rope_sin_local: Vec<f32>,
     tok_pos: Vec<usize>,
     tok_seq: Vec<usize>,
     attn_items: Vec<AttnItem>,
@@ -103,6 +106,7 @@ impl Model {
         let _lease = self.pool.lease();
         let cfg = &self.cfg;
         let (dim, kv_dim, hd) = (cfg.dim, cfg.kv_dim(), cfg.head_dim);
+        let q_dim = cfg.q_dim();
         let n: usize = batch.iter().map(|c| c.tokens.len()).sum();
         s.tok_pos.clear();
         s.tok_seq.clear();
@@ -123,13 +127,37 @@ impl Model {
                 t += 1;
             }
         }
-        self.rope_tables(s);
+        if let Some(e) = cfg.embedding_scale {
+            // ggml_scale: one f32 multiply per element.
+            s.x.iter_mut().for_each(|x| *x *= e);
+        }
+        let (base, pos_scale) = (cfg.rope_theta, cfg.rope_freq_scale);
+        fill_rope_table(
+            &s.tok_pos,
+            hd,
+            base,
+            pos_scale,
+            self.weights.rope_freqs.as_deref(),
+            &mut s.rope_cos,
+            &mut s.rope_sin,
+        );
+        if let Some(sw) = cfg.sliding_window {
+            fill_rope_table(
+                &s.tok_pos,
+                hd,
+                sw.rope_theta,
+                1.0,
+                None,
+                &mut s.rope_cos_local,
+                &mut s.rope_sin_local,
+            );
+        }
 
         s.xb.resize(n * dim, 0.0);
-        s.q.resize(n * dim, 0.0);
+        s.q.resize(n * q_dim, 0.0);
         s.k.resize(n * kv_dim, 0.0);
         s.v.resize(n * kv_dim, 0.0);
-        s.att.resize(n * dim, 0.0);
+        s.att.resize(n * q_dim.max(dim), 0.0);
         s.gate.resize(n * cfg.ffn_dim, 0.0);
         s.up.resize(n * cfg.ffn_dim, 0.0);
 
@@ -147,13 +175,24 @@ impl Model {
                         .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
                 }
             }
+            if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+                // Per-head RMSNorm (rows of head_dim) before RoPE.
+                rms_norm_in_place(&mut s.q[..n * q_dim], qn, cfg.rms_eps);
+                rms_norm_in_place(&mut s.k[..n * kv_dim], kn, cfg.rms_eps);
+            }
             let half = hd / 2;
+            let local = cfg.layer_window(l).is_some();
+            let (cos_t, sin_t) = if local {
+                (&s.rope_cos_local, &s.rope_sin_local)
+            } else {
+                (&s.rope_cos, &s.rope_sin)
+            };
             for t in 0..n {
                 let (cos, sin) = (
-                    &s.rope_cos[t * half..(t + 1) * half],
-                    &s.rope_sin[t * half..(t + 1) * half],
+                    &cos_t[t * half..(t + 1) * half],
+                    &sin_t[t * half..(t + 1) * half],
                 );
-                for head in s.q[t * dim..(t + 1) * dim].chunks_exact_mut(hd) {
+                for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
                     rope(head, cos, sin, cfg.rope_style);
                 }
                 for head in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
@@ -174,6 +213,9 @@ impl Model {
             let tile = ATTN_TILE;
             self.attention(l, batch, kv, s, n, tile);
             self.matmul(&mut [(&w.wo, &mut s.xb)], &s.att, n, &mut s.acts);
+            if let Some(pn) = &w.post_attn_norm {
+                rms_norm_in_place(&mut s.xb[..n * dim], pn, cfg.rms_eps);
+            }
             add_in_place(&mut s.x, &s.xb);
 
             rms_norm(&s.x, &w.ffn_norm, cfg.rms_eps, &mut s.xb);
@@ -183,8 +225,15 @@ impl Model {
                 n,
                 &mut s.acts,
             );
-            kernels::swiglu(&mut s.gate, &s.up);
+            let (gate, up) = (&mut s.gate[..n * cfg.ffn_dim], &s.up[..n * cfg.ffn_dim]);
+            match cfg.ffn_activation {
+                FfnActivation::SwiGlu => kernels::swiglu(gate, up),
+                FfnActivation::GeGlu => kernels::geglu(gate, up),
+            }
             self.matmul(&mut [(&w.w_down, &mut s.xb)], &s.gate, n, &mut s.acts);
+            if let Some(pn) = &w.post_ffn_norm {
+                rms_norm_in_place(&mut s.xb[..n * dim], pn, cfg.rms_eps);
+            }
             add_in_place(&mut s.x, &s.xb);
         }
 
@@ -216,6 +265,11 @@ impl Model {
             m,
             &mut s.acts,
         );
+        if let Some(cap) = cfg.final_logit_softcap {
+            s.logits
+                .iter_mut()
+                .for_each(|l| *l = (*l * (1.0 / cap)).tanh() * cap);
+        }
         &s.logits
     }
 
@@ -279,27 +333,6 @@ impl Model {
         });
     }
 
-    /// Cos/sin of every (token, frequency) pair, computed as ggml does (iterated powers,
-    /// f32) so positions far into the context round the same way.
-    fn rope_tables(&self, s: &mut ForwardScratch) {
-        let half = self.cfg.head_dim / 2;
-        let theta_scale = self.cfg.rope_theta.powf(-2.0 / self.cfg.head_dim as f32);
-        s.rope_cos.resize(s.tok_pos.len() * half, 0.0);
-        s.rope_sin.resize(s.tok_pos.len() * half, 0.0);
-        for (t, &pos) in s.tok_pos.iter().enumerate() {
-            let mut theta = pos as f32;
-            for i in 0..half {
-                let th = match &self.weights.rope_freqs {
-                    Some(f) => theta / f[i],
-                    None => theta,
-                };
-                s.rope_cos[t * half + i] = th.cos();
-                s.rope_sin[t * half + i] = th.sin();
-                theta *= theta_scale;
-            }
-        }
-    }
-
     /// Causal grouped-query attention of every batch token over its sequence's cache,
     /// in tiles of up to `tile` tokens of one sequence times the query heads of one KV
     /// head (see `kernels::attend_tile`): each tile reads its cache rows once.
@@ -313,7 +346,8 @@ impl Model {
         tile: usize,
     ) {
         let cfg = &self.cfg;
-        let (dim, hd, kv_dim) = (cfg.dim, cfg.head_dim, cfg.kv_dim());
+        let (dim, hd, kv_dim) = (cfg.q_dim(), cfg.head_dim, cfg.kv_dim());
+        let window = cfg.layer_window(layer);
         let group = cfg.n_heads / cfg.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let tile = tile.max(1);
@@ -401,6 +435,7 @@ impl Model {
                         q: &a.q,
                         pos: &a.pos,
                         round: &a.round,
+                        window,
                     };
                     kernels::attend_tile(&queries, hd, scale, &cache, &mut a.tile, &mut a.out);
                     let width = it.heads.len() * hd;
@@ -477,6 +512,48 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// RMSNorm of each row of `x` in place (row length = `w.len()`), as [`rms_norm`].
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for row in x.chunks_exact_mut(d) {
+        let ss: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        for (v, &g) in row.iter_mut().zip(w) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
+/// Cos/sin of every (token, frequency) pair for RoPE base `base`, computed as ggml does
+/// (iterated powers, f32) so positions far into the context round the same way;
+/// `pos_scale` is linear scaling's position multiplier, `freqs` Llama 3.1's divisors.
+fn fill_rope_table(
+    tok_pos: &[usize],
+    head_dim: usize,
+    base: f32,
+    pos_scale: f32,
+    freqs: Option<&[f32]>,
+    cos: &mut Vec<f32>,
+    sin: &mut Vec<f32>,
+) {
+    let half = head_dim / 2;
+    let theta_scale = base.powf(-2.0 / head_dim as f32);
+    cos.resize(tok_pos.len() * half, 0.0);
+    sin.resize(tok_pos.len() * half, 0.0);
+    for (t, &pos) in tok_pos.iter().enumerate() {
+        let mut theta = pos as f32;
+        for i in 0..half {
+            let th = match freqs {
+                Some(f) => theta / f[i],
+                None => theta,
+            } * pos_scale;
+            cos[t * half + i] = th.cos();
+            sin[t * half + i] = th.sin();
+            theta *= theta_scale;
+        }
+    }
+}
+
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
@@ -517,15 +594,30 @@ pub(crate) mod tests {
 
     /// A 2-layer llama GGUF with random weights in several quant types.
     pub(crate) fn tiny_llama(arch: &str, skip: Option<&str>) -> Vec<u8> {
+        tiny_model(arch, skip, 2, None)
+    }
+
+    /// A `layers`-layer GGUF of `arch` with random weights in several quant types and the
+    /// architecture's own metadata and tensors: Qwen3 and Gemma 3 get a head size that is
+    /// not dim / heads, Q/K norms, and (Gemma 3) post norms and a sliding `window`.
+    pub(crate) fn tiny_model(
+        arch: &str,
+        skip: Option<&str>,
+        layers: usize,
+        window: Option<u32>,
+    ) -> Vec<u8> {
         let (dim, ff, heads, kv_heads, vocab) = (256usize, 512usize, 4u32, 2u32, 48usize);
-        let kv = dim / heads as usize * kv_heads as usize;
+        let qk_norm = matches!(arch, "qwen3" | "gemma3");
+        let gemma = arch == "gemma3";
+        let hd = if qk_norm { 128 } else { dim / heads as usize };
+        let (qd, kv) = (hd * heads as usize, hd * kv_heads as usize);
         let mut seed = 42u64;
-        let meta = vec![
+        let mut meta = vec![
             (
                 "general.architecture".to_string(),
                 MetaValue::Str(arch.into()),
             ),
-            (format!("{arch}.block_count"), MetaValue::U32(2)),
+            (format!("{arch}.block_count"), MetaValue::U32(layers as u32)),
             (format!("{arch}.context_length"), MetaValue::U32(256)),
             (
                 format!("{arch}.embedding_length"),
@@ -545,6 +637,17 @@ pub(crate) mod tests {
             ),
             (format!("{arch}.vocab_size"), MetaValue::U32(vocab as u32)),
         ];
+        if qk_norm {
+            for k in ["key_length", "value_length"] {
+                meta.push((format!("{arch}.attention.{k}"), MetaValue::U32(hd as u32)));
+            }
+        }
+        if let Some(w) = window {
+            meta.push((
+                format!("{arch}.attention.sliding_window"),
+                MetaValue::U32(w),
+            ));
+        }
         let mut tensors = Vec::new();
         let mut mat = |name: String, cols: usize, rows: usize, ty: GgmlType, seed: &mut u64| {
             let w = rand_vec(cols * rows, seed, 0.3);
@@ -566,21 +669,17 @@ pub(crate) mod tests {
             GgmlType::Q8_0,
             &mut seed,
         );
-        for l in 0..2 {
-            let ty = if l == 0 {
-                GgmlType::Q4_1
+        let mut norm_names = vec!["output_norm.weight".to_string()];
+        for l in 0..layers {
+            let (ty, ty_small) = if l % 2 == 0 {
+                (GgmlType::Q4_1, GgmlType::Q4_0)
             } else {
-                GgmlType::Q4K
-            };
-            let ty_small = if l == 0 {
-                GgmlType::Q4_0
-            } else {
-                GgmlType::F16
+                (GgmlType::Q4K, GgmlType::F16)
             };
             mat(
                 format!("blk.{l}.attn_q.weight"),
                 dim,
-                dim,
+                qd,
                 ty_small,
                 &mut seed,
             );
@@ -600,7 +699,7 @@ pub(crate) mod tests {
             );
             mat(
                 format!("blk.{l}.attn_output.weight"),
-                dim,
+                qd,
                 dim,
                 GgmlType::Q6K,
                 &mut seed,
@@ -614,25 +713,31 @@ pub(crate) mod tests {
                 &mut seed,
             );
             mat(format!("blk.{l}.ffn_down.weight"), ff, dim, ty, &mut seed);
+            norm_names.push(format!("blk.{l}.attn_norm.weight"));
+            norm_names.push(format!("blk.{l}.ffn_norm.weight"));
+            if gemma {
+                norm_names.push(format!("blk.{l}.post_attention_norm.weight"));
+                norm_names.push(format!("blk.{l}.post_ffw_norm.weight"));
+            }
         }
         let mut norms = Vec::new();
-        for name in [
-            "blk.0.attn_norm.weight",
-            "blk.0.ffn_norm.weight",
-            "blk.1.attn_norm.weight",
-            "blk.1.ffn_norm.weight",
-            "output_norm.weight",
-        ] {
-            let v: Vec<f32> = rand_vec(dim, &mut seed, 0.2)
-                .iter()
-                .map(|x| 1.0 + x)
-                .collect();
+        let mut norm = |name: String, len: usize, seed: &mut u64| {
+            let v: Vec<f32> = rand_vec(len, seed, 0.2).iter().map(|x| 1.0 + x).collect();
             norms.push(TensorData {
-                name: name.into(),
-                dims: vec![dim as u64],
+                name,
+                dims: vec![len as u64],
                 ty: GgmlType::F32,
                 bytes: quantize_row(GgmlType::F32, &v),
             });
+        };
+        for name in norm_names {
+            norm(name, dim, &mut seed);
+        }
+        if qk_norm {
+            for l in 0..layers {
+                norm(format!("blk.{l}.attn_q_norm.weight"), hd, &mut seed);
+                norm(format!("blk.{l}.attn_k_norm.weight"), hd, &mut seed);
+            }
         }
         tensors.extend(norms);
         tensors.retain(|t| Some(t.name.as_str()) != skip);
@@ -648,8 +753,68 @@ pub(crate) mod tests {
 
     #[test]
     fn tiny_model_decodes_token_by_token_like_one_prefill() {
-        let model = load(tiny_llama("llama", None)).unwrap();
-        assert_eq!(model.cfg.n_layers, 2);
+        decode_matches_prefill(tiny_llama("llama", None));
+    }
+
+    /// Every supported architecture: Qwen2's halves RoPE, Qwen3's Q/K norms and head
+    /// size, Gemma 3's six-layer local/global pattern (window 5 < the 18 tokens), GeGLU,
+    /// post norms and embedding scale.
+    #[test]
+    fn every_architecture_decodes_like_its_prefill() {
+        for (arch, layers, window) in [
+            ("qwen2", 2, None),
+            ("qwen3", 2, None),
+            ("gemma3", 6, Some(5)),
+        ] {
+            let model = decode_matches_prefill(tiny_model(arch, None, layers, window));
+            assert_eq!(model.cfg.architecture, arch);
+        }
+        let g = load(tiny_model("gemma3", None, 6, Some(5))).unwrap();
+        assert_eq!(g.cfg.q_dim(), 512);
+        assert_eq!(g.cfg.layer_window(0), Some(5));
+        assert_eq!(g.cfg.layer_window(5), None);
+        assert_eq!(g.cfg.layer_rope(0), (10_000.0, 1.0));
+        assert_eq!(g.cfg.embedding_scale, Some(16.0));
+    }
+
+    /// A Gemma 3 local layer attends over its window only: with one (local) layer, the
+    /// last token's logits do not depend on tokens before its window, and do on those in it.
+    #[test]
+    fn gemma_local_layers_see_only_their_window() {
+        let model = load(tiny_model("gemma3", None, 1, Some(4))).unwrap();
+        assert_eq!(model.cfg.layer_window(0), Some(4));
+        let last = |tokens: &[u32]| -> Vec<f32> {
+            let mut kv = KvCache::new(&model.cfg, 2);
+            let mut s = ForwardScratch::default();
+            model
+                .forward(
+                    &[SeqChunk {
+                        tokens,
+                        start_pos: 0,
+                        block_table: &[0, 1],
+                        want_logits: true,
+                        decode_from: usize::MAX,
+                    }],
+                    &mut kv,
+                    &mut s,
+                )
+                .to_vec()
+        };
+        let base: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 48).collect();
+        let mut old = base.clone();
+        old[15] = (old[15] + 1) % 48; // position 15 < 19 - 4 + 1: outside the window
+        let mut inside = base.clone();
+        inside[16] = (inside[16] + 1) % 48; // the window's first position
+        let want = last(&base);
+        assert_eq!(last(&old), want);
+        assert_ne!(last(&inside), want);
+    }
+
+    /// Runs `bytes`'s model over 18 tokens as one prefill, in 3-token chunks through a
+    /// reordered block table, and one token at a time, and compares the logits.
+    fn decode_matches_prefill(bytes: Vec<u8>) -> Model {
+        let model = load(bytes).unwrap();
+        let arch = model.cfg.architecture.clone();
         let tokens: Vec<u32> = vec![
             3, 17, 5, 40, 22, 9, 11, 30, 1, 2, 44, 8, 6, 19, 27, 33, 12, 7,
         ];
@@ -696,7 +861,10 @@ pub(crate) mod tests {
             .iter()
             .zip(&chunked)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(chunk_diff < 1e-3, "chunked prefill differs by {chunk_diff}");
+        assert!(
+            chunk_diff < 1e-3,
+            "{arch}: chunked prefill differs by {chunk_diff}"
+        );
 
         // One token per step: the decode path.
         let mut kv2 = KvCache::new(&model.cfg, table.len());
@@ -726,12 +894,14 @@ pub(crate) mod tests {
         // amplifies to a few percent of the logit range.
         assert!(
             max_diff <= 0.05 * scale.max(1.0),
-            "max diff {max_diff} (logit scale {scale})"
+            "{arch}: max diff {max_diff} (logit scale {scale})"
         );
         assert_eq!(
             crate::sampling::argmax(&whole),
-            crate::sampling::argmax(&last)
+            crate::sampling::argmax(&last),
+            "{arch}"
         );
+        model
     }
 
     /// Attention tiles (any number of tokens, whole GQA groups or single heads) change
@@ -853,5 +1023,18 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("blk.1.ffn_up.weight"), "{e}");
         let e = load(tiny_llama("gpt-neox", None)).err().unwrap();
         assert!(e.to_string().contains("gpt-neox"), "{e}");
+        assert!(e.to_string().contains("gemma3"), "{e}");
+        // Architecture-specific tensors are required, not silently skipped.
+        for (arch, layers, window, missing) in [
+            ("qwen3", 2, None, "blk.1.attn_k_norm.weight"),
+            ("gemma3", 6, Some(5), "blk.3.post_ffw_norm.weight"),
+        ] {
+            let e = load(tiny_model(arch, Some(missing), layers, window))
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains(missing), "{e}");
+        }
+        let e = load(tiny_model("gemma3", None, 6, None)).err().unwrap();
+        assert!(e.to_string().contains("sliding_window"), "{e}");
     }
 }

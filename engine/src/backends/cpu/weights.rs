@@ -110,8 +110,15 @@ pub struct LayerWeights {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights of Q and K (`head_dim` each), Qwen3 and Gemma 3.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     pub wo: QMatrix,
+    /// RMSNorm of the attention output before the residual add (Gemma 3).
+    pub post_attn_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
+    /// RMSNorm of the FFN output before the residual add (Gemma 3).
+    pub post_ffn_norm: Option<Vec<f32>>,
     pub w_gate: QMatrix,
     pub w_up: QMatrix,
     pub w_down: QMatrix,
@@ -132,6 +139,16 @@ impl ModelWeights {
     /// Checks every tensor's presence and shape against `cfg`.
     pub fn load(file: &Arc<GgufFile>, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let (d, kv, ff, v) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
+        let (qd, hd) = (cfg.q_dim(), cfg.head_dim);
+        // Tensors the architecture needs are required; a file without them is refused
+        // by name rather than run wrongly.
+        let needed = |file: &GgufFile, name: &str, len: usize, on: bool| {
+            if on {
+                vector(file, name, len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let token_embd = QMatrix::load(file, "token_embd.weight", d, v)?;
         let output = if file.tensors.contains_key("output.weight") {
             QMatrix::load(file, "output.weight", d, v)?
@@ -144,14 +161,18 @@ impl ModelWeights {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(LayerWeights {
                 attn_norm: vector(file, &n("attn_norm.weight"), d)?,
-                wq: QMatrix::load(file, &n("attn_q.weight"), d, d)?.for_matmul(),
+                wq: QMatrix::load(file, &n("attn_q.weight"), d, qd)?.for_matmul(),
                 wk: QMatrix::load(file, &n("attn_k.weight"), d, kv)?.for_matmul(),
                 wv: QMatrix::load(file, &n("attn_v.weight"), d, kv)?.for_matmul(),
-                bq: optional_vector(file, &n("attn_q.bias"), d)?,
+                bq: optional_vector(file, &n("attn_q.bias"), qd)?,
                 bk: optional_vector(file, &n("attn_k.bias"), kv)?,
                 bv: optional_vector(file, &n("attn_v.bias"), kv)?,
-                wo: QMatrix::load(file, &n("attn_output.weight"), d, d)?.for_matmul(),
+                q_norm: needed(file, &n("attn_q_norm.weight"), hd, cfg.qk_norm)?,
+                k_norm: needed(file, &n("attn_k_norm.weight"), hd, cfg.qk_norm)?,
+                wo: QMatrix::load(file, &n("attn_output.weight"), qd, d)?.for_matmul(),
+                post_attn_norm: needed(file, &n("post_attention_norm.weight"), d, cfg.post_norms)?,
                 ffn_norm: vector(file, &n("ffn_norm.weight"), d)?,
+                post_ffn_norm: needed(file, &n("post_ffw_norm.weight"), d, cfg.post_norms)?,
                 w_gate: QMatrix::load(file, &n("ffn_gate.weight"), d, ff)?.for_matmul(),
                 w_up: QMatrix::load(file, &n("ffn_up.weight"), d, ff)?.for_matmul(),
                 w_down: QMatrix::load(file, &n("ffn_down.weight"), ff, d)?.for_matmul(),

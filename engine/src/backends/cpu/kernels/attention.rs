@@ -21,8 +21,12 @@ pub struct TileQueries<'a> {
     /// `pos.len()` query vectors of `head_dim` floats, back to back (decode queries
     /// already rounded to f16, as llama.cpp's decode path does).
     pub q: &'a [f32],
-    /// Each query's position: it attends over cache positions `0..=pos`.
+    /// Each query's position: it attends over cache positions `0..=pos` (or the last
+    /// `window` of them).
     pub pos: &'a [usize],
+    /// Sliding-window attention (Gemma 3's local layers): a query at `pos` sees only
+    /// positions `pos + 1 - window ..= pos`, as llama.cpp's standard SWA mask.
+    pub window: Option<usize>,
     /// Each query's path: `true` for llama.cpp's decode path (f16 accumulator), `false`
     /// for its f32 prefill path.
     pub round: &'a [bool],
@@ -79,8 +83,9 @@ fn attend_tile_with<'c, F>(
     F: Fn(usize, usize) -> (&'c [u16], &'c [u16]),
 {
     let (nq, hd) = (t.pos.len(), head_dim);
-    // The 512-bit kernels take the common head sizes and blocks of up to 16 rows.
-    let wide = wide && matches!(hd, 64 | 128) && cache.block <= RUN;
+    // The 512-bit kernels take the common head sizes and blocks of up to 16 rows, and
+    // whole-prefix attention.
+    let wide = wide && matches!(hd, 64 | 128) && cache.block <= RUN && t.window.is_none();
     let tile_len = nq.checked_mul(hd).expect("tile size overflows");
     assert!(t.q.len() == tile_len && t.round.len() == nq && out.len() == tile_len);
     assert!(cache.block.max(RUN).checked_mul(hd).is_some());
@@ -89,12 +94,18 @@ fn attend_tile_with<'c, F>(
         return;
     };
     let end = last + 1;
+    // First position query `j` sees.
+    let first = |j: usize| match t.window {
+        Some(w) => t.pos[j] + 1 - w.clamp(1, t.pos[j] + 1),
+        None => 0,
+    };
+    let start = (0..nq).map(first).min().unwrap_or(0);
     s.k.resize(cache.block.max(RUN) * hd, 0.0);
     s.v.resize(cache.block * hd, 0.0);
     s.state.clear();
     s.state.resize(nq, OnlineSoftmax::default());
     out.iter_mut().for_each(|o| *o = 0.0);
-    let mut p = 0;
+    let mut p = start;
     while p < end {
         let run = (cache.block - p % cache.block).min(end - p);
         let (k, v) = (cache.rows)(p, run);
@@ -118,18 +129,20 @@ fn attend_tile_with<'c, F>(
             continue;
         }
         for (j, &pos) in t.pos.iter().enumerate() {
-            if pos < p {
+            let lo = first(j).max(p);
+            let hi = (p + run).min(pos + 1);
+            if lo >= hi {
                 continue;
             }
-            // The query's own run: the rows of this block up to its position.
-            let n = run.min(pos + 1 - p);
+            // The query's own run: the rows of this block within its window.
+            let off = (lo - p) * hd;
             let (q, o) = (&t.q[j * hd..(j + 1) * hd], &mut out[j * hd..(j + 1) * hd]);
             attend(
                 q,
-                &s.k,
-                &s.v,
+                &s.k[off..],
+                &s.v[off..],
                 hd,
-                n,
+                hi - lo,
                 scale_by,
                 t.round[j],
                 &mut s.state[j],
@@ -212,6 +225,7 @@ mod tests {
     #[allow(clippy::too_many_arguments)]
     fn untiled(
         q: &[f32],
+        first: usize,
         pos: usize,
         round: bool,
         k32: &[f32],
@@ -223,7 +237,7 @@ mod tests {
         let hd = q.len();
         let mut state = OnlineSoftmax::default();
         let mut out = vec![0f32; hd];
-        let mut p = 0;
+        let mut p = first;
         while p <= pos {
             let run = (block - p % block).min(pos + 1 - p);
             attend(
@@ -312,38 +326,50 @@ mod tests {
                         round.push(dec);
                     }
                 }
-                let tile = TileQueries {
-                    q: &q,
-                    pos: &pos,
-                    round: &round,
-                };
-                let mut out = vec![f32::NAN; q.len()];
-                let mut s = TileScratch::default();
-                attend_tile_with(&tile, hd, scale_by, &cache, &mut s, &mut out, false);
-                if wide {
-                    // The 512-bit kernels give the same bits (sharing the scratch, as a
-                    // thread's tiles do).
-                    let mut o2 = vec![f32::NAN; q.len()];
-                    attend_tile_with(&tile, hd, scale_by, &cache, &mut s, &mut o2, true);
-                    let same = out.iter().zip(&o2).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "avx512 differs, hd={hd}");
+                // Whole-prefix attention, and sliding windows shorter and longer than a
+                // block and than the context (as Gemma 3's local layers).
+                for window in [None, Some(1), Some(5), Some(16), Some(40), Some(1000)] {
+                    let tile = TileQueries {
+                        q: &q,
+                        pos: &pos,
+                        round: &round,
+                        window,
+                    };
+                    let mut out = vec![f32::NAN; q.len()];
+                    let mut s = TileScratch::default();
+                    attend_tile_with(&tile, hd, scale_by, &cache, &mut s, &mut out, false);
+                    if wide {
+                        // The 512-bit kernels give the same bits (sharing the scratch, as a
+                        // thread's tiles do).
+                        let mut o2 = vec![f32::NAN; q.len()];
+                        attend_tile_with(&tile, hd, scale_by, &cache, &mut s, &mut o2, true);
+                        let same = out.iter().zip(&o2).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "avx512 differs, hd={hd}");
+                    }
+                    for j in 0..pos.len() {
+                        let first = window.map_or(0, |w| (pos[j] + 1).saturating_sub(w));
+                        let want = untiled(
+                            &q[j * hd..(j + 1) * hd],
+                            first,
+                            pos[j],
+                            round[j],
+                            &k32r[kvh * hd..],
+                            &v32r[kvh * hd..],
+                            stride,
+                            block,
+                            scale_by,
+                        );
+                        let got = &out[j * hd..(j + 1) * hd];
+                        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(got),
+                            bits(&want),
+                            "hd={hd} query {j} at {} window {window:?}",
+                            pos[j]
+                        );
+                    }
+                    assert!(out.iter().all(|x| x.is_finite()));
                 }
-                for j in 0..pos.len() {
-                    let want = untiled(
-                        &q[j * hd..(j + 1) * hd],
-                        pos[j],
-                        round[j],
-                        &k32r[kvh * hd..],
-                        &v32r[kvh * hd..],
-                        stride,
-                        block,
-                        scale_by,
-                    );
-                    let got = &out[j * hd..(j + 1) * hd];
-                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(got), bits(&want), "hd={hd} query {j} at {}", pos[j]);
-                }
-                assert!(out.iter().all(|x| x.is_finite()));
             }
             assert_eq!(f16::from_f32(k32[5]).to_bits(), k16[5]);
         }

@@ -13,6 +13,7 @@ mod avx512;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod bench;
 mod expf;
+mod geglu;
 mod packed;
 mod packed_k;
 mod packed_q5;
@@ -22,6 +23,7 @@ mod swiglu;
 
 pub use attention::{attend_tile, CacheRows, TileQueries, TileScratch};
 pub use expf::exp_many;
+pub use geglu::geglu;
 pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
 pub use packed_k::PackedKx8;
 pub use packed_q5::PackedQ5x8;

