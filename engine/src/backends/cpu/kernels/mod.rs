@@ -10,7 +10,7 @@ mod attention;
 mod avx2;
 mod avx2_float;
 mod avx512;
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod bench;
 mod expf;
 mod geglu;

@@ -382,6 +382,7 @@ mod tests {
     use crate::backends::cpu::kernels::test_support;
     use crate::backends::cpu::kernels::{gemm, KernelSet, Vnni};
     use crate::gguf::quant::quantize::quantize_row;
+    use crate::gguf::quant::{dequantize_row, QK_K};
 
     fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -405,6 +406,95 @@ mod tests {
         assert!(PackedQ4_1x8::pack(GgmlType::Q4_0, &w, 16, 64).is_none());
         let short = &w[..w.len() - 20 * 2 * 4];
         assert!(PackedQ4_1x8::pack(GgmlType::Q4_1, short, 12, 64).is_none());
+    }
+
+    /// Sets every code of `w` (rows of `ty`) to its extreme: the largest unsigned code,
+    /// or for Q6_K the most negative signed one, so the integer sums in the tiles reach
+    /// the bounds their comments claim (i16 lanes that must not wrap).
+    fn extreme_codes(ty: GgmlType, w: &mut [u8]) {
+        for b in w.chunks_exact_mut(ty.block_bytes()) {
+            match ty {
+                GgmlType::Q4_1 => b[4..].fill(0xFF),
+                GgmlType::Q8_0 => b[2..].fill(0x81), // -127
+                GgmlType::Q5_0 => b[2..].fill(0xFF),
+                GgmlType::Q5_1 => b[4..].fill(0xFF),
+                GgmlType::Q4K => b[16..].fill(0xFF),
+                GgmlType::Q5K => b[16..].fill(0xFF),
+                GgmlType::Q6K => b[..192].fill(0), // code 0: -32
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    #[test]
+    fn packed_tiles_do_not_overflow_on_extreme_codes() {
+        const NAME: &str = "packed_tiles_do_not_overflow_on_extreme_codes";
+        if let Err(why) = test_support::avx2() {
+            test_support::skipped(NAME, &format!("no packed kernels here: {why}"));
+            return;
+        }
+        let (rows, k, n_tok) = (16usize, 2 * QK_K, 3usize);
+        // Activations at +127, at -127, and alternating.
+        let x: Vec<f32> = (0..n_tok * k)
+            .map(|i| match i / k {
+                0 => 1.0,
+                1 => -1.0,
+                _ => [1.0, -1.0][i % 2],
+            })
+            .collect();
+        let mut q = QuantizedActs::default();
+        q.quantize(&x, n_tok, k);
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ] {
+            let mut w: Vec<u8> = pseudo(rows * k, 5)
+                .chunks_exact(k)
+                .flat_map(|r| quantize_row(ty, r))
+                .collect();
+            extreme_codes(ty, &mut w);
+            let mut want = vec![0f32; n_tok * rows];
+            // SAFETY: one thread.
+            unsafe {
+                let om = OutMatrix::new(&mut want, rows);
+                gemm(KernelSet::Scalar, ty, &w, k, 0..rows, &q, &x, om);
+            }
+            let packed = PackedMatrix::pack(ty, &w, rows, k).unwrap();
+            let mut got = vec![f32::NAN; n_tok * rows];
+            // SAFETY: detected above; one thread.
+            unsafe { gemm_packed_avx2(&packed, 0..rows, &q, OutMatrix::new(&mut got, rows)) };
+            let mut outputs = vec![("avx2", got)];
+            for vnni in [Vnni::Avx512, Vnni::Avx] {
+                if test_support::vnni(vnni).is_ok() {
+                    let mut v = vec![f32::NAN; n_tok * rows];
+                    // SAFETY: the encoding was detected; one thread.
+                    unsafe {
+                        super::super::packed_vnni::gemm_packed_vnni(
+                            vnni,
+                            &packed,
+                            0..rows,
+                            &q,
+                            OutMatrix::new(&mut v, rows),
+                        )
+                    };
+                    outputs.push((test_support::vnni_name(vnni), v));
+                }
+            }
+            for (set, got) in &outputs {
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{set} {} i={i}: {g} vs {w}",
+                        ty.name()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -470,6 +560,26 @@ mod tests {
                         "{} rows={rows} k={k} n_tok={n_tok} i={i}: {g} vs {w}",
                         ty.name()
                     );
+                }
+                // And against plain dequantize-then-multiply, within what quantizing the
+                // activations to 8 bits costs.
+                let mut row = vec![0f32; k];
+                for r in 0..rows {
+                    let rb = ty.row_bytes(k);
+                    dequantize_row(ty, &w[r * rb..(r + 1) * rb], &mut row);
+                    for t in 0..n_tok {
+                        let truth: f64 = row
+                            .iter()
+                            .zip(&x[t * k..(t + 1) * k])
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        let g = got[t * rows + r] as f64;
+                        assert!(
+                            (g - truth).abs() <= 0.012 * (k as f64).sqrt(),
+                            "{} rows={rows} k={k} t={t} r={r}: {g} vs {truth}",
+                            ty.name()
+                        );
+                    }
                 }
                 // The VNNI tiles give the AVX2 tiles' output bit for bit (the integer sums
                 // are exact either way), for every encoding this CPU has.

@@ -151,7 +151,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2; `p` points to 8 readable bytes.
     #[inline(always)]
-    unsafe fn u8x8_ps(p: *const u8) -> __m256 {
+    pub(super) unsafe fn u8x8_ps(p: *const u8) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     }
 
@@ -238,7 +238,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2.
     #[inline(always)]
-    unsafe fn fifth_bits(qh: __m256i, s: usize) -> __m256i {
+    pub(super) unsafe fn fifth_bits(qh: __m256i, s: usize) -> __m256i {
         // 16-bit shifts carry bits across bytes, but only bit 4 of each byte is kept and
         // that one comes from bit `s` of the same byte.
         let v = match s {
@@ -292,7 +292,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2; `ql` and `qh` point to the half's runs.
     #[inline(always)]
-    unsafe fn q6_codes(ql: *const u8, qh: *const u8, kq: usize, j: usize) -> __m256i {
+    pub(super) unsafe fn q6_codes(ql: *const u8, qh: *const u8, kq: usize, j: usize) -> __m256i {
         let mask = _mm256_set1_epi8(0x0F);
         let lo_run = _mm256_loadu_si256(ql.add(32 * (j + 8 * (kq % 2))) as *const __m256i);
         let lo = if kq < 2 {
@@ -352,7 +352,6 @@ mod avx2 {
                 let (h, kq) = (blk32 / 4, blk32 % 4);
                 let ql = blk.add(144 + 32 * 16 * h);
                 let qh = blk.add(144 + 1024 + 32 * 8 * h);
-                let mut isum = [_mm256_setzero_si256(); C];
                 for part in 0..2 {
                     // Four `maddubs` of at most 2·32·127 per i16 lane: 32,512 < 32,767.
                     let mut p16 = [_mm256_setzero_si256(); C];
@@ -366,15 +365,15 @@ mod avx2 {
                             *v = _mm256_add_epi16(*v, p);
                         }
                     }
+                    // Each part straight into the float sums: carrying an i32 sum per
+                    // token across both parts costs more in spilled registers.
                     let sc = scale_pairs(blk.add(16 + 8 * (8 * h + 2 * kq + part)));
-                    for (s, p) in isum.iter_mut().zip(&p16) {
-                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*p, sc));
+                    for (c, p) in p16.iter().enumerate() {
+                        let ti = (t0 + c) * nb + sb * 8 + blk32;
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*acts.d.get_unchecked(ti)));
+                        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(*p, sc));
+                        acc[c] = _mm256_fmadd_ps(scale, sums, acc[c]);
                     }
-                }
-                for (c, v) in isum.iter().enumerate() {
-                    let ti = (t0 + c) * nb + sb * 8 + blk32;
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*acts.d.get_unchecked(ti)));
-                    acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(*v), acc[c]);
                 }
             }
         }
@@ -383,3 +382,221 @@ mod avx2 {
         }
     }
 }
+
+/// Runs the x8 k-quant kernel with VNNI (`vpdpbusd`) over `rows` (multiples of 8) and
+/// every token: the AVX2 tiles' steps with the `maddubs`/`add`/`madd` runs fused (Q6_K's
+/// per-16 scales applied to the i32 sums by a multiply), so the integer sums, and the
+/// output, are the AVX2 tiles' bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C and the `vnni` encoding; no other thread may
+/// access the cells of `out` in `rows` meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn gemm_vnni(
+    vnni: super::Vnni,
+    w: &PackedKx8,
+    rows: Range<usize>,
+    acts: &QuantizedActs,
+    out: OutMatrix,
+) {
+    assert!(acts.s.len() >= acts.n_rows * (w.cols / QK8));
+    match vnni {
+        super::Vnni::Avx512 => evex::gemm(w, rows, acts, out),
+        super::Vnni::Avx => vex::gemm(w, rows, acts, out),
+    }
+}
+
+/// Defines module `$m` with the k-quant VNNI tiles compiled for `$features`, using `$dp`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! k_vnni_tiles {
+    ($m:ident, $features:literal, $dp:ident) => {
+        mod $m {
+            use std::arch::x86_64::*;
+            use std::ops::Range;
+
+            use super::super::packed::{for_each_tile, run_tiles};
+            use super::avx2::{fifth_bits, q6_codes, u8x8_ps};
+            use super::{PackedKx8, PACK_ROWS, Q4K_GROUP_BYTES, Q5K_GROUP_BYTES, Q6K_GROUP_BYTES};
+            use crate::backends::cpu::kernels::{OutMatrix, QuantizedActs, QK8};
+            use crate::gguf::quant::{GgmlType, QK_K};
+
+            /// The VNNI k-quant kernel over `rows` (multiples of 8) and every token.
+            ///
+            /// # Safety
+            /// The CPU must support `$features`; no other thread may access the cells of
+            /// `out` in `rows` meanwhile.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn gemm(
+                w: &PackedKx8,
+                rows: Range<usize>,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                match w.ty {
+                    GgmlType::Q4K => run_tiles!(tile_q4_k, w, rows, acts, out),
+                    GgmlType::Q5K => run_tiles!(tile_q5_k, w, rows, acts, out),
+                    _ => run_tiles!(tile_q6_k, w, rows, acts, out),
+                }
+            }
+
+            /// Q4_K (`FIVE` false) or Q5_K rows `8g..8g+8` against tokens `t0..t0+C`.
+            ///
+            /// # Safety
+            /// As `avx2::tile_q45_k`, with this module's features.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_q45_k<const FIVE: bool, const C: usize>(
+                w: &PackedKx8,
+                g: usize,
+                t0: usize,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                let k = w.cols;
+                let (nb, nsb) = (k / QK8, k / QK_K);
+                let group_bytes = if FIVE {
+                    Q5K_GROUP_BYTES
+                } else {
+                    Q4K_GROUP_BYTES
+                };
+                let mask = _mm256_set1_epi8(0x0F);
+                let qa = acts.qs.as_ptr() as *const u8;
+                let mut acc = [_mm256_setzero_ps(); C];
+                let group = w.data.as_ptr().add(g * nsb * group_bytes);
+                for sb in 0..nsb {
+                    let blk = group.add(sb * group_bytes);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+                    for s in 0..8 {
+                        let quants = blk.add(160 + 256 * (s / 2));
+                        let mut isum = [_mm256_setzero_si256(); C];
+                        for j in 0..8 {
+                            let raw = _mm256_loadu_si256(quants.add(32 * j) as *const __m256i);
+                            let mut q = if s % 2 == 0 {
+                                _mm256_and_si256(raw, mask)
+                            } else {
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask)
+                            };
+                            if FIVE {
+                                let at = blk.add(160 + 1024 + 32 * j);
+                                let qh = _mm256_loadu_si256(at as *const __m256i);
+                                q = _mm256_or_si256(q, fifth_bits(qh, s));
+                            }
+                            for (c, v) in isum.iter_mut().enumerate() {
+                                let a = qa.add((t0 + c) * k + sb * QK_K + 32 * s + 4 * j);
+                                let av = _mm256_set1_epi32((a as *const i32).read_unaligned());
+                                *v = $dp(*v, q, av);
+                            }
+                        }
+                        let scale = _mm256_mul_ps(d, u8x8_ps(blk.add(32 + 8 * s)));
+                        let min = _mm256_mul_ps(dmin, u8x8_ps(blk.add(96 + 8 * s)));
+                        for (c, v) in isum.iter().enumerate() {
+                            let ti = (t0 + c) * nb + sb * 8 + s;
+                            let sums = _mm256_cvtepi32_ps(*v);
+                            let da = _mm256_set1_ps(*acts.d.get_unchecked(ti));
+                            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(scale, da), sums, acc[c]);
+                            let sa = _mm256_set1_ps(*acts.s.get_unchecked(ti));
+                            acc[c] = _mm256_fnmadd_ps(min, sa, acc[c]);
+                        }
+                    }
+                }
+                for (c, v) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.cells(t0 + c, g * PACK_ROWS, PACK_ROWS), *v);
+                }
+            }
+
+            /// Q4_K rows `8g..8g+8` against tokens `t0..t0+C`.
+            ///
+            /// # Safety
+            /// As [`tile_q45_k`].
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_q4_k<const C: usize>(
+                w: &PackedKx8,
+                g: usize,
+                t0: usize,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                tile_q45_k::<false, C>(w, g, t0, acts, out)
+            }
+
+            /// Q5_K rows `8g..8g+8` against tokens `t0..t0+C`.
+            ///
+            /// # Safety
+            /// As [`tile_q45_k`].
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_q5_k<const C: usize>(
+                w: &PackedKx8,
+                g: usize,
+                t0: usize,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                tile_q45_k::<true, C>(w, g, t0, acts, out)
+            }
+
+            /// Q6_K rows `8g..8g+8` against tokens `t0..t0+C`, with the sign trick.
+            ///
+            /// # Safety
+            /// As `avx2::tile_q6_k`, with this module's features.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_q6_k<const C: usize>(
+                w: &PackedKx8,
+                g: usize,
+                t0: usize,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                let k = w.cols;
+                let (nb, nsb) = (k / QK8, k / QK_K);
+                let qa = acts.qs.as_ptr() as *const u8;
+                let mut acc = [_mm256_setzero_ps(); C];
+                let group = w.data.as_ptr().add(g * nsb * Q6K_GROUP_BYTES);
+                for sb in 0..nsb {
+                    let blk = group.add(sb * Q6K_GROUP_BYTES);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+                    for blk32 in 0..8 {
+                        let (h, kq) = (blk32 / 4, blk32 % 4);
+                        let ql = blk.add(144 + 32 * 16 * h);
+                        let qh = blk.add(144 + 1024 + 32 * 8 * h);
+                        for part in 0..2 {
+                            let mut isum = [_mm256_setzero_si256(); C];
+                            for j in 4 * part..4 * part + 4 {
+                                let q = q6_codes(ql, qh, kq, j);
+                                let aq = _mm256_sign_epi8(q, q);
+                                for (c, v) in isum.iter_mut().enumerate() {
+                                    let a = qa.add((t0 + c) * k + sb * QK_K + 32 * blk32 + 4 * j);
+                                    let av = _mm256_set1_epi32((a as *const i32).read_unaligned());
+                                    *v = $dp(*v, aq, _mm256_sign_epi8(av, q));
+                                }
+                            }
+                            let at = blk.add(16 + 8 * (8 * h + 2 * kq + part));
+                            let sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i));
+                            for (c, v) in isum.iter().enumerate() {
+                                let ti = (t0 + c) * nb + sb * 8 + blk32;
+                                let da = _mm256_set1_ps(*acts.d.get_unchecked(ti));
+                                let sums = _mm256_cvtepi32_ps(_mm256_mullo_epi32(*v, sc));
+                                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(d, da), sums, acc[c]);
+                            }
+                        }
+                    }
+                }
+                for (c, v) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.cells(t0 + c, g * PACK_ROWS, PACK_ROWS), *v);
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+k_vnni_tiles!(
+    evex,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32
+);
+#[cfg(target_arch = "x86_64")]
+k_vnni_tiles!(vex, "avx2,fma,f16c,avxvnni", _mm256_dpbusd_avx_epi32);

@@ -134,7 +134,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2.
     #[inline(always)]
-    unsafe fn fifth_bits(qh: __m256i, p: usize) -> __m256i {
+    pub(super) unsafe fn fifth_bits(qh: __m256i, p: usize) -> __m256i {
         let v = match p {
             0 => _mm256_slli_epi32::<4>(qh),
             1 => _mm256_slli_epi32::<3>(qh),
@@ -257,6 +257,171 @@ mod avx2 {
         tile::<true, C>(w, g, t0, acts, out)
     }
 }
+
+/// Runs the x8 Q5 kernel with VNNI (`vpdpbusd`) over `rows` (multiples of 8) and every
+/// token: the AVX2 tile's steps with each `maddubs`/`add`/`madd` run fused into one
+/// instruction, so the integer sums, and the output, are the AVX2 tile's bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C and the `vnni` encoding; no other thread may
+/// access the cells of `out` in `rows` meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn gemm_vnni(
+    vnni: super::Vnni,
+    w: &PackedQ5x8,
+    rows: Range<usize>,
+    acts: &QuantizedActs,
+    out: OutMatrix,
+) {
+    assert!(acts.sum.len() >= acts.n_rows * (w.cols / QK8));
+    match vnni {
+        super::Vnni::Avx512 => evex::gemm(w, rows, acts, out),
+        super::Vnni::Avx => vex::gemm(w, rows, acts, out),
+    }
+}
+
+/// Defines module `$m` with the Q5 VNNI tiles compiled for `$features`, using `$dp`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! q5_vnni_tiles {
+    ($m:ident, $features:literal, $dp:ident) => {
+        mod $m {
+            use std::arch::x86_64::*;
+            use std::ops::Range;
+
+            use super::super::packed::{for_each_tile, run_tiles};
+            use super::avx2::fifth_bits;
+            use super::{PackedQ5x8, PACK_ROWS};
+            use crate::backends::cpu::kernels::{OutMatrix, QuantizedActs, QK8};
+
+            /// The VNNI Q5 kernel over `rows` (multiples of 8) and every token.
+            ///
+            /// # Safety
+            /// The CPU must support `$features`; no other thread may access the cells of
+            /// `out` in `rows` meanwhile.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn gemm(
+                w: &PackedQ5x8,
+                rows: Range<usize>,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                if w.with_min {
+                    run_tiles!(tile_q5_1, w, rows, acts, out);
+                } else {
+                    run_tiles!(tile_q5_0, w, rows, acts, out);
+                }
+            }
+
+            /// Rows `8g..8g+8` against tokens `t0..t0+C`; `MIN`: Q5_1 (else Q5_0).
+            ///
+            /// # Safety
+            /// As `avx2::tile`, with this module's features.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile<const MIN: bool, const C: usize>(
+                w: &PackedQ5x8,
+                g: usize,
+                t0: usize,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                let k = w.cols;
+                let nb = k / QK8;
+                let gb = w.group_block_bytes();
+                let qh_at = if MIN { 32 } else { 16 };
+                let mask = _mm256_set1_epi8(0x0F);
+                let qa = acts.qs.as_ptr() as *const u8;
+                let mut acc = [_mm256_setzero_ps(); C];
+                let group = w.data.as_ptr().add(g * nb * gb);
+                for b in 0..nb {
+                    let blk = group.add(b * gb);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+                    let qh = _mm256_loadu_si256(blk.add(qh_at) as *const __m256i);
+                    let mut isum = [_mm256_setzero_si256(); C];
+                    for j in 0..4 {
+                        let raw =
+                            _mm256_loadu_si256(blk.add(qh_at + 32 + 32 * j) as *const __m256i);
+                        let lo =
+                            _mm256_or_si256(_mm256_and_si256(raw, mask), fifth_bits(qh, 2 * j));
+                        let hi = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask),
+                            fifth_bits(qh, 2 * j + 1),
+                        );
+                        for (c, s) in isum.iter_mut().enumerate() {
+                            let a = qa.add((t0 + c) * k + b * QK8);
+                            let alo =
+                                _mm256_set1_epi32((a.add(4 * j) as *const i32).read_unaligned());
+                            let ahi = _mm256_set1_epi32(
+                                (a.add(16 + 4 * j) as *const i32).read_unaligned(),
+                            );
+                            *s = $dp(*s, lo, alo);
+                            *s = $dp(*s, hi, ahi);
+                        }
+                    }
+                    for c in 0..C {
+                        let ti = (t0 + c) * nb + b;
+                        let mut sums = isum[c];
+                        if !MIN {
+                            let centre = _mm256_set1_epi32(16 * *acts.sum.get_unchecked(ti));
+                            sums = _mm256_sub_epi32(sums, centre);
+                        }
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*acts.d.get_unchecked(ti)));
+                        acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[c]);
+                        if MIN {
+                            let m = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+                            let s = _mm256_set1_ps(*acts.s.get_unchecked(ti));
+                            acc[c] = _mm256_fmadd_ps(m, s, acc[c]);
+                        }
+                    }
+                }
+                for (c, v) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.cells(t0 + c, g * PACK_ROWS, PACK_ROWS), *v);
+                }
+            }
+
+            /// Q5_0 rows `8g..8g+8` against tokens `t0..t0+C`.
+            ///
+            /// # Safety
+            /// As [`tile`].
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_q5_0<const C: usize>(
+                w: &PackedQ5x8,
+                g: usize,
+                t0: usize,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                tile::<false, C>(w, g, t0, acts, out)
+            }
+
+            /// Q5_1 rows `8g..8g+8` against tokens `t0..t0+C`.
+            ///
+            /// # Safety
+            /// As [`tile`].
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_q5_1<const C: usize>(
+                w: &PackedQ5x8,
+                g: usize,
+                t0: usize,
+                acts: &QuantizedActs,
+                out: OutMatrix,
+            ) {
+                tile::<true, C>(w, g, t0, acts, out)
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+q5_vnni_tiles!(
+    evex,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32
+);
+#[cfg(target_arch = "x86_64")]
+q5_vnni_tiles!(vex, "avx2,fma,f16c,avxvnni", _mm256_dpbusd_avx_epi32);
 
 #[cfg(test)]
 mod tests {

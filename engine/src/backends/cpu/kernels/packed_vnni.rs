@@ -57,9 +57,13 @@ pub(super) unsafe fn gemm_packed_vnni(
     acts: &QuantizedActs,
     out: OutMatrix,
 ) {
-    match vnni {
-        Vnni::Avx512 => evex::gemm(w, rows, acts, out),
-        Vnni::Avx => vex::gemm(w, rows, acts, out),
+    match w {
+        PackedMatrix::Q5(p) => super::packed_q5::gemm_vnni(vnni, p, rows, acts, out),
+        PackedMatrix::K(p) => super::packed_k::gemm_vnni(vnni, p, rows, acts, out),
+        _ => match vnni {
+            Vnni::Avx512 => evex::gemm(w, rows, acts, out),
+            Vnni::Avx => vex::gemm(w, rows, acts, out),
+        },
     }
 }
 
@@ -92,9 +96,10 @@ macro_rules! vnni_tiles {
                 match w {
                     PackedMatrix::Q4_1(p) => run_tiles!(tile_q4_1, p, rows, acts, out),
                     PackedMatrix::Q8_0(p) => run_tiles!(tile_q8_0, p, rows, acts, out),
-                    // No VNNI tiles (yet) for these: the AVX2 ones, which every VNNI CPU runs.
-                    PackedMatrix::Q5(p) => super::super::packed_q5::gemm_avx2(p, rows, acts, out),
-                    PackedMatrix::K(p) => super::super::packed_k::gemm_avx2(p, rows, acts, out),
+                    // Dispatched to their own VNNI tiles above.
+                    PackedMatrix::Q5(_) | PackedMatrix::K(_) => {
+                        unreachable!("Q5 and k-quant tiles live beside their AVX2 ones")
+                    }
                 }
             }
 
