@@ -5,17 +5,14 @@
 //! and Gemma's end-of-turn ends generation.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::Value;
 use sluice_engine::gguf::GgufFile;
 use sluice_engine::text::tokenizer::Tokenizer;
 
-use crate::support::model_path;
-
-/// The Gemma 3 270M file the fixtures were recorded on.
-const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+use crate::support::{gemma_model_path, model_path};
 
 /// Writes past libtest's capture, so the suite's output shows the pass counts.
 fn report(line: &str) {
@@ -29,21 +26,7 @@ fn fixture() -> Value {
         .expect("fixture JSON")
 }
 
-/// The Gemma file in the models folder; a missing file fails the test, naming where it
-/// should be, rather than letting it pass untested.
-fn gemma_path() -> PathBuf {
-    let dir = sluice_gateway::model_store::models_dir().expect("a models folder");
-    let path = dir.join(GEMMA_FILE);
-    assert!(
-        path.is_file(),
-        "Gemma 3 270M is not at {}: tokenizer parity needs {GEMMA_FILE} in the models folder \
-         ($SLUICE_MODELS_DIR); scripts/test fetches it",
-        path.display()
-    );
-    path
-}
-
-fn load(path: &PathBuf) -> Tokenizer {
+fn load(path: &Path) -> Tokenizer {
     let file = GgufFile::open(path).expect("the GGUF opens");
     Tokenizer::load(&file, Some(path)).expect("the tokenizer loads")
 }
@@ -90,14 +73,14 @@ fn check(name: &str, tok: &Tokenizer) -> (usize, usize) {
 
 #[test]
 fn gemma3_tokenizes_as_llama_cpp() {
-    let tok = load(&gemma_path());
+    let tok = load(&gemma_model_path());
     let (same, total) = check("gemma-3-270m", &tok);
     assert!(total >= 12, "the fixture holds {total} strings");
     assert_eq!(same, total, "Gemma 3 ids differ from llama.cpp's");
     assert_eq!((tok.bos, tok.eos, tok.add_bos), (Some(2), Some(1), true));
-    for (id, what) in [(1, "<eos>"), (106, "<end_of_turn>")] {
-        assert!(tok.stop_tokens.contains(&id), "{what} ends generation");
-    }
+    // llama.cpp's EOG set for this file (llama-tokenize -v: "printing all EOG tokens"):
+    // <eos>, <end_of_turn>, and </s>, which it finds by its text.
+    assert_eq!(tok.stop_tokens, vec![1, 106, 212]);
     assert_eq!(
         tok.encode("<start_of_turn>user\nhi<end_of_turn>", false)
             .unwrap()[..2],
@@ -111,11 +94,13 @@ fn smollm2_tokenizes_as_llama_cpp() {
     let tok = load(&model_path());
     let (same, total) = check("smollm2-135m", &tok);
     assert_eq!(same, total, "SmolLM2 ids differ from llama.cpp's");
+    // llama.cpp's EOG set: <|endoftext|>, <|im_end|>, and <reponame> (a FIM repo marker).
+    assert_eq!(tok.stop_tokens, vec![0, 2, 4]);
 }
 
 #[test]
 fn gemma3_tokenizes_100_kb_quickly() {
-    let tok = load(&gemma_path());
+    let tok = load(&gemma_model_path());
     let f = fixture();
     let cases = f["models"]["gemma-3-270m"]["tokenize"].as_array().unwrap();
     let mut text = String::new();
