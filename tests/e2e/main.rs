@@ -13,4 +13,5 @@ mod reliability;
 mod sampling_api;
 mod server;
 mod support;
+mod synthetic_archs;
 mod websocket;
