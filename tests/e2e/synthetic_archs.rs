@@ -33,9 +33,9 @@ use sluice_engine::sampling::{argmax, logprobs, SamplingParams};
 use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig, Event, GenerationRequest};
 
-/// Largest |our logprob − llama.cpp's| allowed for any of llama.cpp's top tokens at any
-/// replayed position (nats).
-const MAX_LOGPROB_GAP: f64 = 0.05;
+/// Our |logprob − llama.cpp's| may exceed llama.cpp's own spread (its two attention
+/// kernels on the same positions) by this factor, at the median, p99 and max.
+const SLACK: f64 = 1.25;
 
 /// The environment variable that makes the ignored writer test write the files there.
 const WRITE_ENV: &str = "SLUICE_WRITE_SYNTHETIC_MODELS";
@@ -167,7 +167,14 @@ const ARCHS: &[Arch] = &[
 ];
 
 /// BPE merges, in rank order; each one's result is also a vocabulary entry.
+/// (Every token is reachable by these merges, so that llama.cpp's Llama 3 rule of taking a
+/// word found whole in the vocabulary, `ignore_merges`, gives the same ids as plain BPE.)
 const MERGES: &[(&str, &str)] = &[
+    ("Ġ", "a"),
+    ("Ġa", "n"),
+    ("Ġan", "d"),
+    ("Ġ", "i"),
+    ("Ġi", "n"),
     ("Ġ", "t"),
     ("h", "e"),
     ("Ġt", "he"),
@@ -175,7 +182,6 @@ const MERGES: &[(&str, &str)] = &[
     ("a", "n"),
     ("e", "r"),
     ("o", "n"),
-    ("Ġ", "a"),
     ("r", "e"),
     ("a", "t"),
     ("e", "n"),
@@ -193,11 +199,7 @@ const MERGES: &[(&str, &str)] = &[
     ("Ġ", "p"),
     ("a", "r"),
     ("Ġ", "m"),
-    ("Ġa", "n"),
-    ("Ġan", "d"),
     ("Ġo", "f"),
-    ("Ġ", "i"),
-    ("Ġi", "n"),
     ("Ġ", "h"),
     ("e", "d"),
     ("o", "u"),
@@ -370,12 +372,14 @@ fn synthetic_model(arch: &Arch) -> Vec<u8> {
             bytes,
         });
     };
-    // Scales: Q and K small enough that attention is not one-hot (a near-tie there would
-    // amplify last-bit differences), the LM head large enough that the logits are peaked
-    // (greedy choices rarely near-ties).
+    // Scales, chosen by measuring llama.cpp against itself (-fa on vs off) on these files:
+    // a larger feed-forward gain amplifies last-bit differences (at 0.3 llama.cpp's two
+    // attention kernels differed by 0.3 nats median), while the LM head's scale sets
+    // how peaked the logits are; at these values llama.cpp's own spread is ~0.04-0.1 nats
+    // median against a median top-1/top-2 margin of ~1.4-5 nats.
     mat("token_embd.weight".into(), DIM, vocab, arch.embd, 1.5);
     if let Some(ty) = arch.output {
-        mat("output.weight".into(), DIM, vocab, ty, 1.5);
+        mat("output.weight".into(), DIM, vocab, ty, 0.5);
     }
     for l in 0..arch.layers {
         let ty = |role: usize| arch.types[(role + l) % 7];
@@ -383,9 +387,9 @@ fn synthetic_model(arch: &Arch) -> Vec<u8> {
         mat(format!("blk.{l}.attn_k.weight"), DIM, kvd, ty(1), 0.12);
         mat(format!("blk.{l}.attn_v.weight"), DIM, kvd, ty(2), 0.3);
         mat(format!("blk.{l}.attn_output.weight"), qd, DIM, ty(3), 0.3);
-        mat(format!("blk.{l}.ffn_gate.weight"), DIM, FFN, ty(4), 0.3);
-        mat(format!("blk.{l}.ffn_up.weight"), DIM, FFN, ty(5), 0.3);
-        mat(format!("blk.{l}.ffn_down.weight"), FFN, DIM, ty(6), 0.3);
+        mat(format!("blk.{l}.ffn_gate.weight"), DIM, FFN, ty(4), 0.05);
+        mat(format!("blk.{l}.ffn_up.weight"), DIM, FFN, ty(5), 0.05);
+        mat(format!("blk.{l}.ffn_down.weight"), FFN, DIM, ty(6), 0.05);
     }
     let mut vector = |name: String, v: Vec<f32>| {
         tensors.push(TensorData {
@@ -554,6 +558,38 @@ fn margin_below(top: &Value, chosen: u32, other: u32) -> Option<f64> {
     Some(lp(chosen)? - lp(other)?)
 }
 
+/// Sorted absolute logprob differences, summarised.
+struct Spread(Vec<f64>);
+
+impl Spread {
+    fn new(mut v: Vec<f64>) -> Spread {
+        v.sort_by(f64::total_cmp);
+        Spread(v)
+    }
+    fn at(&self, q: f64) -> f64 {
+        self.0
+            .get(((self.0.len() as f64 * q) as usize).min(self.0.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    }
+    fn max(&self) -> f64 {
+        self.0.last().copied().unwrap_or(f64::NAN)
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "median {:.4}, p99 {:.4}, max {:.4} nats ({} logprobs)",
+            self.at(0.5),
+            self.at(0.99),
+            self.max(),
+            self.0.len()
+        )
+    }
+}
+
 /// What one architecture's comparison found.
 struct Outcome {
     lines: Vec<String>,
@@ -598,7 +634,8 @@ fn compare(arch: &Arch, path: &Path, rec: &Value, banned: &[u32]) -> Outcome {
         .unwrap_or(0);
     let ours_greedy = greedy(&engine, &prompts, max_tokens, banned);
 
-    let (mut positions, mut same_top, mut gaps) = (0usize, 0usize, Vec::new());
+    let (mut positions, mut same_top) = (0usize, 0usize);
+    let (mut gaps, mut own, mut disagreements) = (Vec::new(), Vec::new(), Vec::new());
     let (mut greedy_same, mut greedy_total) = (0usize, 0usize);
     for (i, (c, prompt)) in cases.iter().zip(&prompts).enumerate() {
         let theirs = ids(&c["ids"]);
@@ -621,37 +658,35 @@ fn compare(arch: &Arch, path: &Path, rec: &Value, banned: &[u32]) -> Outcome {
             }
             Some(at) => {
                 greedy_same += at;
-                let margin = margin_below(&tops[at], theirs[at], ours[at]);
-                let line = format!(
-                    "{name} prompt {i}: greedy parts at token {at}: ours {} vs llama.cpp {}, {}",
-                    ours[at],
-                    theirs[at],
-                    margin.map_or("not in llama.cpp's top".into(), |m| format!(
-                        "{m:.4} nats apart in llama.cpp"
-                    ))
-                );
-                if margin.is_none_or(|m| m > 2.0 * MAX_LOGPROB_GAP) {
-                    problems.push(line.clone());
-                }
-                lines.push(format!("    {line}"));
+                disagreements.push((
+                    margin_below(&tops[at], theirs[at], ours[at]),
+                    format!(
+                        "{name} prompt {i}: greedy parts at token {at}: ours {} vs llama.cpp {}",
+                        ours[at], theirs[at]
+                    ),
+                ));
             }
         }
-        // Replay: llama.cpp's tokens through our model, logprobs compared.
+        // Replay: llama.cpp's tokens through our model, logprobs compared, and llama.cpp's
+        // own other kernel on the same positions.
         let replayed = replay(&model, prompt, &theirs);
-        for (pos, ((l, top), &chosen)) in replayed.iter().zip(tops).zip(&theirs).enumerate() {
+        let variant = c["fa_off_prefix_top_logprobs"].as_array().unwrap();
+        for (pos, (l, &chosen)) in replayed.iter().zip(&theirs).enumerate() {
             positions += 1;
-            let top = top.as_array().unwrap();
+            let top = tops[pos].as_array().unwrap();
             let lse = l[0] as f64 - logprobs(l, 0, 0).logprob as f64;
+            let other: std::collections::HashMap<u64, f64> = variant[pos]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["id"].as_u64().unwrap(), e["logprob"].as_f64().unwrap()))
+                .collect();
             for e in top {
-                let id = e["id"].as_u64().unwrap() as usize;
-                let gap = (l[id] as f64 - lse - e["logprob"].as_f64().unwrap()).abs();
-                gaps.push(gap);
-                if gap > MAX_LOGPROB_GAP {
-                    problems.push(format!(
-                        "{name} prompt {i} position {pos}: token {id} logprob {:.4} vs llama.cpp {:.4}",
-                        l[id] as f64 - lse,
-                        e["logprob"].as_f64().unwrap()
-                    ));
+                let id = e["id"].as_u64().unwrap();
+                let lp = e["logprob"].as_f64().unwrap();
+                gaps.push((l[id as usize] as f64 - lse - lp).abs());
+                if let Some(o) = other.get(&id) {
+                    own.push((o - lp).abs());
                 }
             }
             let mut l = l.clone();
@@ -660,22 +695,44 @@ fn compare(arch: &Arch, path: &Path, rec: &Value, banned: &[u32]) -> Outcome {
             if ours_top == chosen {
                 same_top += 1;
             } else {
-                let margin = margin_below(&tops[pos], chosen, ours_top);
-                if margin.is_none_or(|m| m > 2.0 * MAX_LOGPROB_GAP) {
-                    problems.push(format!(
-                        "{name} prompt {i} position {pos}: our top token {ours_top} is {margin:?} nats below llama.cpp's"
-                    ));
-                }
+                disagreements.push((
+                    margin_below(&tops[pos], chosen, ours_top),
+                    format!("{name} prompt {i} position {pos}: our pick {ours_top}, llama.cpp's {chosen}"),
+                ));
             }
         }
     }
-    gaps.sort_by(f64::total_cmp);
-    let max = gaps.last().copied().unwrap_or(f64::NAN);
-    let median = gaps.get(gaps.len() / 2).copied().unwrap_or(f64::NAN);
+    let (ours, theirs) = (Spread::new(gaps), Spread::new(own));
+    // A pick that differs from llama.cpp's where llama.cpp itself rated the two tokens
+    // further apart than its own kernels differ is a real difference.
+    let tie = theirs.max();
+    for (margin, what) in disagreements {
+        let line = format!(
+            "{what}, {}",
+            margin.map_or("not in llama.cpp's top".into(), |m| format!(
+                "{m:.4} nats apart in llama.cpp"
+            ))
+        );
+        if margin.is_none_or(|m| m > tie) {
+            problems.push(line.clone());
+        }
+        lines.push(format!("    {line}"));
+    }
+    for (what, a, b) in [
+        ("median", ours.at(0.5), theirs.at(0.5)),
+        ("p99", ours.at(0.99), theirs.at(0.99)),
+        ("max", ours.max(), theirs.max()),
+    ] {
+        if a > SLACK * b {
+            problems.push(format!(
+                "{name}: our {what} |Δlogprob| {a:.4} exceeds {SLACK} × llama.cpp's own {b:.4}"
+            ));
+        }
+    }
     lines.insert(
         0,
         format!(
-            "  {name}: greedy {greedy_same}/{greedy_total} tokens as llama.cpp; replay: our greedy pick is llama.cpp's at {same_top}/{positions} positions, |Δlogprob| over llama.cpp's top {} median {median:.5}, max {max:.5} nats (tolerance {MAX_LOGPROB_GAP})",
+            "  {name}: greedy {greedy_same}/{greedy_total} tokens as llama.cpp; replay: our pick is llama.cpp's at {same_top}/{positions} positions; |Δlogprob| over llama.cpp's top {}: ours {ours}; llama.cpp -fa off vs on: {theirs}",
             cases[0]["top_logprobs"][0].as_array().map_or(0, |a| a.len()),
         ),
     );
