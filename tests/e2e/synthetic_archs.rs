@@ -337,7 +337,10 @@ fn synthetic_model(arch: &Arch) -> Vec<u8> {
         meta.push((n("attention.value_length"), MetaValue::U32(k as u32)));
     }
     meta.extend([
-        ("tokenizer.ggml.model".to_string(), MetaValue::Str("gpt2".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            MetaValue::Str("gpt2".into()),
+        ),
         (
             "tokenizer.ggml.pre".to_string(),
             MetaValue::Str(arch.pre.into()),
@@ -354,8 +357,14 @@ fn synthetic_model(arch: &Arch) -> Vec<u8> {
             "tokenizer.ggml.merges".to_string(),
             MetaValue::Array(merges.into_iter().map(MetaValue::Str).collect()),
         ),
-        ("tokenizer.ggml.bos_token_id".to_string(), special_id(|s| s.1)),
-        ("tokenizer.ggml.eos_token_id".to_string(), special_id(|s| s.2)),
+        (
+            "tokenizer.ggml.bos_token_id".to_string(),
+            special_id(|s| s.1),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".to_string(),
+            special_id(|s| s.2),
+        ),
         (
             "tokenizer.ggml.add_bos_token".to_string(),
             MetaValue::Bool(arch.add_bos),
@@ -366,7 +375,10 @@ fn synthetic_model(arch: &Arch) -> Vec<u8> {
     let mut tensors = Vec::new();
     let mut mat = |name: String, cols: usize, rows: usize, ty: GgmlType, scale: f32| {
         let w = rng.vec(cols * rows, scale);
-        let bytes = w.chunks_exact(cols).flat_map(|r| quantize_row(ty, r)).collect();
+        let bytes = w
+            .chunks_exact(cols)
+            .flat_map(|r| quantize_row(ty, r))
+            .collect();
         tensors.push(TensorData {
             name,
             dims: vec![cols as u64, rows as u64],
@@ -406,7 +418,10 @@ fn synthetic_model(arch: &Arch) -> Vec<u8> {
     };
     vector("output_norm.weight".into(), norm(&mut rng, DIM));
     if arch.rope_freqs {
-        vector("rope_freqs.weight".into(), llama3_rope_freqs(hd, arch.rope_base));
+        vector(
+            "rope_freqs.weight".into(),
+            llama3_rope_freqs(hd, arch.rope_base),
+        );
     }
     for l in 0..arch.layers {
         vector(format!("blk.{l}.attn_norm.weight"), norm(&mut rng, DIM));
@@ -692,7 +707,9 @@ fn compare(arch: &Arch, path: &Path, rec: &Value, banned: &[u32]) -> Outcome {
                 }
             }
             let mut l = l.clone();
-            banned.iter().for_each(|&t| l[t as usize] = f32::NEG_INFINITY);
+            banned
+                .iter()
+                .for_each(|&t| l[t as usize] = f32::NEG_INFINITY);
             let ours_top = argmax(&l);
             if ours_top == chosen {
                 same_top += 1;
