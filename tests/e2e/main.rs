@@ -14,4 +14,5 @@ mod sampling_api;
 mod server;
 mod support;
 mod tokenizer_parity;
+mod synthetic_archs;
 mod websocket;
