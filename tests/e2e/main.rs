@@ -13,6 +13,6 @@ mod reliability;
 mod sampling_api;
 mod server;
 mod support;
-mod tokenizer_parity;
 mod synthetic_archs;
+mod tokenizer_parity;
 mod websocket;
