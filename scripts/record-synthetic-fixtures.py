@@ -5,7 +5,7 @@ Usage (from the repository root, llama.cpp's tools from scripts/install-llama-cp
     python3 scripts/record-synthetic-fixtures.py [BIN_DIR] > tests/fixtures/llama_cpp_synthetic_archs.json
 BIN_DIR defaults to ~/.cache/llamacpp-avx2/bin-dir. The script
 1. has the e2e test write the files (SLUICE_WRITE_SYNTHETIC_MODELS=DIR cargo test -p
-   sluice-gateway --test e2e synthetic_archs::write_synthetic_models -- --ignored),
+   sluice --test e2e synthetic_archs::write_synthetic_models -- --ignored),
 2. starts llama-server on each (-c 512 -t 2), tokenizes a few texts with llama.cpp
    (special tokens added, so Llama 3 gets its BOS), and
 3. records, for each prompt's token ids, the greedy continuation (temperature 0,
@@ -154,7 +154,7 @@ def cpu():
 def main():
     with tempfile.TemporaryDirectory() as d:
         out = subprocess.run(
-            ["cargo", "test", "-q", "-p", "sluice-gateway", "--test", "e2e",
+            ["cargo", "test", "-q", "-p", "sluice", "--test", "e2e",
              "synthetic_archs::write_synthetic_models", "--", "--ignored", "--nocapture"],
             env={**os.environ, "SLUICE_WRITE_SYNTHETIC_MODELS": d}, check=True,
             stdout=subprocess.PIPE, text=True).stdout

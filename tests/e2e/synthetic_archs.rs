@@ -13,14 +13,13 @@
 //! its own at every position.
 //!
 //! To write the files for recording: `SLUICE_WRITE_SYNTHETIC_MODELS=DIR cargo test -p
-//! sluice-gateway --test e2e synthetic_archs::write_synthetic_models -- --ignored`.
+//! sluice --test e2e synthetic_archs::write_synthetic_models -- --ignored`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use sluice_engine::backends::cpu::kv_cache::KvCache;
 use sluice_engine::backends::cpu::model::{ForwardScratch, Model};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
@@ -439,20 +438,14 @@ fn synthetic_model(arch: &Arch) -> Vec<u8> {
     write(&meta, &tensors)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// Writes `arch`'s file into `dir` and returns its path and SHA-256.
 fn write_model(arch: &Arch, dir: &Path) -> (PathBuf, String) {
     let bytes = synthetic_model(arch);
     std::fs::create_dir_all(dir).expect("model folder");
     let path = dir.join(format!("synthetic-{}.gguf", arch.name));
     std::fs::write(&path, &bytes).expect("writing the model");
-    (path, sha256_hex(&bytes))
+    let sha = sluice_gateway::model_store::sha256_file(&path).expect("hashing the model");
+    (path, sha)
 }
 
 /// Writes every synthetic file into `$SLUICE_WRITE_SYNTHETIC_MODELS` for
