@@ -310,7 +310,14 @@ fn completion_prompts(l: &Loaded, f: &Value) -> Vec<Vec<u32>> {
 
 /// Greedy text of every case against llama.cpp's: how many agree, and for the others
 /// where and by how much llama.cpp itself preferred its token. Fails on a clear miss.
-fn check_greedy(l: &Loaded, f: &Value, kind: &str, prompts: Vec<Vec<u32>>, min_agreeing: usize) {
+fn check_greedy(
+    l: &Loaded,
+    f: &Value,
+    kind: &str,
+    prompts: Vec<Vec<u32>>,
+    min_agreeing: usize,
+    max_margin: f64,
+) {
     let cases = f[if kind == "chat" {
         "chat"
     } else {
