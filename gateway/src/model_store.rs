@@ -213,16 +213,20 @@ fn is_workspace_manifest(path: &Path) -> bool {
 /// name); otherwise the file `name`, with `.gguf` added when it has none. File names are
 /// kept as they are.
 pub fn model_file(dir: &Path, name: Option<&str>) -> Result<PathBuf, ModelStoreError> {
-    let file = match name {
-        None => default_model().file.to_string(),
-        Some(n) if known_model(n).is_some() => known_model(n).map_or("", |m| m.file).to_string(),
-        Some(n) if n.is_empty() || n.contains(['/', '\\']) || n == ".." || n == "." => {
-            return Err(ModelStoreError::BadName(n.to_string()))
-        }
-        Some(n) if n.ends_with(".gguf") => n.to_string(),
-        Some(n) => format!("{n}.gguf"),
+    let Some(n) = name else {
+        return Ok(dir.join(default_model().file));
     };
-    Ok(dir.join(file))
+    if let Some(m) = known_model(n) {
+        return Ok(dir.join(m.file));
+    }
+    if n.is_empty() || n.contains(['/', '\\']) || n == ".." || n == "." {
+        return Err(ModelStoreError::BadName(n.to_string()));
+    }
+    Ok(dir.join(if n.ends_with(".gguf") {
+        n.to_string()
+    } else {
+        format!("{n}.gguf")
+    }))
 }
 
 /// SHA-256 of a file, hex.

