@@ -60,6 +60,8 @@ struct EngineLimits {
     max_waiting: usize,
     kv_blocks: usize,
     runtime: RuntimeInfo,
+    /// Whether requests may carry a structured-output constraint.
+    structured_outputs: bool,
 }
 
 /// Handle to a running engine; cheap to clone.
@@ -77,6 +79,7 @@ struct EngineShared {
     kv_capacity_tokens: usize,
     vocab_size: usize,
     runtime: RuntimeInfo,
+    structured_outputs: bool,
     stats: Arc<Mutex<EngineStats>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -105,6 +108,8 @@ impl Engine {
             max_waiting: cfg.max_waiting_requests,
             kv_blocks: kv.blocks,
             runtime: runtime.info(),
+            // The loop masks the host logits itself: every runtime can be constrained.
+            structured_outputs: true,
         };
         let metrics = EngineMetrics::new(&cfg.name);
         Self::spawn(
@@ -150,6 +155,8 @@ impl Engine {
                 backend: "synthetic",
                 device: "none".into(),
             },
+            // Filler text cannot follow a grammar.
+            structured_outputs: false,
         };
         let max_running = cfg.max_running_requests.max(1);
         let metrics = EngineMetrics::new(&cfg.name);
@@ -200,10 +207,17 @@ impl Engine {
                 kv_capacity_tokens: l.kv_capacity_tokens,
                 vocab_size: l.vocab_size,
                 runtime: l.runtime,
+                structured_outputs: l.structured_outputs,
                 stats,
                 thread: Mutex::new(Some(thread)),
             }),
         })
+    }
+
+    /// Whether requests may carry a structured-output constraint (not on the synthetic
+    /// engine).
+    pub fn structured_outputs(&self) -> bool {
+        self.inner.structured_outputs
     }
 
     /// The model's context length in tokens.
@@ -224,6 +238,11 @@ impl Engine {
         }
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
+        }
+        if req.constraint.is_some() && !self.inner.structured_outputs {
+            return Err(EngineError::StructuredOutputUnsupported(
+                self.inner.runtime.backend,
+            ));
         }
         let vocab = self.inner.vocab_size;
         if let Some(&bad) = req
@@ -258,8 +277,10 @@ impl Engine {
         }
         let (tx, rx) = tmpsc::channel(req.max_tokens + 1);
         let sent = self.inner.tx.lock().ok().and_then(|g| {
-            g.as_ref()
-                .map(|s| s.send(Command::Submit(Submission { req, tx })).is_ok())
+            g.as_ref().map(|s| {
+                s.send(Command::Submit(Box::new(Submission { req, tx })))
+                    .is_ok()
+            })
         });
         if sent != Some(true) {
             w.fetch_sub(1, Ordering::AcqRel);

@@ -16,6 +16,7 @@ use crate::metrics::EngineMetrics;
 use crate::request::{EngineStats, Event, FinishReason, GenerationRequest, Usage};
 use crate::sampling::{logprobs, Sampler, TokenLogprobs};
 use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig, SeqId, Sequence};
+use crate::structured::Constraint;
 use crate::supervisor::SupervisedLoop;
 use crate::text::detokenizer::IncrementalDetokenizer;
 use crate::text::stop::StopMatcher;
@@ -29,7 +30,8 @@ pub(crate) struct Submission {
 
 /// What engine handles send the loop.
 pub(crate) enum Command {
-    Submit(Submission),
+    /// Boxed: a request is large next to the other commands.
+    Submit(Box<Submission>),
     /// Panic in the next step, with whatever is in flight: exercises the supervisor
     /// (`Engine::inject_panic`, reachable only when fault injection is configured).
     InjectPanic,
@@ -46,6 +48,10 @@ struct Active {
     min_tokens: usize,
     ignore_eos: bool,
     logprobs: Option<usize>,
+    /// Structured output: the mask before each draw, and the end of the output.
+    constraint: Option<Constraint>,
+    /// The masked logits of the row being sampled (reused: one vocabulary of floats).
+    masked: Vec<f32>,
     prompt_len: usize,
     generated: usize,
     accepted: Instant,
@@ -82,6 +88,8 @@ struct SampledRow<'a> {
     active: &'a mut Active,
     token: u32,
     logprobs: Option<TokenLogprobs>,
+    /// Why the row's constraint could not go on (the request ends with an error).
+    failed: Option<String>,
 }
 
 impl EngineLoop {
@@ -142,7 +150,7 @@ impl EngineLoop {
 
     fn accept(&mut self, c: Command) {
         let s = match c {
-            Command::Submit(s) => s,
+            Command::Submit(s) => *s,
             Command::InjectPanic => {
                 self.panic_next_step = true;
                 return;
@@ -163,6 +171,8 @@ impl EngineLoop {
                 min_tokens: r.min_tokens,
                 ignore_eos: r.ignore_eos,
                 logprobs: r.logprobs,
+                constraint: r.constraint,
+                masked: Vec::new(),
                 prompt_len: r.prompt.len(),
                 generated: 0,
                 accepted: Instant::now(),
@@ -248,6 +258,7 @@ impl EngineLoop {
         let tokenizer: &Tokenizer = tokenizer;
         let mut sampled: Vec<(SeqId, u32)> = Vec::new();
         let mut lps: Vec<Option<TokenLogprobs>> = Vec::new();
+        let mut failures: Vec<(SeqId, String)> = Vec::new();
         runtime.step(&chunks, &mut |logits: &[f32], runner: &dyn RowRunner| {
             let mut rows: Vec<SampledRow> = active
                 .iter_mut()
@@ -260,6 +271,7 @@ impl EngineLoop {
                         active: a,
                         token: 0,
                         logprobs: None,
+                        failed: None,
                     })
                 })
                 .collect();
@@ -274,10 +286,11 @@ impl EngineLoop {
                 .map(|j| j as &mut (dyn FnMut() + Send))
                 .collect();
             runner.run_rows(&mut jobs);
-            (sampled, lps) = rows
-                .into_iter()
-                .map(|r| ((r.seq, r.token), r.logprobs))
-                .unzip();
+            for r in rows {
+                sampled.push((r.seq, r.token));
+                lps.push(r.logprobs);
+                failures.extend(r.failed.map(|e| (r.seq, e)));
+            }
         });
         scheduler.update(&plan, &sampled);
         let n_tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
@@ -287,6 +300,12 @@ impl EngineLoop {
             sampled.len(),
             started.elapsed(),
         );
+        for (seq, error) in failures {
+            if let Some(a) = active.remove(&seq) {
+                scheduler.remove(seq);
+                fail(&a, &error, metrics);
+            }
+        }
         for ((seq, id), lp) in sampled.into_iter().zip(lps) {
             let cached = scheduler.get(seq).map_or(0, |s| s.cached_prompt_tokens);
             let Some(a) = active.get_mut(&seq) else {
@@ -326,18 +345,7 @@ impl SupervisedLoop for EngineLoop {
             if queued {
                 self.waiting_count.fetch_sub(1, Ordering::AcqRel);
             }
-            // Counted before the client can see the end, so that what it reads next
-            // includes this request.
-            self.metrics.finished(FinishReason::Error);
-            let _ = a.tx.try_send(Event::Done {
-                reason: FinishReason::Error,
-                usage: Usage {
-                    prompt_tokens: a.prompt_len,
-                    completion_tokens: a.generated,
-                    cached_tokens: 0,
-                },
-                error: Some(message.to_string()),
-            });
+            fail(&a, message, &self.metrics);
         }
     }
 
@@ -353,21 +361,72 @@ impl SupervisedLoop for EngineLoop {
     }
 }
 
-/// Draws `r`'s next token (and its logprobs when asked for) from its logits.
+/// Draws `r`'s next token (and its logprobs when asked for) from its logits, under its
+/// constraint's mask when it has one.
 fn sample_row(r: &mut SampledRow, tokenizer: &Tokenizer) {
-    let a = &mut *r.active;
-    let banned: Vec<u32> = if a.generated < a.min_tokens {
+    let Active {
+        sampler,
+        constraint,
+        masked,
+        generated,
+        min_tokens,
+        stop_token_ids,
+        logprobs: want_logprobs,
+        ..
+    } = &mut *r.active;
+    let mut banned: Vec<u32> = if generated < min_tokens {
         tokenizer
             .stop_tokens
             .iter()
-            .chain(&a.stop_token_ids)
+            .chain(stop_token_ids.iter())
             .copied()
             .collect()
     } else {
         Vec::new()
     };
-    r.token = a.sampler.sample(r.logits, &banned);
-    r.logprobs = a.logprobs.map(|n| logprobs(r.logits, r.token, n));
+    let logits: &[f32] = match constraint {
+        None => r.logits,
+        Some(c) => {
+            if let Err(e) = c.mask(r.logits, masked) {
+                r.failed = Some(format!("structured output failed: {e}"));
+                return;
+            }
+            // A complete output allows only end tokens: then `min_tokens` gives way.
+            let allowed_besides_banned = masked
+                .iter()
+                .enumerate()
+                .any(|(i, x)| x.is_finite() && !banned.contains(&(i as u32)));
+            if !banned.is_empty() && !allowed_besides_banned {
+                banned.clear();
+            }
+            masked
+        }
+    };
+    r.token = sampler.sample(logits, &banned);
+    if let Some(c) = constraint {
+        if let Err(e) = c.advance(r.token) {
+            r.failed = Some(format!("structured output failed: {e}"));
+            return;
+        }
+    }
+    // Log-probabilities are the model's own, before any mask (as vLLM reports them).
+    r.logprobs = want_logprobs.map(|n| logprobs(r.logits, r.token, n));
+}
+
+/// Ends request `a` with an error (counted in `metrics`).
+fn fail(a: &Active, error: &str, metrics: &EngineMetrics) {
+    // Counted before the client can see the end, so that what it reads next includes
+    // this request.
+    metrics.finished(FinishReason::Error);
+    let _ = a.tx.try_send(Event::Done {
+        reason: FinishReason::Error,
+        usage: Usage {
+            prompt_tokens: a.prompt_len,
+            completion_tokens: a.generated,
+            cached_tokens: 0,
+        },
+        error: Some(error.to_string()),
+    });
 }
 
 /// Sends what token `id` adds to request `a`'s stream; returns the finish reason when
@@ -398,8 +457,14 @@ fn emit(
             }
         }
     }
-    if reason.is_none() && a.generated >= a.max_tokens {
-        reason = Some(FinishReason::Length);
+    // A structured output that is complete ends here, as an end token would.
+    let complete = a.constraint.as_ref().is_some_and(|c| c.is_finished());
+    if reason.is_none() && (complete || a.generated >= a.max_tokens) {
+        reason = Some(if complete {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        });
         text.push_str(&a.detok.finish());
         text.push_str(&a.stop.flush());
     }

@@ -66,6 +66,8 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("token id {0} is outside the vocabulary")]
     InvalidToken(u32),
+    #[error("structured output is not available on the {0} engine")]
+    StructuredOutputUnsupported(&'static str),
     #[error("the engine has stopped")]
     Stopped,
     #[error("the engine is restarting after a failure; retry shortly")]

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod structured;
 pub mod supervisor;
 mod synthetic;
 pub mod text;

@@ -46,6 +46,50 @@ pub const ENGINE_RESTARTS: &str = "sluice_engine_restarts_total";
 /// Time from submission to first admission into the running batch.
 pub const QUEUE_SECONDS: &str = "sluice_request_queue_seconds";
 
+/// Gives every engine metric its help text (Prometheus `# HELP`), once the exporter is
+/// installed: scrapers and `promtool check metrics` expect one per family.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(REQUESTS_RUNNING, "Requests in the running batch.");
+    describe_gauge!(
+        REQUESTS_WAITING,
+        "Requests accepted and waiting for a batch slot, preempted ones included."
+    );
+    describe_gauge!(
+        KV_CACHE_USAGE,
+        "KV cache blocks held by live requests over all blocks (0 to 1)."
+    );
+    describe_gauge!(
+        PREFIX_CACHE_HIT,
+        "Prompt tokens served from the prefix cache over all prompt tokens admitted (0 to 1)."
+    );
+    describe_counter!(PREEMPTIONS, "Requests preempted to free KV cache blocks.");
+    describe_counter!(PROMPT_TOKENS, "Prompt tokens admitted into the batch.");
+    describe_counter!(GENERATION_TOKENS, "Tokens generated.");
+    describe_counter!(REQUESTS_FINISHED, "Finished requests, by finish reason.");
+    describe_histogram!(STEP_BATCH_SIZE, "Sequences per forward step.");
+    describe_histogram!(
+        STEP_TOKENS,
+        "Tokens per forward step (decodes plus prefill chunks)."
+    );
+    describe_histogram!(
+        STEP_SECONDS,
+        Unit::Seconds,
+        "Wall time of one forward step, sampling included."
+    );
+    describe_gauge!(
+        KV_CACHE_TOUCHED_BYTES,
+        Unit::Bytes,
+        "Bytes of the KV cache written at least once (resident memory grows with it)."
+    );
+    describe_counter!(ENGINE_RESTARTS, "Engine loops restarted after a panic.");
+    describe_histogram!(
+        QUEUE_SECONDS,
+        Unit::Seconds,
+        "Time from submission to first admission into the running batch."
+    );
+}
+
 /// Records one engine's metrics under its model's name.
 #[derive(Debug, Clone)]
 pub struct EngineMetrics {

@@ -4,6 +4,7 @@
 use tokio::sync::mpsc;
 
 use crate::sampling::{SamplingParams, TokenLogprobs};
+use crate::structured::Constraint;
 
 /// A validated generation request.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +22,9 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
     /// Report each token's log-probability and this many top alternatives.
     pub logprobs: Option<usize>,
+    /// The shape the output must have (structured outputs): only tokens that keep it
+    /// valid are drawn, and generation ends when it is complete.
+    pub constraint: Option<Constraint>,
 }
 
 /// Why a generation ended.

@@ -141,7 +141,7 @@ impl SyntheticLoop {
 
     fn take(&mut self, c: Command) {
         match c {
-            Command::Submit(s) => self.queued.push_back(s),
+            Command::Submit(s) => self.queued.push_back(*s),
             Command::InjectPanic => self.panic_next_tick = true,
         }
     }
@@ -323,14 +323,14 @@ mod tests {
             crate::metrics::EngineMetrics::new("synthetic"),
         );
         let (tx, mut events) = tokio::sync::mpsc::channel(64);
-        l.take(Command::Submit(Submission {
+        l.take(Command::Submit(Box::new(Submission {
             req: GenerationRequest {
                 prompt: vec![1],
                 max_tokens: 50,
                 ..Default::default()
             },
             tx,
-        }));
+        })));
         let t0 = Instant::now();
         let at = |us: u64| t0 + Duration::from_micros(us);
         l.tick(t0);

@@ -57,6 +57,9 @@ pub struct CommonParams {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<InMessage>,
+    /// vLLM's: whether the template ends with the assistant's turn opened (the default).
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
     #[serde(flatten)]
     pub common: CommonParams,
 }

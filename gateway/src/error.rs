@@ -134,6 +134,10 @@ impl From<EngineError> for ApiError {
                 message: e.to_string(),
                 param: Some("prompt".into()),
             },
+            EngineError::StructuredOutputUnsupported(_) => ApiError::InvalidRequest {
+                message: e.to_string(),
+                param: Some("response_format".into()),
+            },
             EngineError::Internal(m) => ApiError::Internal(m),
         }
     }

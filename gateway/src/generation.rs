@@ -36,18 +36,43 @@ fn is_default(v: &Value) -> bool {
     }
 }
 
+/// For the vLLM and SGLang extension fields whose defaults are not "off", whether this
+/// value asks for what this server does anyway (`None` for other fields). Routers in
+/// front of vLLM and SGLang (vllm-router, sglang-router) add these to every body they
+/// forward, with these values.
+fn asks_for_our_behaviour(k: &str, v: &Value) -> Option<bool> {
+    Some(match k {
+        // Control tokens never reach the output text (`false` would render them).
+        "skip_special_tokens" | "spaces_between_special_tokens" => v == &Value::Bool(true),
+        // No model served here has a reasoning parser: there is no reasoning to include,
+        // separate or stream, so every setting gives the same output.
+        "include_reasoning" | "separate_reasoning" | "stream_reasoning" => v.is_boolean(),
+        "best_of" => v.is_null() || v.as_i64() == Some(1),
+        _ => return None,
+    })
+}
+
 /// Refuses fields that would change the output but are not implemented, naming them,
 /// rather than silently ignoring them.
 fn refuse_unsupported(rest: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     for (k, v) in rest {
-        let harmless_one = k == "best_of" && v.as_i64() == Some(1);
-        if HARMLESS.contains(&k.as_str()) || is_default(v) || harmless_one {
+        let ok = asks_for_our_behaviour(k, v).unwrap_or_else(|| {
+            HARMLESS.contains(&k.as_str())
+                || crate::structured_output::FIELDS.contains(&k.as_str())
+                || is_default(v)
+        });
+        if ok {
             continue;
         }
-        return Err(ApiError::invalid(
-            k,
-            format!("`{k}` is not supported by this server"),
-        ));
+        // The value helps with flags (`skip_special_tokens` set to false); a long one
+        // (a list of tools) would only bury the message.
+        let value = v.to_string();
+        let message = if value.len() <= 40 {
+            format!("`{k}` set to {value} is not supported by this server")
+        } else {
+            format!("`{k}` is not supported by this server")
+        };
+        return Err(ApiError::invalid(k, message));
     }
     Ok(())
 }
@@ -294,6 +319,55 @@ pub fn build_request(
         stop,
         stop_token_ids,
         logprobs,
+        // Compiled by the caller, off the async workers (`structured_output::constraint`).
+        constraint: None,
     };
     Ok((req, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Map, Value};
+
+    use super::refuse_unsupported;
+
+    fn fields(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn what_vllm_router_adds_is_accepted() {
+        // Recorded from vllm-router 0.1.17 (chat, then completions), less the fields
+        // CommonParams reads itself.
+        let chat = json!({"no_stop_trim": false, "continue_final_message": false,
+                          "skip_special_tokens": true, "separate_reasoning": true,
+                          "stream_reasoning": true, "return_hidden_states": false,
+                          "include_reasoning": true});
+        let completion = json!({"echo": false, "no_stop_trim": false,
+                                "skip_special_tokens": true, "return_hidden_states": false});
+        refuse_unsupported(&fields(chat)).unwrap();
+        refuse_unsupported(&fields(completion)).unwrap();
+        refuse_unsupported(&fields(json!({"include_reasoning": false, "best_of": 1}))).unwrap();
+    }
+
+    #[test]
+    fn values_that_would_change_the_output_are_refused_by_name() {
+        for (field, value) in [
+            ("skip_special_tokens", json!(false)),
+            ("echo", json!(true)),
+            ("include_reasoning", json!("no")),
+            ("best_of", json!(2)),
+        ] {
+            let mut one = Map::new();
+            one.insert(field.to_string(), value.clone());
+            let e = refuse_unsupported(&one).unwrap_err();
+            let s = e.to_string();
+            assert!(s.contains(field) && s.contains(&value.to_string()), "{s}");
+        }
+        // A long value is not echoed back.
+        let tools =
+            json!({"tools": [{"type": "function", "function": {"name": "a_rather_long_name"}}]});
+        let e = refuse_unsupported(&fields(tools)).unwrap_err().to_string();
+        assert!(e.contains("`tools` is not supported"), "{e}");
+    }
 }

@@ -20,4 +20,5 @@ pub mod routes;
 pub mod server;
 pub mod sessions;
 pub mod state;
+pub mod structured_output;
 pub mod ws_protocol;

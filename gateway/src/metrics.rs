@@ -37,6 +37,8 @@ pub fn handle() -> PrometheusHandle {
             }
             match builder.install_recorder() {
                 Ok(h) => {
+                    m::describe();
+                    describe();
                     // Histograms keep every raw sample (one per streamed token) until they
                     // are drained into buckets, which a scrape does; a server nobody
                     // scrapes would grow without bound. Drain them every few seconds.
@@ -55,6 +57,52 @@ pub fn handle() -> PrometheusHandle {
             }
         })
         .clone()
+}
+
+/// Gives every gateway metric its help text (Prometheus `# HELP`).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by a key's limits, by key and limit (requests, tokens, streams)."
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status.");
+    describe_histogram!(
+        TTFT,
+        Unit::Seconds,
+        "Time from receiving a generation request to its first text."
+    );
+    describe_histogram!(
+        ITL,
+        Unit::Seconds,
+        "Gaps between consecutive pieces of text of one choice."
+    );
+    describe_histogram!(
+        E2E,
+        Unit::Seconds,
+        "Time from receiving a generation request to its end."
+    );
+    describe_counter!(
+        PROMPT_TOKENS_BY_KEY,
+        "Prompt tokens of finished requests, by key."
+    );
+    describe_counter!(
+        GENERATION_TOKENS_BY_KEY,
+        "Generated tokens of finished requests, by key."
+    );
+    describe_counter!(
+        REFUSED,
+        "Requests refused because the server was full or shutting down, by reason."
+    );
+    describe_gauge!(
+        HTTP_CONNECTIONS,
+        "Open HTTP connections, WebSockets included."
+    );
+    describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
+    describe_gauge!(
+        REQUESTS_PREPARING,
+        "Requests rendering or tokenizing their prompt, or waiting to."
+    );
 }
 
 /// `GET /metrics`: Prometheus text format.

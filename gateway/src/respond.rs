@@ -128,7 +128,8 @@ impl LogprobsAcc {
     /// per-chunk lists (the running text offset is kept).
     fn take(&mut self, flavor: Flavor) -> Value {
         match flavor {
-            Flavor::Chat => json!({"content": std::mem::take(&mut self.content)}),
+            // OpenAI's schema has `refusal` (null: we never refuse) beside `content`.
+            Flavor::Chat => json!({"content": std::mem::take(&mut self.content), "refusal": null}),
             Flavor::Completion => json!({
                 "tokens": std::mem::take(&mut self.tokens),
                 "token_logprobs": std::mem::take(&mut self.token_logprobs),
@@ -209,13 +210,14 @@ pub async fn generate(
     params: &CommonParams,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    let (request, n) = build_request(
+    let (mut request, n) = build_request(
         params,
         flavor,
         prompt,
         model.context_length,
         model.tokenizer.vocab_size(),
     )?;
+    request.constraint = crate::structured_output::constraint(state, model, params).await?;
     let charged = request.prompt.len() + n * request.max_tokens;
     let tokens = crate::rate_limit::charge_tokens(key, charged)?;
     let streams = submit(model, &request, n).inspect_err(|_| key.limits.refund_tokens(charged))?;
@@ -339,7 +341,7 @@ async fn complete(
             let reason = finish[i].map(finish_str);
             match meta.flavor {
                 Flavor::Chat => json!({
-                    "index": i, "message": {"role": "assistant", "content": text[i]},
+                    "index": i, "message": {"role": "assistant", "content": text[i], "refusal": null},
                     "logprobs": lp, "finish_reason": reason,
                 }),
                 Flavor::Completion => json!({
@@ -368,7 +370,8 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) {
 /// What one chunk's choice says besides its index.
 #[derive(Clone, Copy)]
 enum Delta<'a> {
-    /// Chat's first chunk of a choice: the role, with empty content.
+    /// Chat's first chunk of a choice: the role, with empty content (and `refusal: null`,
+    /// as OpenAI sends it).
     Role,
     /// The next piece of text.
     Text(&'a str),
@@ -427,7 +430,9 @@ impl ChunkTemplate {
         let _ = write!(b, "{index}");
         match (self.flavor, &delta) {
             (Flavor::Chat, Delta::Role) => {
-                b.extend_from_slice(b",\"delta\":{\"role\":\"assistant\",\"content\":\"\"}");
+                b.extend_from_slice(
+                    b",\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}",
+                );
             }
             (Flavor::Chat, Delta::Text(t)) => {
                 b.extend_from_slice(b",\"delta\":{\"content\":");
@@ -648,7 +653,7 @@ mod tests {
         let (object, choice) = match flavor {
             Flavor::Chat => {
                 let d = match delta {
-                    Delta::Role => json!({"role": "assistant", "content": ""}),
+                    Delta::Role => json!({"role": "assistant", "content": "", "refusal": null}),
                     Delta::Text(t) => json!({"content": t}),
                     Delta::Finish(_) => json!({}),
                 };

@@ -55,7 +55,17 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
     let protected = Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::completions::completions))
+        .route(
+            "/v1/chat/completions/render",
+            post(routes::render::render_chat),
+        )
+        .route(
+            "/v1/completions/render",
+            post(routes::render::render_completion),
+        )
         .route("/v1/models", get(routes::models::list_models))
+        // A wildcard: served names and aliases may hold `/` (`org/model`).
+        .route("/v1/models/{*model}", get(routes::models::retrieve_model))
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
         .route_layer(RateLimitLayer)

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use sluice_engine::structured::GrammarCompiler;
 use sluice_engine::text::chat_template::ChatTemplate;
 use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::Engine;
@@ -21,6 +22,8 @@ pub struct ServedModel {
     pub template: Option<ChatTemplate>,
     pub context_length: usize,
     pub created: u64,
+    /// Compiles structured-output formats for this model's vocabulary.
+    pub grammars: Arc<GrammarCompiler>,
 }
 
 /// What a model's engine is doing, as `/health`, `/ready` and `/admin/models` report it.

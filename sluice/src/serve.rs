@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::backends::{self, RuntimeOptions};
 use sluice_engine::config::ModelConfig;
+use sluice_engine::structured::GrammarCompiler;
 use sluice_engine::text::chat_template::{self, ChatTemplate};
 use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
@@ -253,6 +254,7 @@ fn load_served_model(
         name,
         aliases,
         engine,
+        grammars: Arc::new(GrammarCompiler::new(tokenizer.clone())),
         tokenizer,
         template,
         context_length,

@@ -419,7 +419,7 @@ async fn sse_framing_is_exactly_openais() {
     let first: Value = serde_json::from_str(&events[0][6..events[0].len() - 2]).unwrap();
     assert_eq!(
         first["choices"][0]["delta"],
-        json!({"role": "assistant", "content": ""})
+        json!({"role": "assistant", "content": "", "refusal": null})
     );
     let last = events[events.len() - 2];
     let last: Value = serde_json::from_str(&last[6..last.len() - 2]).unwrap();

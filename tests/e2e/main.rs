@@ -3,15 +3,19 @@
 
 mod browser;
 mod clients;
+mod compat;
 mod engine;
 mod gateway;
 mod loadtest;
 mod multi_model;
 mod openai_sdk;
 mod parity;
+mod prometheus;
 mod reliability;
+mod routers;
 mod sampling_api;
 mod server;
+mod structured;
 mod support;
 mod synthetic_archs;
 mod tokenizer_parity;

@@ -11,12 +11,44 @@ client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 messages = [{"role": "user", "content": "Name three colors."}]
 
 assert model in [m.id for m in client.models.list().data]
+one = client.models.retrieve(model)
+assert one.id == model and one.object == "model", one
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("an unknown model was retrieved")
+except openai.NotFoundError as e:
+    assert e.status_code == 404 and e.code == "model_not_found", e
 
 whole = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
 assert whole.object == "chat.completion"
 answer = whole.choices[0].message.content
 assert answer and whole.choices[0].finish_reason in ("stop", "length")
+# OpenAI's schema: `refusal` is in every message (null when the model did not refuse).
+assert "refusal" in whole.choices[0].message.model_fields_set, whole.choices[0].message
+assert whole.choices[0].message.refusal is None
 assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+
+# Structured output: the SDK's `parse` with a Pydantic model sends a strict json_schema
+# and parses the reply into the model.
+from typing import Literal
+
+import pydantic
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    kind: Literal["cat", "dog", "fish"]
+    age: int = pydantic.Field(ge=0, le=30)
+
+
+parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+parsed = parse(
+    model=model, messages=[{"role": "user", "content": "Describe a pet."}],
+    response_format=Pet, max_tokens=60, temperature=0,
+)
+pet = parsed.choices[0].message.parsed
+assert isinstance(pet, Pet), parsed
+assert parsed.choices[0].finish_reason == "stop", parsed
 
 text, usage = "", None
 for chunk in client.chat.completions.create(

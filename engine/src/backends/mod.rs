@@ -32,9 +32,10 @@
 //!   [`Capabilities::device_sampling`]. The engine still samples every row on the host
 //!   from the logits that [`ModelRuntime::step`] returns, so every runtime returns them.
 //!
-//! - **Token masks.** [`Capabilities::token_mask`] says whether the runtime accepts a mask
-//!   of allowed tokens per row (constrained decoding). The engine has no constrained
-//!   decoding, so it never sends one.
+//! - **Token masks.** Structured outputs mask each constrained row's logits on the host,
+//!   in the row's sampling job, so every runtime serves them. [`Capabilities::token_mask`]
+//!   says whether a runtime could take the masks on its device instead (a runtime that
+//!   samples there); none does yet, so the engine never sends one.
 //!
 //! The per-row work on a step's logits (each request's sampler) runs through the
 //! [`RowRunner`] the runtime passes along with the logits: the CPU runtime spreads it over

@@ -19,10 +19,15 @@ pub async fn chat_completions(
     Extension(key): Extension<Arc<ApiKey>>,
     OpenAiJson(req): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let ChatRequest { messages, common } = req;
+    let ChatRequest {
+        messages,
+        add_generation_prompt,
+        common,
+    } = req;
     let index = state.resolve_model_index(common.model.as_deref(), &key)?;
     // Rendering and tokenizing up to the body limit runs off the runtime workers.
-    let prompt = super::chat_prompt_prepared(&state, index, messages, true).await?;
+    let prompt =
+        super::chat_prompt_prepared(&state, index, messages, add_generation_prompt).await?;
     let model = &state.models[index];
     generate(&state, &key, model, prompt, &common, Flavor::Chat).await
 }

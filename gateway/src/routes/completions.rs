@@ -69,6 +69,25 @@ fn prompt_tokens(model: &ServedModel, prompt: &Value) -> Result<Vec<u32>, ApiErr
     }
 }
 
+/// [`prompt_tokens`] for model `index` of `state`: tokenizing up to the body limit runs
+/// off the runtime workers.
+pub(crate) async fn prompt_tokens_prepared(
+    state: &SharedState,
+    index: usize,
+    prompt: Value,
+) -> Result<Vec<u32>, ApiError> {
+    let st = state.clone();
+    let size = match &prompt {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.len() * 4,
+        _ => 0,
+    };
+    super::prepare(state, size, move || {
+        prompt_tokens(&st.models[index], &prompt)
+    })
+    .await
+}
+
 /// Plain text completion, streaming or not.
 pub async fn completions(
     State(state): State<SharedState>,
@@ -77,17 +96,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let CompletionRequest { prompt, common } = req;
     let index = state.resolve_model_index(common.model.as_deref(), &key)?;
-    // Tokenizing up to the body limit runs off the runtime workers.
-    let st = state.clone();
-    let size = match &prompt {
-        Value::String(s) => s.len(),
-        Value::Array(items) => items.len() * 4,
-        _ => 0,
-    };
-    let prompt = super::prepare(&state, size, move || {
-        prompt_tokens(&st.models[index], &prompt)
-    })
-    .await?;
+    let prompt = prompt_tokens_prepared(&state, index, prompt).await?;
     let model = &state.models[index];
     generate(&state, &key, model, prompt, &common, Flavor::Completion).await
 }

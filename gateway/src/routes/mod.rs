@@ -6,6 +6,7 @@ pub mod completions;
 pub mod health;
 pub mod models;
 pub mod page;
+pub mod render;
 pub mod tokenize;
 pub mod ws;
 
@@ -17,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::api_types::InMessage;
 use crate::error::ApiError;
-use crate::state::{ServedModel, SharedState};
+use crate::state::{AppState, ServedModel, SharedState};
 
 /// Inputs at least this large (bytes of text, or of token ids) make a "large"
 /// preparation job. Tokenizing holds some 150 bytes of memory per byte of text while it
@@ -71,11 +72,7 @@ impl Default for Preparation {
 /// started runs to its end even if its client leaves (tokenizing cannot be
 /// interrupted), keeping its permit until then. `sluice_requests_preparing` counts
 /// the jobs running or waiting.
-pub(crate) async fn prepare<T, F>(
-    state: &SharedState,
-    input_bytes: usize,
-    f: F,
-) -> Result<T, ApiError>
+pub(crate) async fn prepare<T, F>(state: &AppState, input_bytes: usize, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,

@@ -1,13 +1,19 @@
-//! `GET /v1/models`.
+//! `GET /v1/models` and `GET /v1/models/{model}`.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use serde_json::{json, Value};
 
 use crate::auth::ApiKey;
-use crate::state::SharedState;
+use crate::error::ApiError;
+use crate::state::{ServedModel, SharedState};
+
+/// A served model as OpenAI's model object (with vLLM's `max_model_len`).
+fn model_object(m: &ServedModel) -> Value {
+    json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "sluice", "max_model_len": m.context_length})
+}
 
 /// Lists the served models this key may use, in OpenAI's format.
 pub async fn list_models(
@@ -18,7 +24,18 @@ pub async fn list_models(
         .models
         .iter()
         .filter(|m| key.may_use(&m.name, &m.aliases))
-        .map(|m| json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "sluice", "max_model_len": m.context_length}))
+        .map(model_object)
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// One served model by its name or an alias (OpenAI's `models.retrieve`): 404 when no
+/// model has that name, 403 when this key may not use it, as for generation requests.
+pub async fn retrieve_model(
+    State(state): State<SharedState>,
+    Extension(key): Extension<Arc<ApiKey>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let m = state.resolve_model(Some(&model), &key)?;
+    Ok(Json(model_object(m)))
 }

@@ -372,13 +372,14 @@ async fn generate(
     let index = state.resolve_model_index(params.model.as_deref(), key)?;
     let prompt = super::chat_prompt_prepared(state, index, messages, true).await?;
     let model = &state.models[index];
-    let (request, _) = build_request(
+    let (mut request, _) = build_request(
         &params,
         Flavor::Chat,
         prompt,
         model.context_length,
         model.tokenizer.vocab_size(),
     )?;
+    request.constraint = crate::structured_output::constraint(state, model, &params).await?;
     let charged = request.prompt.len() + request.max_tokens;
     crate::rate_limit::charge_tokens(key, charged)?;
     let prompt_tokens = request.prompt.len();
