@@ -19,6 +19,8 @@ use sluice_gateway::respond::Flavor;
 use sluice_gateway::routes::chat_messages;
 use sluice_gateway::routes::completions::{completion_prompt, CompletionPrompt};
 use sluice_gateway::sessions::{Membership, SessionHub, MAX_CONVERSATION_BYTES};
+use sluice_gateway::structured_output::output_format;
+use sluice_gateway::tools::take_tools;
 use sluice_gateway::ws_protocol::{ClientMessage, ProtocolError};
 
 /// The default model's template: requests are rendered with what production renders.
@@ -84,9 +86,15 @@ fn check_accepted(p: &CommonParams, flavor: Flavor, prompt: Vec<u32>) {
 /// A body for `/v1/chat/completions` or `/v1/completions`: parse, render, validate.
 pub fn openai_request(data: &[u8]) {
     if let Ok(req) = serde_json::from_slice::<ChatRequest>(data) {
-        match chat_messages(&req.messages) {
+        // As the chat route does: tools out of the parameters, history flattened for them.
+        let mut common = req.common.clone();
+        let messages = take_tools(&mut common.rest, req.messages.clone());
+        if let Err(e) = output_format(&common) {
+            assert_client_error(&e);
+        }
+        match messages.and_then(|(m, _)| chat_messages(&m)) {
             Ok(msgs) => match smollm().render(&msgs, true) {
-                Ok(text) => check_accepted(&req.common, Flavor::Chat, byte_ids(&text)),
+                Ok(text) => check_accepted(&common, Flavor::Chat, byte_ids(&text)),
                 Err(e) => assert!(e.to_string().contains("exceeds"), "{e}"),
             },
             Err(e) => assert_client_error(&e),

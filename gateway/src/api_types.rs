@@ -9,6 +9,12 @@ pub struct InMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Value>,
+    /// An assistant message's calls (OpenAI's `tool_calls`).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// `stream_options` of OpenAI's streaming API.

@@ -21,4 +21,5 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod structured_output;
+pub mod tools;
 pub mod ws_protocol;

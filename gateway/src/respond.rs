@@ -30,6 +30,7 @@ use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::generation::build_request;
 use crate::state::{unix_now, AppState, ServedModel};
+use crate::tools::{CallDelta, CallParser, ToolSpec};
 
 /// Which OpenAI object family to produce.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -50,6 +51,18 @@ struct ResponseMeta {
     log_payloads_for: Option<String>,
     key_name: String,
     latency: crate::metrics::LatencyTracker,
+    /// Chat with tools: calls are parsed out of each choice's text.
+    tools: Option<Arc<ToolSpec>>,
+}
+
+impl ResponseMeta {
+    /// A parser for choice `i`'s calls, when the response has tools.
+    fn call_parser(&self, i: usize) -> Option<CallParser> {
+        let base = self.id.rsplit('-').next().unwrap_or_default();
+        self.tools
+            .as_ref()
+            .map(|t| CallParser::new(t, &format!("{base}{i}_")))
+    }
 }
 
 impl ResponseMeta {
@@ -209,7 +222,9 @@ pub async fn generate(
     prompt: Vec<u32>,
     params: &CommonParams,
     flavor: Flavor,
+    tools: Option<Arc<ToolSpec>>,
 ) -> Result<Response, ApiError> {
+    let tools = tools.filter(|t| t.active());
     let (mut request, n) = build_request(
         params,
         flavor,
@@ -217,7 +232,21 @@ pub async fn generate(
         model.context_length,
         model.tokenizer.vocab_size(),
     )?;
-    request.constraint = crate::structured_output::constraint(state, model, params).await?;
+    let tool_format = tools.as_ref().and_then(|t| t.output_format());
+    request.constraint = match tool_format {
+        Some(format) => {
+            if let Some((_, field)) = crate::structured_output::output_format(params)? {
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "`{field}` cannot constrain the output while tool_choice requires a call"
+                    ),
+                ));
+            }
+            Some(crate::structured_output::compile(state, model, format, "tools").await?)
+        }
+        None => crate::structured_output::constraint(state, model, params).await?,
+    };
     let charged = request.prompt.len() + n * request.max_tokens;
     let tokens = crate::rate_limit::charge_tokens(key, charged)?;
     let streams = submit(model, &request, n).inspect_err(|_| key.limits.refund_tokens(charged))?;
@@ -237,6 +266,7 @@ pub async fn generate(
         log_payloads_for: state.log_payloads.then(|| key.name.clone()),
         key_name: key.name.clone(),
         latency: crate::metrics::LatencyTracker::new(&model.name, n),
+        tools,
     };
     if state.log_payloads {
         let prompt = model.tokenizer.decode(&request.prompt, true);
@@ -338,12 +368,26 @@ async fn complete(
             } else {
                 Value::Null
             };
-            let reason = finish[i].map(finish_str);
+            let mut reason = finish[i].map(finish_str);
             match meta.flavor {
-                Flavor::Chat => json!({
-                    "index": i, "message": {"role": "assistant", "content": text[i], "refusal": null},
-                    "logprobs": lp, "finish_reason": reason,
-                }),
+                Flavor::Chat => {
+                    let mut message =
+                        json!({"role": "assistant", "content": text[i], "refusal": null});
+                    if let Some(mut parser) = meta.call_parser(i) {
+                        let mut deltas = Vec::new();
+                        parser.push(&text[i], &mut deltas);
+                        parser.finish(&mut deltas);
+                        let (content, calls) = crate::tools::collect(deltas);
+                        message["content"] = json!(content);
+                        if !calls.is_empty() {
+                            message["tool_calls"] = json!(calls);
+                            if finish[i] == Some(FinishReason::Stop) {
+                                reason = Some("tool_calls");
+                            }
+                        }
+                    }
+                    json!({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
+                }
                 Flavor::Completion => json!({
                     "index": i, "text": text[i], "logprobs": lp, "finish_reason": reason,
                 }),
@@ -466,6 +510,17 @@ impl ChunkTemplate {
         Bytes::from(b)
     }
 
+    /// One event with one choice given as a JSON tree (tool-call deltas: not the hot
+    /// path).
+    fn raw_choice(&self, choice: &Value) -> Bytes {
+        let mut b = Vec::with_capacity(self.head.len() + 160);
+        b.extend_from_slice(&self.head);
+        // A Value always serializes (its numbers are finite).
+        let _ = serde_json::to_writer(&mut b, choice);
+        b.extend_from_slice(self.tail);
+        Bytes::from(b)
+    }
+
     /// The last event with `include_usage`: no choices, the whole request's usage.
     fn usage(&self, usage: &UsageBody) -> Bytes {
         let mut b = Vec::with_capacity(self.head.len() + 160);
@@ -497,9 +552,31 @@ struct SseState {
     usage: Usage,
     out: VecDeque<Bytes>,
     finished: bool,
+    /// Chat with tools: each choice's call parser.
+    calls: Option<Vec<CallParser>>,
 }
 
 impl SseState {
+    /// Queues the chunk of one content or tool-call delta of choice `i`.
+    fn push_delta(&mut self, i: usize, d: CallDelta) {
+        let lp = self.logprobs_value(i);
+        let chunk = match d {
+            CallDelta::Content(t) => self.chunks.choice(i, Delta::Text(&t), lp.as_ref()),
+            CallDelta::Start { index, id, name } => self.chunks.raw_choice(&json!({
+                "index": i,
+                "delta": {"tool_calls": [{"index": index, "id": id, "type": "function",
+                                          "function": {"name": name, "arguments": ""}}]},
+                "logprobs": lp, "finish_reason": null,
+            })),
+            CallDelta::Arguments { index, piece } => self.chunks.raw_choice(&json!({
+                "index": i,
+                "delta": {"tool_calls": [{"index": index, "function": {"arguments": piece}}]},
+                "logprobs": lp, "finish_reason": null,
+            })),
+        };
+        self.out.push_back(chunk);
+    }
+
     fn logprobs_value(&mut self, i: usize) -> Option<Value> {
         self.logprobs.then(|| self.lps[i].take(self.meta.flavor))
     }
@@ -518,6 +595,14 @@ impl SseState {
                     return; // mid-character or a possible stop string: nothing to show yet
                 }
                 self.meta.latency.text(i);
+                if let Some(parsers) = &mut self.calls {
+                    let mut deltas = Vec::new();
+                    parsers[i].push(&text, &mut deltas);
+                    for d in deltas {
+                        self.push_delta(i, d);
+                    }
+                    return;
+                }
                 let lp = self.logprobs_value(i);
                 let chunk = self.chunks.choice(i, Delta::Text(&text), lp.as_ref());
                 self.out.push_back(chunk);
@@ -534,10 +619,19 @@ impl SseState {
                     return self.fail(error.unwrap_or_else(|| "generation failed".into()));
                 }
                 add_usage(&mut self.usage, usage);
+                let mut finish = finish_str(reason);
+                if let Some(parsers) = &mut self.calls {
+                    let mut deltas = Vec::new();
+                    parsers[i].finish(&mut deltas);
+                    if parsers[i].calls() > 0 && reason == FinishReason::Stop {
+                        finish = "tool_calls";
+                    }
+                    for d in deltas {
+                        self.push_delta(i, d);
+                    }
+                }
                 let lp = self.logprobs_value(i);
-                let chunk = self
-                    .chunks
-                    .choice(i, Delta::Finish(finish_str(reason)), lp.as_ref());
+                let chunk = self.chunks.choice(i, Delta::Finish(finish), lp.as_ref());
                 self.out.push_back(chunk);
                 self.done += 1;
                 if self.done == self.n {
@@ -617,6 +711,10 @@ fn stream_sse(events: Choices, logprobs: bool, meta: ResponseMeta) -> Response {
         usage: Usage::default(),
         out: VecDeque::new(),
         finished: false,
+        calls: meta
+            .tools
+            .is_some()
+            .then(|| (0..n).filter_map(|i| meta.call_parser(i)).collect()),
         meta,
     };
     if st.meta.flavor == Flavor::Chat {

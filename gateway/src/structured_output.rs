@@ -178,9 +178,19 @@ pub async fn constraint(
     model: &ServedModel,
     p: &CommonParams,
 ) -> Result<Option<Constraint>, ApiError> {
-    let Some((format, field)) = output_format(p)? else {
-        return Ok(None);
-    };
+    match output_format(p)? {
+        None => Ok(None),
+        Some((format, field)) => compile(state, model, format, field).await.map(Some),
+    }
+}
+
+/// Compiles `format` for `model` off the runtime workers; errors name `field`.
+pub async fn compile(
+    state: &AppState,
+    model: &ServedModel,
+    format: OutputFormat,
+    field: &'static str,
+) -> Result<Constraint, ApiError> {
     if !model.engine.structured_outputs() {
         return Err(sluice_engine::EngineError::StructuredOutputUnsupported(
             model.engine.runtime().backend,
@@ -200,7 +210,6 @@ pub async fn constraint(
             .map_err(|e| invalid(field, format!("{field}: {e}")))
     })
     .await
-    .map(Some)
 }
 
 #[cfg(test)]

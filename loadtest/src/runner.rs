@@ -62,6 +62,9 @@ pub struct LoadSpec {
     pub temperature: Option<f32>,
     /// Nucleus mass sent with every request; `None` sends none.
     pub top_p: Option<f32>,
+    /// Other body fields sent with every request (`--extra-body`, as vLLM's benchmark
+    /// has it): `response_format`, `top_k`, …
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
     pub prompts: Vec<String>,
     pub slo: Slo,
     /// A request taking longer than this counts as a `timeout` error.
@@ -106,6 +109,7 @@ async fn one(client: &Client, spec: &LoadSpec, prompt: &str, run_start: Instant)
         temperature: spec.temperature,
         top_p: spec.top_p,
         ignore_eos: true,
+        extra: spec.extra_body.clone(),
         ..Sampling::default()
     };
     let start = Instant::now();

@@ -49,6 +49,10 @@ pub struct LoadtestArgs {
     /// `top_p` sent with every request (none when absent).
     #[arg(long)]
     top_p: Option<f32>,
+    /// A JSON object of other fields sent with every request, e.g.
+    /// '{"response_format": {"type": "json_object"}}'.
+    #[arg(long)]
+    extra_body: Option<String>,
     /// JSONL prompts ({"prompt": ...}, {"messages": [...]}, or strings); default: built in.
     #[arg(long)]
     prompts: Option<PathBuf>,
@@ -135,6 +139,13 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
     if a.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
         bail!("--top-p must be in (0, 1]");
     }
+    let extra_body = match &a.extra_body {
+        None => serde_json::Map::new(),
+        Some(s) => match serde_json::from_str(s) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => bail!("--extra-body takes a JSON object"),
+        },
+    };
     let duration = a.duration.map(Duration::from_secs_f64);
     let requests = a
         .requests
@@ -159,6 +170,7 @@ pub async fn run_cli(a: LoadtestArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         temperature,
         top_p: a.top_p,
+        extra_body,
         prompts,
         slo,
         timeout: Duration::from_secs_f64(a.timeout),

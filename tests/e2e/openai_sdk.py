@@ -50,6 +50,32 @@ pet = parsed.choices[0].message.parsed
 assert isinstance(pet, Pet), parsed
 assert parsed.choices[0].finish_reason == "stop", parsed
 
+# Tools: a required call, the tool's result, then the final answer.
+import json
+
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+first = client.chat.completions.create(
+    model=model, messages=ask, tools=tools, tool_choice="required",
+    parallel_tool_calls=False, max_tokens=60, temperature=0,
+)
+assert first.choices[0].finish_reason == "tool_calls", first
+call = first.choices[0].message.tool_calls[0]
+assert call.type == "function" and call.function.name == "get_weather" and call.id, call
+assert isinstance(json.loads(call.function.arguments)["city"], str), call
+history = ask + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function",
+         "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+    {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21, "sky": "clear"})},
+]
+final = client.chat.completions.create(model=model, messages=history, tools=tools, max_tokens=40, temperature=0)
+assert final.choices[0].message.content, final
+assert final.choices[0].finish_reason in ("stop", "length"), final
+
 text, usage = "", None
 for chunk in client.chat.completions.create(
     model=model, messages=messages, max_tokens=12, temperature=0,

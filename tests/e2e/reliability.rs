@@ -140,7 +140,7 @@ async fn malformed_requests_get_a_4xx_openai_error_and_the_server_keeps_serving(
         ("temperature -1", chat_path, j, msg(json!({"temperature": -1})), 400),
         ("top_logprobs 1000", chat_path, j, msg(json!({"logprobs": true, "top_logprobs": 1000})), 400),
         ("empty messages", chat_path, j, br#"{"messages":[]}"#.to_vec(), 400),
-        ("unknown role", chat_path, j, br#"{"messages":[{"role":"tool","content":"x"}]}"#.to_vec(), 400),
+        ("unknown role", chat_path, j, br#"{"messages":[{"role":"narrator","content":"x"}]}"#.to_vec(), 400),
         ("image content", chat_path, j, br#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#.to_vec(), 400),
         ("unsupported field", chat_path, j, msg(json!({"tools": [{"type": "function"}]})), 400),
         ("prompt longer than the context", "/v1/completions", j, long_prompt.to_string().into_bytes(), 400),

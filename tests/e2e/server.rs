@@ -257,7 +257,7 @@ async fn errors_are_openai_objects_with_the_right_status() {
     )
     .await;
     let v = assert_openai_error(&b, s, 400);
-    assert_eq!(v["error"]["param"], "tools");
+    assert_eq!(v["error"]["param"], "tools[0]");
     let (s, _, b) = post(
         &server,
         "/v1/chat/completions",

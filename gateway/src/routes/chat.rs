@@ -22,12 +22,13 @@ pub async fn chat_completions(
     let ChatRequest {
         messages,
         add_generation_prompt,
-        common,
+        mut common,
     } = req;
+    let (messages, tools) = crate::tools::take_tools(&mut common.rest, messages)?;
     let index = state.resolve_model_index(common.model.as_deref(), &key)?;
     // Rendering and tokenizing up to the body limit runs off the runtime workers.
     let prompt =
         super::chat_prompt_prepared(&state, index, messages, add_generation_prompt).await?;
     let model = &state.models[index];
-    generate(&state, &key, model, prompt, &common, Flavor::Chat).await
+    generate(&state, &key, model, prompt, &common, Flavor::Chat, tools).await
 }

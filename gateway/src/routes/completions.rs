@@ -98,5 +98,14 @@ pub async fn completions(
     let index = state.resolve_model_index(common.model.as_deref(), &key)?;
     let prompt = prompt_tokens_prepared(&state, index, prompt).await?;
     let model = &state.models[index];
-    generate(&state, &key, model, prompt, &common, Flavor::Completion).await
+    generate(
+        &state,
+        &key,
+        model,
+        prompt,
+        &common,
+        Flavor::Completion,
+        None,
+    )
+    .await
 }

@@ -73,8 +73,9 @@ pub async fn render_chat(
     let ChatRequest {
         messages,
         add_generation_prompt,
-        common,
+        mut common,
     } = req;
+    let (messages, _tools) = crate::tools::take_tools(&mut common.rest, messages)?;
     let index = state.resolve_model_index(common.model.as_deref(), &key)?;
     let prompt =
         super::chat_prompt_prepared(&state, index, messages, add_generation_prompt).await?;

@@ -352,6 +352,8 @@ async fn generate(
         .map(|(role, content)| InMessage {
             role,
             content: Some(Value::String(content)),
+            tool_calls: None,
+            tool_call_id: None,
         })
         .collect();
     if !messages.iter().any(|m| m.role == "user") {
