@@ -58,7 +58,9 @@ fn assert_client_error(e: &ApiError) {
 /// What every accepted request must satisfy.
 fn check_accepted(p: &CommonParams, flavor: Flavor, prompt: Vec<u32>) {
     let len = prompt.len();
-    match build_request(p, flavor, prompt, CONTEXT, VOCAB) {
+    // The default model's preset, as `sluice serve` applies it.
+    let defaults = sluice_gateway::model_store::default_model().sampling;
+    match build_request(p, flavor, prompt, CONTEXT, VOCAB, &defaults) {
         Ok((req, n)) => {
             assert!((1..=MAX_N).contains(&n));
             assert!(req.max_tokens >= 1);

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::sampling_defaults::SamplingDefaults;
+
 /// Problems with the configuration.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -193,6 +195,10 @@ pub struct ModelEntry {
     /// `tokens_per_second` per request, for testing clients and the gateway).
     pub engine: Option<String>,
     pub tokens_per_second: Option<f64>,
+    /// Sampling for requests that leave fields out (before the file's own and the
+    /// catalogue's recommendations).
+    #[serde(default)]
+    pub sampling: SamplingDefaults,
 }
 
 /// The 32 bytes of a hex SHA-256 (64 hex characters), if `hex` is one.
@@ -216,6 +222,7 @@ impl ModelEntry {
             aliases: Vec::new(),
             engine: None,
             tokens_per_second: None,
+            sampling: SamplingDefaults::NONE,
         }
     }
 }
@@ -327,6 +334,9 @@ impl Config {
         }
         let mut model_names = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
+            for p in m.sampling.problems() {
+                problems.push(format!("models[{i}] ({}): sampling.{p}", m.name));
+            }
             for n in std::iter::once(&m.name).chain(&m.aliases) {
                 if n.trim().is_empty() {
                     problems.push(format!("models[{i}]: names and aliases must not be empty"));
@@ -583,6 +593,29 @@ mod tests {
             .expect("the served name is allowed");
         let p = problems(&key("[]"));
         assert!(p.contains("models = [] allows no model"), "{p}");
+    }
+
+    #[test]
+    fn model_sampling_defaults_are_read_and_range_checked() {
+        let c = parse(
+            r#"
+            [[models]]
+            name = "a"
+            sampling = { temperature = 0.3, top_k = 40 }
+            [[models]]
+            name = "b"
+            sampling = { temperature = 3.0, top_p = 0 }
+            "#,
+        );
+        assert_eq!(c.models[0].sampling.temperature, Some(0.3));
+        assert_eq!(c.models[0].sampling.top_k, Some(40));
+        let p = problems(&c);
+        assert!(
+            p.contains("models[1] (b): sampling.temperature must be in [0, 2], got 3")
+                && p.contains("models[1] (b): sampling.top_p must be in (0, 1], got 0")
+                && !p.contains("models[0]"),
+            "{p}"
+        );
     }
 
     #[test]

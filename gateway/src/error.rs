@@ -45,6 +45,8 @@ pub enum ApiError {
     MethodNotAllowed(String, String),
     #[error("Unknown route {0}.")]
     RouteNotFound(String),
+    #[error("No response found with id '{0}'.")]
+    ResponseNotFound(String),
     #[error("The server is overloaded: {0}. Retry shortly.")]
     Overloaded(String),
     #[error("Internal error: {0}")]
@@ -65,7 +67,9 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::MissingApiKey | ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_)
+            | ApiError::RouteNotFound(_)
+            | ApiError::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::ModelNotAllowed(_) | ApiError::AdminOnly => StatusCode::FORBIDDEN,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
@@ -92,6 +96,11 @@ impl ApiError {
                 Some("model".to_string()),
             ),
             ApiError::RouteNotFound(_) => ("invalid_request_error", Some("not_found"), None),
+            ApiError::ResponseNotFound(_) => (
+                "invalid_request_error",
+                Some("not_found"),
+                Some("response_id".to_string()),
+            ),
             ApiError::ModelNotAllowed(_) => (
                 "permission_error",
                 Some("model_not_allowed"),

@@ -10,6 +10,7 @@ use sluice_engine::GenerationRequest;
 use crate::api_types::CommonParams;
 use crate::error::ApiError;
 use crate::respond::Flavor;
+use crate::sampling_defaults::SamplingDefaults;
 
 /// Most choices per request.
 pub const MAX_N: usize = 16;
@@ -183,6 +184,7 @@ pub fn build_request(
     prompt: Vec<u32>,
     context_length: usize,
     vocab: usize,
+    defaults: &SamplingDefaults,
 ) -> Result<(GenerationRequest, usize), ApiError> {
     refuse_unsupported(&p.rest)?;
     let n = match p.n {
@@ -195,15 +197,23 @@ pub fn build_request(
             ))
         }
     };
-    let temperature = in_range("temperature", p.temperature, 0.0, 2.0, 1.0)?;
-    let top_p = p.top_p.unwrap_or(1.0);
+    // A field the request leaves out takes the model's default (checked at start-up),
+    // else OpenAI's.
+    let temperature = in_range(
+        "temperature",
+        p.temperature.or(defaults.temperature),
+        0.0,
+        2.0,
+        1.0,
+    )?;
+    let top_p = p.top_p.or(defaults.top_p).unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(
             "top_p",
             format!("top_p must be in (0, 1], got {top_p}"),
         ));
     }
-    let top_k = match p.top_k {
+    let top_k = match p.top_k.or(defaults.top_k) {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
         Some(k) => {
@@ -213,10 +223,25 @@ pub fn build_request(
             ))
         }
     };
-    let min_p = in_range("min_p", p.min_p, 0.0, 1.0, 0.0)?;
-    let presence_penalty = in_range("presence_penalty", p.presence_penalty, -2.0, 2.0, 0.0)?;
-    let frequency_penalty = in_range("frequency_penalty", p.frequency_penalty, -2.0, 2.0, 0.0)?;
-    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    let min_p = in_range("min_p", p.min_p.or(defaults.min_p), 0.0, 1.0, 0.0)?;
+    let presence_penalty = in_range(
+        "presence_penalty",
+        p.presence_penalty.or(defaults.presence_penalty),
+        -2.0,
+        2.0,
+        0.0,
+    )?;
+    let frequency_penalty = in_range(
+        "frequency_penalty",
+        p.frequency_penalty.or(defaults.frequency_penalty),
+        -2.0,
+        2.0,
+        0.0,
+    )?;
+    let repetition_penalty = p
+        .repetition_penalty
+        .or(defaults.repetition_penalty)
+        .unwrap_or(1.0);
     if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
         return Err(ApiError::invalid(
             "repetition_penalty",

@@ -16,6 +16,8 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::sampling_defaults::SamplingDefaults;
+
 /// One piece of a model file inside a PyPI wheel: `member` of `package`'s wheel.
 #[derive(Debug, PartialEq)]
 pub struct WheelPart {
@@ -36,6 +38,8 @@ pub struct KnownModel {
     pub sha256: &'static str,
     /// Its licence, shown by `sluice model list`.
     pub license: &'static str,
+    /// Sampling for requests that leave it out, as its authors recommend.
+    pub sampling: SamplingDefaults,
 }
 
 /// Every model `sluice model fetch` can fetch; the first is the default model.
@@ -50,6 +54,13 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
         bytes: 98_362_432,
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license: "Apache-2.0",
+        // The model card's recommendation: at temperature 1 over the whole vocabulary
+        // this 135M model drifts into mixed-script gibberish within a sentence.
+        sampling: SamplingDefaults {
+            temperature: Some(0.2),
+            top_p: Some(0.9),
+            ..SamplingDefaults::NONE
+        },
     },
     KnownModel {
         name: "gemma-3-270m",
@@ -75,8 +86,27 @@ pub static KNOWN_MODELS: &[KnownModel] = &[
         bytes: 253_113_024,
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         license: "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        // Google's recommendation for Gemma 3 (its generation_config.json).
+        sampling: SamplingDefaults {
+            temperature: Some(1.0),
+            top_p: Some(0.95),
+            top_k: Some(64),
+            ..SamplingDefaults::NONE
+        },
     },
 ];
+
+/// The sampling preset of a catalogue model, by its file's name (`NONE` for other files).
+pub fn catalogue_sampling(path: &Path) -> SamplingDefaults {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.file == name)
+        .map_or(SamplingDefaults::NONE, |m| m.sampling)
+}
 
 /// The default model.
 pub fn default_model() -> &'static KnownModel {

@@ -159,7 +159,7 @@ fn finish_str(r: FinishReason) -> &'static str {
 }
 
 /// The engine streams of a response's choices, polled as one.
-struct Choices {
+pub(crate) struct Choices {
     streams: Vec<RequestStream>,
     /// Choices whose `Done` has arrived: their streams are not polled again.
     done: Vec<bool>,
@@ -168,7 +168,7 @@ struct Choices {
 }
 
 impl Choices {
-    fn new(streams: Vec<RequestStream>) -> Self {
+    pub(crate) fn new(streams: Vec<RequestStream>) -> Self {
         Choices {
             done: vec![false; streams.len()],
             streams,
@@ -201,7 +201,7 @@ impl Choices {
         Poll::Pending
     }
 
-    async fn next(&mut self) -> Option<(usize, Event)> {
+    pub(crate) async fn next(&mut self) -> Option<(usize, Event)> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 }
@@ -213,26 +213,39 @@ fn add_usage(total: &mut Usage, u: Usage) {
     total.completion_tokens += u.completion_tokens;
 }
 
-/// Validates the parameters, submits `prompt` to the model's engine (once per choice)
-/// and answers with SSE when the client asked to stream, else with one JSON body.
-pub async fn generate(
+/// A request accepted and submitted: its engine streams and what answering needs.
+pub(crate) struct Submitted {
+    /// One per choice.
+    pub streams: Vec<RequestStream>,
+    /// Prompt tokens (for logging).
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub logprobs: bool,
+    /// The key's token budget after the charge, for the rate-limit headers.
+    pub tokens: Option<crate::rate_limit::BudgetState>,
+}
+
+/// Validates the parameters (`tools`, when the request has them, decide its
+/// constraint when they require a call), charges the key and submits `prompt` to the
+/// model's engine once per choice.
+pub(crate) async fn start(
     state: &AppState,
     key: &ApiKey,
     model: &ServedModel,
     prompt: Vec<u32>,
     params: &CommonParams,
     flavor: Flavor,
-    tools: Option<Arc<ToolSpec>>,
-) -> Result<Response, ApiError> {
-    let tools = tools.filter(|t| t.active());
+    tools: Option<&ToolSpec>,
+) -> Result<Submitted, ApiError> {
     let (mut request, n) = build_request(
         params,
         flavor,
         prompt,
         model.context_length,
         model.tokenizer.vocab_size(),
+        &model.sampling,
     )?;
-    let tool_format = tools.as_ref().and_then(|t| t.output_format());
+    let tool_format = tools.and_then(|t| t.output_format());
     request.constraint = match tool_format {
         Some(format) => {
             if let Some((_, field)) = crate::structured_output::output_format(params)? {
@@ -250,6 +263,29 @@ pub async fn generate(
     let charged = request.prompt.len() + n * request.max_tokens;
     let tokens = crate::rate_limit::charge_tokens(key, charged)?;
     let streams = submit(model, &request, n).inspect_err(|_| key.limits.refund_tokens(charged))?;
+    Ok(Submitted {
+        streams,
+        max_tokens: request.max_tokens,
+        logprobs: request.logprobs.is_some(),
+        prompt: request.prompt,
+        tokens,
+    })
+}
+
+/// Validates the parameters, submits `prompt` to the model's engine (once per choice)
+/// and answers with SSE when the client asked to stream, else with one JSON body.
+pub async fn generate(
+    state: &AppState,
+    key: &ApiKey,
+    model: &ServedModel,
+    prompt: Vec<u32>,
+    params: &CommonParams,
+    flavor: Flavor,
+    tools: Option<Arc<ToolSpec>>,
+) -> Result<Response, ApiError> {
+    let tools = tools.filter(|t| t.active());
+    let sub = start(state, key, model, prompt, params, flavor, tools.as_deref()).await?;
+    let n = sub.streams.len();
     let meta = ResponseMeta {
         id: state.new_id(match flavor {
             Flavor::Chat => "chatcmpl",
@@ -269,22 +305,22 @@ pub async fn generate(
         tools,
     };
     if state.log_payloads {
-        let prompt = model.tokenizer.decode(&request.prompt, true);
+        let prompt = model.tokenizer.decode(&sub.prompt, true);
         tracing::info!(id = %meta.id, key = %key.name, model = %model.name, prompt = %prompt, "request payload");
     }
-    let logprobs = request.logprobs.is_some();
+    let logprobs = sub.logprobs;
     let mut resp = if params.stream {
-        stream_sse(Choices::new(streams), logprobs, meta)
+        stream_sse(Choices::new(sub.streams), logprobs, meta)
     } else {
         // Dropping the engine streams on timeout cancels the generation.
         tokio::time::timeout(
             state.request_timeout,
-            complete(Choices::new(streams), n, logprobs, meta),
+            complete(Choices::new(sub.streams), n, logprobs, meta),
         )
         .await
         .map_err(|_| ApiError::Timeout(state.request_timeout.as_secs()))??
     };
-    if let Some(t) = tokens {
+    if let Some(t) = sub.tokens {
         crate::rate_limit::set_headers(resp.headers_mut(), "tokens", &t);
     }
     Ok(resp)

@@ -64,6 +64,11 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
             post(routes::render::render_completion),
         )
         .route("/v1/models", get(routes::models::list_models))
+        .route("/v1/responses", post(routes::responses::create_response))
+        .route(
+            "/v1/responses/{id}",
+            get(routes::responses::retrieve_response).delete(routes::responses::delete_response),
+        )
         // A wildcard: served names and aliases may hold `/` (`org/model`).
         .route("/v1/models/{*model}", get(routes::models::retrieve_model))
         .route("/tokenize", post(routes::tokenize::tokenize))

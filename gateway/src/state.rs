@@ -11,6 +11,7 @@ use sluice_engine::Engine;
 
 use crate::auth::{ApiKey, AuthPolicy};
 use crate::error::ApiError;
+use crate::sampling_defaults::SamplingDefaults;
 
 /// One model being served.
 pub struct ServedModel {
@@ -24,6 +25,8 @@ pub struct ServedModel {
     pub created: u64,
     /// Compiles structured-output formats for this model's vocabulary.
     pub grammars: Arc<GrammarCompiler>,
+    /// What requests that leave sampling fields out get.
+    pub sampling: SamplingDefaults,
 }
 
 /// What a model's engine is doing, as `/health`, `/ready` and `/admin/models` report it.
@@ -93,9 +96,14 @@ pub struct AppState {
     /// Bounds request preparation (chat-template rendering and tokenizing bodies of up
     /// to `limits.max_body_bytes`) on tokio's blocking pool; see `routes::prepare`.
     pub preparation: crate::routes::Preparation,
+    /// Responses-API responses kept for `previous_response_id` and retrieval.
+    pub responses: crate::response_store::ResponseStore,
     draining: AtomicBool,
     next_id: AtomicU64,
 }
+
+/// Bytes of stored Responses-API responses kept (oldest dropped first beyond it).
+pub const RESPONSE_STORE_BYTES: usize = 64 << 20;
 
 /// Cheap handle passed to handlers.
 pub type SharedState = Arc<AppState>;
@@ -118,6 +126,7 @@ impl AppState {
             fault_injection: false,
             metrics_access: MetricsAccess::Open,
             preparation: crate::routes::Preparation::new(),
+            responses: crate::response_store::ResponseStore::new(RESPONSE_STORE_BYTES),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(seed),
         }

@@ -16,6 +16,7 @@ use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
 use sluice_gateway::config::{Config, ModelEntry};
+use sluice_gateway::sampling_defaults::SamplingDefaults;
 use sluice_gateway::state::{unix_now, AppState, MetricsAccess, ServedModel};
 use sluice_gateway::{model_store, server};
 use tracing::{info, warn};
@@ -123,6 +124,7 @@ impl ServeArgs {
                 aliases: Vec::new(),
                 engine: None,
                 tokens_per_second: None,
+                sampling: SamplingDefaults::NONE,
             }];
         }
         if self.engine.is_some() || self.tokens_per_second.is_some() {
@@ -178,6 +180,7 @@ fn load_served_model(
     path: Option<&std::path::Path>,
     name: String,
     aliases: Vec<String>,
+    sampling: SamplingDefaults,
     backend: Backend,
     cfg: EngineConfig,
 ) -> Result<ServedModel> {
@@ -192,6 +195,13 @@ fn load_served_model(
         None => model_store::synthetic_vocabulary()?,
     });
     let tokenizer = Arc::new(Tokenizer::load(&file, path)?);
+    // Per field: the config's, the file's own recommendation, the catalogue's preset.
+    let sampling = sampling
+        .or(SamplingDefaults::from_gguf(&file))
+        .or(path.map_or(SamplingDefaults::NONE, model_store::catalogue_sampling));
+    if sampling != SamplingDefaults::NONE {
+        info!(model = %name, defaults = %serde_json::to_string(&sampling).unwrap_or_default(), "default sampling for requests that leave it out");
+    }
     // The file's own template; else, for architectures that have one turn format
     // (Gemma), the built-in template llama.cpp also falls back to.
     let arch = file
@@ -255,6 +265,7 @@ fn load_served_model(
         aliases,
         engine,
         grammars: Arc::new(GrammarCompiler::new(tokenizer.clone())),
+        sampling,
         tokenizer,
         template,
         context_length,
@@ -325,6 +336,7 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
             path.as_deref(),
             e.name,
             e.aliases,
+            e.sampling,
             backend,
             engine_cfg.clone(),
         )?);

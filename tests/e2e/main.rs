@@ -13,6 +13,7 @@ mod openai_sdk;
 mod parity;
 mod prometheus;
 mod reliability;
+mod responses;
 mod routers;
 mod sampling_api;
 mod server;

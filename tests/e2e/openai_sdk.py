@@ -76,6 +76,35 @@ final = client.chat.completions.create(model=model, messages=history, tools=tool
 assert final.choices[0].message.content, final
 assert final.choices[0].finish_reason in ("stop", "length"), final
 
+# The Responses API: plain, streamed, continued, retrieved, structured, with tools.
+r = client.responses.create(model=model, input="Name three colors.", max_output_tokens=12, temperature=0)
+assert r.object == "response" and r.status in ("completed", "incomplete") and r.output_text, r
+events = list(client.responses.create(
+    model=model, input="Name three colors.", max_output_tokens=12, temperature=0, stream=True))
+kinds = [e.type for e in events]
+assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+assert [e.sequence_number for e in events] == list(range(len(events)))
+assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+r2 = client.responses.create(model=model, input="And three more?", previous_response_id=r.id,
+                             max_output_tokens=8, temperature=0)
+assert r2.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens, (r.usage, r2.usage)
+assert client.responses.retrieve(r.id).output_text == r.output_text
+pet_r = client.responses.parse(model=model, input="Describe a pet.", text_format=Pet,
+                               max_output_tokens=60, temperature=0)
+assert isinstance(pet_r.output_parsed, Pet), pet_r
+rtools = [{"type": "function", "name": "get_weather", "description": "Current weather in a city",
+           "parameters": tools[0]["function"]["parameters"], "strict": True}]
+r4 = client.responses.create(model=model, input="What is the weather in Paris?", tools=rtools,
+                             tool_choice="required", parallel_tool_calls=False,
+                             max_output_tokens=60, temperature=0)
+fc = [o for o in r4.output if o.type == "function_call"][0]
+assert fc.name == "get_weather" and isinstance(json.loads(fc.arguments)["city"], str), r4
+r5 = client.responses.create(model=model, previous_response_id=r4.id, tools=rtools,
+                             input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "21C, clear"}],
+                             max_output_tokens=30, temperature=0)
+assert r5.output_text, r5
+
 text, usage = "", None
 for chunk in client.chat.completions.create(
     model=model, messages=messages, max_tokens=12, temperature=0,

@@ -254,3 +254,83 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_blocks() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn requests_that_leave_sampling_out_get_the_models_defaults() {
+    // The default model's catalogue preset, then a configured override of one field.
+    let preset = Server::start(&[]);
+    let models: Value = Server::client()
+        .get(format!("{}/v1/models", preset.base))
+        .header("Authorization", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        models["data"][0]["sampling_defaults"],
+        json!({"temperature": 0.2, "top_p": 0.9}),
+        "{models}"
+    );
+    drop(preset);
+    let server = Server::with_config(
+        "[[models]]\nname = \"m\"\npath = \"{model}\"\nsampling = { temperature = 0.0 }\n",
+        &[],
+    );
+    let models: Value = Server::client()
+        .get(format!("{}/v1/models", server.base))
+        .header("Authorization", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The configured field wins; the others still come from the preset.
+    assert_eq!(
+        models["data"][0]["sampling_defaults"],
+        json!({"temperature": 0.0, "top_p": 0.9}),
+        "{models}"
+    );
+    let ask = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "Tell me a story."}],
+                           "max_tokens": 24, "ignore_eos": true});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // No temperature sent: the default 0 is greedy, whatever the seed.
+    let greedy = text(
+        &ok_json(
+            &server,
+            "/v1/chat/completions",
+            ask(json!({"temperature": 0})),
+        )
+        .await,
+    );
+    for seed in [1, 2, 3] {
+        let v = ok_json(&server, "/v1/chat/completions", ask(json!({"seed": seed}))).await;
+        assert_eq!(text(&v), greedy, "seed {seed}");
+    }
+    // A request that sets the field gets what it asked for: at temperature 2 over the
+    // whole vocabulary, three seeds do not all give the greedy text.
+    let mut differ = 0;
+    for seed in [1, 2, 3] {
+        let v = ok_json(
+            &server,
+            "/v1/chat/completions",
+            ask(json!({"seed": seed, "temperature": 2, "top_p": 1})),
+        )
+        .await;
+        differ += usize::from(text(&v) != greedy);
+    }
+    assert!(differ > 0, "temperature 2 was not applied");
+}

@@ -7,6 +7,7 @@ pub mod health;
 pub mod models;
 pub mod page;
 pub mod render;
+pub mod responses;
 pub mod tokenize;
 pub mod ws;
 

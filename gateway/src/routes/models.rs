@@ -10,9 +10,11 @@ use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::state::{ServedModel, SharedState};
 
-/// A served model as OpenAI's model object (with vLLM's `max_model_len`).
+/// A served model as OpenAI's model object (with vLLM's `max_model_len`, and the
+/// sampling that requests leaving fields out get).
 fn model_object(m: &ServedModel) -> Value {
-    json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "sluice", "max_model_len": m.context_length})
+    json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "sluice",
+           "max_model_len": m.context_length, "sampling_defaults": m.sampling})
 }
 
 /// Lists the served models this key may use, in OpenAI's format.

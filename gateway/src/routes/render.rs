@@ -86,6 +86,7 @@ pub async fn render_chat(
         prompt,
         model.context_length,
         model.tokenizer.vocab_size(),
+        &model.sampling,
     )?;
     // Compiled (and refused) as generation would, though the render does not need it.
     crate::structured_output::constraint(&state, model, &common).await?;
@@ -114,6 +115,7 @@ pub async fn render_completion(
         prompt,
         model.context_length,
         model.tokenizer.vocab_size(),
+        &model.sampling,
     )?;
     crate::structured_output::constraint(&state, model, &common).await?;
     Ok(Json(json!([rendered(&state, &model.name, &r, n, &common)])))

@@ -380,6 +380,7 @@ async fn generate(
         prompt,
         model.context_length,
         model.tokenizer.vocab_size(),
+        &model.sampling,
     )?;
     request.constraint = crate::structured_output::constraint(state, model, &params).await?;
     let charged = request.prompt.len() + request.max_tokens;
