@@ -46,6 +46,8 @@ pub enum ModelError {
     ChatTemplate(String),
     #[error("cannot start compute threads: {0}")]
     Threads(String),
+    #[error("{0}")]
+    Runtime(String),
 }
 
 /// Why a request could not be accepted or completed.

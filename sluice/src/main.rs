@@ -3,6 +3,7 @@
 
 mod bench;
 mod chat;
+mod export_onnx;
 mod keys;
 mod loadtest;
 mod model;

@@ -16,6 +16,17 @@ pub enum ModelCmd {
     },
     /// The fetchable models (fetched or not) and the other GGUF files in the models folder.
     List,
+    /// Write a GGUF model as an ONNX model for the `onnx` backend (`model.onnx`, its
+    /// weights, the tokenizer and a manifest in OUT; serve it with `sluice serve --model
+    /// OUT`).
+    ExportOnnx {
+        /// The GGUF file, or a fetchable model's name [default: the default model].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print where a model's file is, or would be: in $SLUICE_MODELS_DIR, else models/ in
     /// the checkout the binary was built in, else ~/.cache/sluice/models.
     Path {
@@ -67,6 +78,11 @@ pub fn run_cli(action: ModelCmd) -> Result<()> {
                     _ => println!("{:<16} {:<36} {size:>9}  {stem}", "-", l.file),
                 }
             }
+        }
+        ModelCmd::ExportOnnx { model, out } => {
+            let file = resolve_model(model)?;
+            crate::export_onnx::export(&file, &out)?;
+            println!("{}", out.display());
         }
         ModelCmd::Path { name } => {
             let p = model_store::model_file(&model_store::models_dir()?, name.as_deref())?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
+use sluice_engine::backends::onnx::{Manifest, OnnxRuntime};
 use sluice_engine::backends::{self, RuntimeOptions};
 use sluice_engine::config::ModelConfig;
 use sluice_engine::structured::GrammarCompiler;
@@ -188,17 +189,28 @@ fn load_served_model(
         || "the built-in vocabulary".to_string(),
         |p| p.display().to_string(),
     );
-    let file = Arc::new(match path {
+    // An exported ONNX model's folder: its tokenizer and template are in the metadata-only
+    // `tokenizer.gguf` beside `model.onnx`.
+    let onnx = path.and_then(Manifest::folder_of);
+    let manifest = onnx.as_deref().map(Manifest::read).transpose()?;
+    let gguf_path = onnx.as_ref().map(|d| d.join("tokenizer.gguf"));
+    let gguf_path = gguf_path.as_deref().or(path);
+    let file = Arc::new(match gguf_path {
         Some(p) => {
             sluice_engine::gguf::GgufFile::open(p).with_context(|| format!("loading {shown}"))?
         }
         None => model_store::synthetic_vocabulary()?,
     });
-    let tokenizer = Arc::new(Tokenizer::load(&file, path)?);
-    // Per field: the config's, the file's own recommendation, the catalogue's preset.
-    let sampling = sampling
-        .or(SamplingDefaults::from_gguf(&file))
-        .or(path.map_or(SamplingDefaults::NONE, model_store::catalogue_sampling));
+    let tokenizer = Arc::new(Tokenizer::load(&file, gguf_path)?);
+    // Per field: the config's, the file's own recommendation, the catalogue's preset
+    // (for an export, its source file's).
+    let source = manifest
+        .as_ref()
+        .map(|m| std::path::PathBuf::from(&m.source_file));
+    let sampling = sampling.or(SamplingDefaults::from_gguf(&file)).or(source
+        .as_deref()
+        .or(path)
+        .map_or(SamplingDefaults::NONE, model_store::catalogue_sampling));
     if sampling != SamplingDefaults::NONE {
         info!(model = %name, defaults = %serde_json::to_string(&sampling).unwrap_or_default(), "default sampling for requests that leave it out");
     }
@@ -226,17 +238,46 @@ fn load_served_model(
     };
     // Without a file only the synthetic engine runs: its context length is the default
     // model's, its vocabulary the built-in one.
-    let mcfg = path.map(|_| ModelConfig::from_gguf(&file)).transpose()?;
-    let (context_length, vocab_size) = match &mcfg {
-        Some(m) => (m.context_length, m.vocab_size),
-        None => (
+    let mcfg = match &manifest {
+        Some(_) => None,
+        None => path.map(|_| ModelConfig::from_gguf(&file)).transpose()?,
+    };
+    let (context_length, vocab_size) = match (&mcfg, &manifest) {
+        (Some(m), _) => (m.context_length, m.vocab_size),
+        (None, Some(m)) => (m.context_length, m.vocab_size),
+        (None, None) => (
             model_store::SYNTHETIC_CONTEXT_LENGTH,
             tokenizer.vocab_size(),
         ),
     };
-    let engine = match (backend, mcfg) {
-        (Backend::Model { .. }, None) => bail!("the inference engine needs a model file"),
-        (Backend::Model { runtime: opts }, Some(mcfg)) => {
+    let engine = match (backend, mcfg, onnx.zip(manifest)) {
+        (Backend::Model { runtime: opts }, _, Some((dir, manifest))) => {
+            let library = model_store::fetch_onnx_runtime(&model_store::models_dir()?)?;
+            let env = backends::onnx::library::init(&library)?;
+            let info = format!(
+                "source {}, {} layers",
+                manifest.source_file, manifest.n_layers
+            );
+            let runtime = OnnxRuntime::load(
+                &env,
+                &dir,
+                manifest,
+                opts.pool.threads(),
+                opts.kv_cache_tokens,
+            )
+            .with_context(|| format!("loading {shown}"))?;
+            info!(model = %name, export = %info, context_length, library = %library.display(), "ONNX model loaded");
+            Engine::start(
+                Box::new(runtime),
+                tokenizer.clone(),
+                EngineConfig {
+                    name: name.clone(),
+                    ..cfg
+                },
+            )?
+        }
+        (Backend::Model { .. }, None, None) => bail!("the inference engine needs a model file"),
+        (Backend::Model { runtime: opts }, Some(mcfg), None) => {
             let runtime =
                 backends::load(file, &opts).with_context(|| format!("loading {shown}"))?;
             info!(model = %name, arch = %mcfg.architecture, layers = mcfg.n_layers, context_length, kernels = %runtime.info().device, threads = opts.pool.threads(), "model loaded");
@@ -249,7 +290,7 @@ fn load_served_model(
                 },
             )?
         }
-        (Backend::Synthetic { tokens_per_second }, _) => {
+        (Backend::Synthetic { tokens_per_second }, _, _) => {
             info!(model = %name, tokens_per_second, vocabulary = %shown, "synthetic engine: no inference, filler tokens at a fixed pace");
             // No compute limits the batch: every accepted request runs at once.
             let cfg = EngineConfig {

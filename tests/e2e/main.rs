@@ -8,6 +8,7 @@ mod engine;
 mod gateway;
 mod loadtest;
 mod multi_model;
+mod onnx;
 mod openai_node;
 mod openai_sdk;
 mod parity;

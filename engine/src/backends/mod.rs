@@ -42,6 +42,7 @@
 //! its compute pool, a runtime without host threads of its own passes [`SerialRows`].
 
 pub mod cpu;
+pub mod onnx;
 
 use std::sync::Arc;
 

@@ -1,0 +1,265 @@
+//! The ONNX Runtime model behind the engine's seam: one `ort` session, run once per
+//! sequence of a step with that sequence's K/V as the graph's `past_key_values.*`
+//! inputs, keeping the `present.*` outputs as its K/V for the next step.
+//!
+//! The graph contract (`scripts/export_onnx.py`): inputs `input_ids` int64 [1, S],
+//! `seqlens_k` int32 [1] (total length − 1), `total_sequence_length` int32 [],
+//! `past_key_values.{i}.key|value` f32 [1, kv_heads, past, head_dim]; outputs `logits`
+//! f32 [1, S, vocab] and `present.{i}.key|value` f32 [1, kv_heads, total, head_dim].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ort::environment::Environment;
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor;
+
+use super::manifest::Manifest;
+use crate::backends::{
+    Capabilities, KvCapacity, KvStorage, ModelRuntime, RowRunner, RuntimeInfo, SeqChunk, SerialRows,
+};
+use crate::block_allocator::{BlockId, BLOCK_SIZE};
+use crate::error::ModelError;
+
+/// One sequence's K/V, layer by layer, as the graph returned them.
+struct SeqState {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    /// Positions held.
+    len: usize,
+    /// The step that last used it (for eviction).
+    last_used: u64,
+}
+
+/// An exported model on ONNX Runtime.
+pub struct OnnxRuntime {
+    session: Session,
+    manifest: Manifest,
+    /// Per sequence, keyed by the first block of its block table (see the seam's doc).
+    states: HashMap<BlockId, SeqState>,
+    capacity_blocks: usize,
+    step: u64,
+    /// Input and output names, built once.
+    past_names: Vec<(String, String)>,
+    present_names: Vec<(String, String)>,
+}
+
+fn ort_error<T>(what: &str) -> impl Fn(ort::Error<T>) -> ModelError + '_ {
+    move |e| ModelError::Runtime(format!("{what}: {e}"))
+}
+
+impl OnnxRuntime {
+    /// Opens `dir/model.onnx` with `threads` compute threads; K/V for `kv_cache_tokens`
+    /// tokens across sequences (rounded up to whole blocks), in the environment of the
+    /// loaded ONNX Runtime ([`super::library::init`]).
+    pub fn load(
+        env: &Environment,
+        dir: &Path,
+        manifest: Manifest,
+        threads: usize,
+        kv_cache_tokens: usize,
+    ) -> Result<Self, ModelError> {
+        let path = dir.join("model.onnx");
+        let session = Session::builder(env)
+            .map_err(ort_error("creating an ONNX Runtime session"))?
+            .with_intra_threads(threads.max(1))
+            .map_err(ort_error("setting ONNX Runtime's threads"))?
+            .commit_from_file(&path)
+            .map_err(ort_error(&format!("loading {}", path.display())))?;
+        let names = |a: &str, b: &str| {
+            (0..manifest.n_layers)
+                .map(|i| (format!("{a}.{i}.{b}"), format!("{a}.{i}.value")))
+                .collect::<Vec<_>>()
+        };
+        let past_names = names("past_key_values", "key");
+        let present_names = names("present", "key");
+        for (k, _) in &past_names {
+            if !session.inputs().iter().any(|i| i.name() == k) {
+                return Err(ModelError::Runtime(format!(
+                    "{} has no input {k}: not a model exported by `sluice model export-onnx`",
+                    path.display()
+                )));
+            }
+        }
+        Ok(OnnxRuntime {
+            session,
+            capacity_blocks: kv_cache_tokens.div_ceil(BLOCK_SIZE).max(1),
+            manifest,
+            states: HashMap::new(),
+            step: 0,
+            past_names,
+            present_names,
+        })
+    }
+
+    fn kv_shape(&self, len: usize) -> [usize; 4] {
+        [1, self.manifest.n_kv_heads, len, self.manifest.head_dim]
+    }
+
+    /// Runs one sequence's chunk; appends the last position's logits to `logits` when
+    /// asked.
+    fn run_chunk(&mut self, c: &SeqChunk<'_>, logits: &mut Vec<f32>) -> Result<(), String> {
+        let key = *c
+            .block_table
+            .first()
+            .ok_or("a chunk without blocks reached the ONNX runtime")?;
+        let n_layers = self.manifest.n_layers;
+        let step = self.step;
+        if c.start_pos == 0 {
+            self.states.insert(
+                key,
+                SeqState {
+                    keys: vec![Vec::new(); n_layers],
+                    values: vec![Vec::new(); n_layers],
+                    len: 0,
+                    last_used: step,
+                },
+            );
+        }
+        let past_len = self.states.get(&key).map_or(usize::MAX, |s| s.len);
+        if past_len != c.start_pos {
+            return Err(format!(
+                "the ONNX runtime holds {past_len} positions of a sequence whose chunk starts at {}",
+                c.start_pos
+            ));
+        }
+        let s = c.tokens.len();
+        let total = past_len + s;
+        let shape = self.kv_shape(past_len);
+        fn err<T>(e: ort::Error<T>) -> String {
+            e.to_string()
+        }
+        let mut inputs: Vec<(String, SessionInputValue<'static>)> =
+            Vec::with_capacity(3 + 2 * n_layers);
+        let ids: Vec<i64> = c.tokens.iter().map(|&t| i64::from(t)).collect();
+        inputs.push((
+            "input_ids".into(),
+            Tensor::from_array(([1usize, s], ids)).map_err(err)?.into(),
+        ));
+        inputs.push((
+            "seqlens_k".into(),
+            Tensor::from_array(([1usize], vec![(total - 1) as i32]))
+                .map_err(err)?
+                .into(),
+        ));
+        inputs.push((
+            "total_sequence_length".into(),
+            Tensor::from_array(([0usize; 0], vec![total as i32]))
+                .map_err(err)?
+                .into(),
+        ));
+        let state = self.states.get_mut(&key).ok_or("state vanished")?;
+        state.last_used = step;
+        for (layer, (k_name, v_name)) in self.past_names.iter().enumerate() {
+            // The graph takes its past by value; the present replaces it below.
+            let k = std::mem::take(&mut state.keys[layer]);
+            let v = std::mem::take(&mut state.values[layer]);
+            inputs.push((
+                k_name.clone(),
+                Tensor::from_array((shape, k)).map_err(err)?.into(),
+            ));
+            inputs.push((
+                v_name.clone(),
+                Tensor::from_array((shape, v)).map_err(err)?.into(),
+            ));
+        }
+        let outputs = self.session.run(inputs).map_err(err)?;
+        let state = self.states.get_mut(&key).ok_or("state vanished")?;
+        for (layer, (k_name, v_name)) in self.present_names.iter().enumerate() {
+            let (_, k) = outputs[k_name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(err)?;
+            let (_, v) = outputs[v_name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(err)?;
+            state.keys[layer] = k.to_vec();
+            state.values[layer] = v.to_vec();
+        }
+        state.len = total;
+        if c.want_logits {
+            let vocab = self.manifest.vocab_size;
+            let (_, all) = outputs["logits"].try_extract_tensor::<f32>().map_err(err)?;
+            if all.len() != s * vocab {
+                return Err(format!(
+                    "logits hold {} values, expected {s} x {vocab}",
+                    all.len()
+                ));
+            }
+            logits.extend_from_slice(&all[(s - 1) * vocab..]);
+        }
+        Ok(())
+    }
+
+    /// Drops the K/V of sequences least recently stepped, beyond the declared capacity:
+    /// finished sequences' K/V stay until then (the seam tells a runtime of new
+    /// sequences, not of ended ones), and a running one is stepped at least every few
+    /// steps, so it is never the oldest.
+    fn evict(&mut self) {
+        let capacity = self.capacity_blocks * BLOCK_SIZE;
+        let mut held: usize = self.states.values().map(|s| s.len).sum();
+        while held > capacity {
+            let Some((&oldest, _)) = self
+                .states
+                .iter()
+                .filter(|(_, s)| s.last_used < self.step)
+                .min_by_key(|(_, s)| s.last_used)
+            else {
+                break;
+            };
+            if let Some(s) = self.states.remove(&oldest) {
+                held -= s.len;
+            }
+        }
+    }
+}
+
+impl ModelRuntime for OnnxRuntime {
+    fn info(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            backend: "onnx",
+            device: "cpu (ONNX Runtime)".into(),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            kv: KvStorage::Internal,
+            device_sampling: false,
+            token_mask: false,
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.manifest.vocab_size
+    }
+
+    fn context_length(&self) -> usize {
+        self.manifest.context_length
+    }
+
+    fn kv_capacity(&self) -> KvCapacity {
+        let m = &self.manifest;
+        KvCapacity {
+            blocks: self.capacity_blocks,
+            bytes_per_token: m.n_layers * 2 * m.n_kv_heads * m.head_dim * 4,
+        }
+    }
+
+    fn step(&mut self, batch: &[SeqChunk<'_>], sample: &mut dyn FnMut(&[f32], &dyn RowRunner)) {
+        self.step += 1;
+        let mut logits = Vec::new();
+        for c in batch {
+            // A failed run is a bug or a broken model file: the engine's supervisor
+            // fails the requests in flight and restarts the loop.
+            if let Err(e) = self.run_chunk(c, &mut logits) {
+                panic!("ONNX Runtime step failed: {e}");
+            }
+        }
+        self.evict();
+        sample(&logits, &SerialRows);
+    }
+
+    fn reset(&mut self) {
+        self.states.clear();
+    }
+}
