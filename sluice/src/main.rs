@@ -3,6 +3,7 @@
 
 mod bench;
 mod chat;
+mod check;
 mod export_onnx;
 mod keys;
 mod loadtest;
@@ -38,6 +39,11 @@ enum Cmd {
     /// Run a long mixed load (streams, WebSockets, cancellations, bad requests) against a
     /// server and check nothing is lost or leaked.
     Soak(soak::SoakArgs),
+    /// Check that two runtimes, files or kernel sets give the same greedy output.
+    Check {
+        #[command(subcommand)]
+        action: check::CheckCmd,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -83,5 +89,6 @@ fn run() -> Result<()> {
             .build()?
             .block_on(chat::run_cli(args)),
         Cmd::Keys { action } => keys::run_cli(action),
+        Cmd::Check { action } => check::run_cli(action),
     }
 }

@@ -314,6 +314,27 @@ fn load_served_model(
     })
 }
 
+/// Loads the model at `path` (a GGUF file, or an ONNX export's folder) on `threads`
+/// compute threads with the default limits, for tools that drive the engine directly.
+pub fn load_model(path: &std::path::Path, threads: usize) -> Result<ServedModel> {
+    let runtime = RuntimeOptions {
+        pool: Arc::new(ThreadPool::new(threads).context("starting the compute threads")?),
+        kv_cache_tokens: RuntimeOptions::DEFAULT_KV_CACHE_TOKENS,
+    };
+    let name = served_name(path);
+    load_served_model(
+        Some(path),
+        name.clone(),
+        Vec::new(),
+        SamplingDefaults::NONE,
+        Backend::Model { runtime },
+        EngineConfig {
+            name,
+            ..EngineConfig::default()
+        },
+    )
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

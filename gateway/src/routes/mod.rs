@@ -190,7 +190,7 @@ pub fn chat_messages(messages: &[InMessage]) -> Result<Vec<ChatMessage>, ApiErro
 /// Renders messages with the model's chat template and tokenizes the result, on the
 /// calling thread: its cost grows with the conversation, so handlers go through
 /// [`chat_prompt_prepared`].
-pub(crate) fn chat_prompt(
+pub fn chat_prompt(
     model: &ServedModel,
     messages: &[InMessage],
     add_generation_prompt: bool,
