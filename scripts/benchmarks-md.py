@@ -143,6 +143,12 @@ def main():
             if test.startswith("pp") and int(test[2:]) >= 4000 and r:
                 targets.append((f"prefill {test} ≥ 2× llama.cpp ({cpu})", f"{r:.2f}×", r >= 2.0))
 
+    # Written by hand from its raw outputs (scripts/bench-vs-llamacpp does not run Gemma
+    # yet): included as it is.
+    text = read(os.path.join(OUT, "gemma3-270m-avx2.md"))
+    if text:
+        md += [text, ""]
+
     d = os.path.join(OUT, "two-models")
     reps = sorted(glob.glob(os.path.join(d, "rep*-one")))
     if reps:
@@ -163,6 +169,42 @@ def main():
                f"| ratio of medians | **{statistics.median(both) / statistics.median(one):.2f}×** |", "",
                "Two busy engines take turns on the one pool step by step, so two models cost about what one "
                "does at the same total concurrency, with no oversubscription of the cores.", ""]
+
+    text = read(os.path.join(OUT, "structured-outputs.txt"))
+    if text:
+        md += ["## Structured outputs", "",
+               "`scripts/bench-structured`: 16 closed-loop streams of chat requests on one `sluice serve` "
+               "(default model), each asking for a JSON object holding a long array of strings under a fixed "
+               "`json_schema` (at least 64 items, so no output closes within max_tokens 128), against the same "
+               "prompts unconstrained, the two alternating. Raw output: "
+               "[`docs/bench/structured-outputs.txt`](docs/bench/structured-outputs.txt).", "",
+               "```", text, "```", ""]
+        cpu = next((l[len("CPU: "):].split(";")[0] for l in text.splitlines() if l.startswith("CPU: ")), "?")
+        ratio = next((float(l.rsplit(":", 1)[1]) for l in text.splitlines() if l.startswith("ratio json_schema")), None)
+        if ratio is not None:
+            targets.append((f"16 streams under a json_schema ≥ 0.8× unconstrained output tok/s ({cpu})",
+                            f"{ratio:.2f}×", ratio >= 0.8))
+
+    text = read(os.path.join(OUT, "onnx.txt"))
+    if text:
+        md += ["## ONNX Runtime backend against the native engine", "",
+               "`scripts/bench-onnx`: the default model on the native engine and its export "
+               "(`sluice model export-onnx`, accuracy level 0) on ONNX Runtime 1.32.0's CPU provider, each "
+               "served alone by `sluice serve` and measured with `sluice loadtest`, alternating: prefill of one "
+               "~1,000-token chat prompt (TTFT p50), single-stream decode, 16 streams of 128 tokens. Raw output: "
+               "[`docs/bench/onnx.txt`](docs/bench/onnx.txt).", "", "```", text, "```", ""]
+    c = os.path.join(OUT, "onnx-consistency.json")
+    if os.path.exists(c):
+        r = json.load(open(c))
+        n = len(r["prompts"])
+        md += ["Greedy agreement (`sluice check consistency --against EXPORT --steps 64`, "
+               "[`docs/bench/onnx-consistency.json`](docs/bench/onnx-consistency.json)): "
+               f"{r['identical']} of {n} prompts identical over {r['steps']} tokens; the largest divergence "
+               f"gap {r['max_gap_nats']:.3f} nats in the native engine's logprobs.", ""]
+        targets.append((f"ONNX greedy = native on ≥ 7 of 8 prompts over 64 tokens, every divergence ≤ 0.15 nats "
+                        f"({read(os.path.join(OUT, 'onnx-consistency.cpu'), '?')})",
+                        f"{r['identical']} of {n}, largest gap {r['max_gap_nats']:.3f}",
+                        r["identical"] >= 7 and r["max_gap_nats"] <= 0.15))
 
     md += ["## Gateway overhead (synthetic backend)", "",
            "`sluice serve --engine synthetic` streams filler tokens at a fixed pace with no inference, so what "
