@@ -191,6 +191,7 @@ impl EngineLoop {
             .collect();
         for id in gone {
             self.active.remove(&id);
+            release(&mut *self.runtime, &self.scheduler, id);
             if self.scheduler.remove(id) == Some(false) {
                 self.waiting_count.fetch_sub(1, Ordering::AcqRel);
             }
@@ -302,6 +303,7 @@ impl EngineLoop {
         );
         for (seq, error) in failures {
             if let Some(a) = active.remove(&seq) {
+                release(&mut **runtime, scheduler, seq);
                 scheduler.remove(seq);
                 fail(&a, &error, metrics);
             }
@@ -313,6 +315,7 @@ impl EngineLoop {
             };
             if emit(a, tokenizer, id, lp, cached, metrics).is_some() {
                 active.remove(&seq);
+                release(&mut **runtime, scheduler, seq);
                 scheduler.remove(seq);
             }
         }
@@ -358,6 +361,14 @@ impl SupervisedLoop for EngineLoop {
         self.runtime.reset();
         self.panic_next_step = false;
         self.publish();
+    }
+}
+
+/// Tells the runtime that sequence `id` ended, by the first block of its table (how a
+/// runtime that keeps K/V itself knows its sequences).
+fn release(runtime: &mut dyn ModelRuntime, scheduler: &Scheduler, id: SeqId) {
+    if let Some(&first) = scheduler.get(id).and_then(|s| s.blocks.first()) {
+        runtime.release(first);
     }
 }
 

@@ -51,6 +51,8 @@ struct Record {
     /// Sampling jobs run through the fake's `RowRunner`.
     rows: AtomicUsize,
     resets: AtomicUsize,
+    /// First blocks of the sequences the engine said ended.
+    released: Mutex<Vec<u32>>,
     /// Held by a test to keep the loop inside a step while it submits more.
     gate: Mutex<()>,
 }
@@ -132,6 +134,10 @@ impl ModelRuntime for FakeRuntime {
 
     fn reset(&mut self) {
         self.record.resets.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn release(&mut self, first_block: u32) {
+        self.record.released.lock().unwrap().push(first_block);
     }
 }
 
@@ -352,4 +358,36 @@ fn after_a_panic_the_runtime_is_reset_and_serves_again() {
     let (text, ..) = collect(&mut e.submit(greedy(tokens("a"), 3)).unwrap());
     assert_eq!(text, "bcd");
     e.shutdown();
+}
+
+#[test]
+fn a_runtime_that_keeps_kv_hears_of_every_sequence_that_ends() {
+    let (e, record) = engine(KvStorage::Internal, 64, 512);
+    for p in ["ab", "hij"] {
+        collect(&mut e.submit(greedy(tokens(p), 3)).unwrap());
+    }
+    // One cancelled mid-generation: the loop notices before its next step.
+    let mut long = e.submit(greedy(tokens("a"), 500)).unwrap();
+    assert!(matches!(long.blocking_recv(), Some(Event::Token { .. })));
+    drop(long);
+    collect(&mut e.submit(greedy(tokens("pq"), 3)).unwrap());
+    e.shutdown();
+    let started: Vec<u32> = record
+        .steps
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .filter(|c| c.start_pos == 0)
+        .map(|c| c.block_table[0])
+        .collect();
+    let mut released = record.released.lock().unwrap().clone();
+    assert_eq!(started.len(), 4, "four sequences ran");
+    let mut want = started;
+    want.sort_unstable();
+    released.sort_unstable();
+    assert_eq!(
+        released, want,
+        "each ended sequence released by its first block"
+    );
 }

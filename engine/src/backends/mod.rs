@@ -24,8 +24,9 @@
 //!   caching off (see `Engine::start`), so no block is ever shared: a sequence's block
 //!   table is only its share of `kv_capacity`, and its first entry identifies the
 //!   sequence among those running. Such a runtime keys its per-sequence state by that
-//!   first block, and starts the state afresh for a chunk at `start_pos` 0 (a new
-//!   request, or one recomputed from its start after preemption).
+//!   first block, starts the state afresh for a chunk at `start_pos` 0 (a new
+//!   request, or one recomputed from its start after preemption), and frees it when the
+//!   engine says the sequence ended ([`ModelRuntime::release`]).
 //!
 //! - **Sampling on the device.** A runtime that can draw tokens where the logits are (a
 //!   CUDA runtime, to avoid copying every step's logits to the host) says so in
@@ -46,7 +47,7 @@ pub mod onnx;
 
 use std::sync::Arc;
 
-use crate::block_allocator::BLOCK_SIZE;
+use crate::block_allocator::{BlockId, BLOCK_SIZE};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use cpu::thread_pool::ThreadPool;
@@ -163,6 +164,13 @@ pub trait ModelRuntime: Send {
     /// calls it before serving again. K/V contents need nothing: the scheduler starts
     /// over with every block free.
     fn reset(&mut self) {}
+
+    /// The sequence whose block table starts with `first_block` has ended (finished,
+    /// cancelled or failed): a runtime that keeps K/V itself frees that sequence's now.
+    /// Paged runtimes need nothing (the scheduler frees the blocks).
+    fn release(&mut self, first_block: BlockId) {
+        let _ = first_block;
+    }
 }
 
 /// What [`load`] builds a runtime with.

@@ -190,10 +190,9 @@ impl OnnxRuntime {
         Ok(())
     }
 
-    /// Drops the K/V of sequences least recently stepped, beyond the declared capacity:
-    /// finished sequences' K/V stay until then (the seam tells a runtime of new
-    /// sequences, not of ended ones), and a running one is stepped at least every few
-    /// steps, so it is never the oldest.
+    /// Drops the K/V of sequences least recently stepped, beyond the declared capacity.
+    /// Ended sequences are released as they end (`release`); what this catches is the
+    /// K/V of preempted ones, which start over from position 0 when readmitted.
     fn evict(&mut self) {
         let capacity = self.capacity_blocks * BLOCK_SIZE;
         let mut held: usize = self.states.values().map(|s| s.len).sum();
@@ -261,5 +260,9 @@ impl ModelRuntime for OnnxRuntime {
 
     fn reset(&mut self) {
         self.states.clear();
+    }
+
+    fn release(&mut self, first_block: BlockId) {
+        self.states.remove(&first_block);
     }
 }
