@@ -197,6 +197,8 @@ def subgraph(model: onnx.ModelProto, inp: str, out: str, k: int) -> onnx.ModelPr
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     chosen, need, used = set(), [out], set()
+    # The LM head's output takes its [batch, sequence] shape from input_ids.
+    extra = []
     while need:
         t = need.pop()
         if not t or t == inp:
@@ -204,12 +206,17 @@ def subgraph(model: onnx.ModelProto, inp: str, out: str, k: int) -> onnx.ModelPr
         if t in inits:
             used.add(t)
             continue
+        if t == "input_ids":
+            if not extra:
+                extra.append(helper.make_tensor_value_info(t, TensorProto.INT64, [1, None]))
+            continue
         node = producer[t]
         if id(node) not in chosen:
             chosen.add(id(node))
             need.extend(node.input)
     nodes = [n for n in model.graph.node if id(n) in chosen]
-    graph = helper.make_graph(nodes, "sub", [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [1, None, k])],
+    graph = helper.make_graph(nodes, "sub",
+                              [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [1, None, k])] + extra,
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
                               [inits[n] for n in sorted(used)])
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
@@ -234,7 +241,10 @@ def weight_check(model: onnx.ModelProto, reader: GGUFReader, threads: int) -> fl
         k = ref.shape[1]
         sub = subgraph(model, inp, out, k)
         sess = ort.InferenceSession(sub.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {inp: np.eye(k, dtype=np.float32)[None]})[0][0].T
+        feed = {inp: np.eye(k, dtype=np.float32)[None]}
+        if any(i.name == "input_ids" for i in sess.get_inputs()):
+            feed["input_ids"] = np.zeros((1, k), np.int64)
+        got = sess.run(None, feed)[0][0].T
         diff = np.abs(got - ref)
         worst = max(worst, float(diff.max()))
         ops = "+".join(sorted({n.op_type for n in sub.graph.node} - {"Reshape", "ReduceSum", "Add"}))

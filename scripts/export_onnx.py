@@ -8,17 +8,20 @@ Writes into DIR:
   tokenizer.gguf                 the source GGUF's metadata only (no tensors), so
                                  the server loads tokenizer and chat template with
                                  its ordinary GGUF loader
-  manifest.json                  hyperparameters + provenance (format "sluice-onnx/1")
+  manifest.json                  hyperparameters + provenance (format "sluice-onnx/2")
 
-Graph contract (the Rust runtime is written against exactly these names):
-  inputs   input_ids              int64   [1, S]
-           seqlens_k              int32   [1]     total_len - 1
-           total_sequence_length  int32   []      total_len = past_len + S
+Graph contract (the Rust runtime is written against exactly these names); B is 1 for
+any chunk of one sequence, or several sequences decoding one token each (S = 1) with
+their past right-padded to the longest:
+  inputs   input_ids              int64   [B, S]
+           seqlens_k              int32   [B]     each row's total_len - 1
+           total_sequence_length  int32   []      the longest total_len = past_len + S
            past_key_values.{i}.key / .value
-                                  float32 [1, n_kv_heads, past_len, head_dim]
-  outputs  logits                 float32 [1, S, vocab]
+                                  float32 [B, n_kv_heads, past_len, head_dim]
+  outputs  logits                 float32 [B, S, vocab]
            present.{i}.key / .value
-                                  float32 [1, n_kv_heads, total_len, head_dim]
+                                  float32 [B, n_kv_heads, total_len, head_dim]
+                                          (row b valid up to its own total_len)
 
 Weights are carried over without requantization: Q4_0/Q4_1/Q8_0 blocks become
 MatMulNBits blobs whose weights equal ggml's own float32 dequantization (Q4_1
@@ -61,7 +64,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 from onnx import TensorProto, helper, numpy_helper
 
-FORMAT = "sluice-onnx/1"
+FORMAT = "sluice-onnx/2"
 QK = 32  # ggml block size of Q4_0/Q4_1/Q8_0, used as MatMulNBits block_size
 # MatMulNBits accuracy_level: 0 = float32 compute; 4 = int8 activations, quantized
 # per block_size (= QK, as ggml does). See the module docstring for the choice.
@@ -401,8 +404,12 @@ def build_model(g: Gguf, accuracy_level: int = 0):
         flat = gr.node("Reshape", [final, gr.init("lm_head.in_shape", np.array([-1, hidden], np.int64))],
                        ["lm_head.in"], "lm_head.in")
         y = gr.node("Gemm", [flat, table], ["lm_head.out"], "lm_head", transB=1)
-        gr.node("Reshape", [y, gr.init("lm_head.out_shape", np.array([1, -1, vocab], np.int64))],
-                ["logits"], "lm_head.out")
+        # Back to [batch, sequence, vocab]: the batch and sequence sizes come from
+        # input_ids, so one run may step several sequences (decode batches).
+        ids_shape = gr.node("Shape", ["input_ids"], ["lm_head.ids_shape"], "lm_head.ids_shape")
+        out_shape = gr.node("Concat", [ids_shape, gr.init("lm_head.vocab", np.array([vocab], np.int64))],
+                            ["lm_head.out_shape"], "lm_head.out_shape", axis=0)
+        gr.node("Reshape", [y, out_shape], ["logits"], "lm_head.out")
     else:
         gr.linear(final, [lm_head], "logits", "lm_head")
 
@@ -410,15 +417,18 @@ def build_model(g: Gguf, accuracy_level: int = 0):
     if leftover:
         raise SystemExit(f"error: GGUF tensors not understood by this exporter: {leftover[:8]}")
 
+    # The batch is one sequence (any chunk), or several decoding one token each with
+    # their past right-padded to the longest (GroupQueryAttention reads each row's own
+    # length from seqlens_k).
     f32 = TensorProto.FLOAT
-    kv_past = [1, n_kv_heads, "past_sequence_length", head_dim]
-    kv_total = [1, n_kv_heads, "total_sequence_length", head_dim]
+    kv_past = ["batch", n_kv_heads, "past_sequence_length", head_dim]
+    kv_total = ["batch", n_kv_heads, "total_sequence_length", head_dim]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, [1, "sequence_length", vocab])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence_length", vocab])]
     for i in range(n_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, kv_past))

@@ -52,10 +52,16 @@ struct Router {
 impl Router {
     fn start(policy: &str, workers: &[&Server]) -> Router {
         let bin = router_bin();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let port = free_port();
+        // Its own Prometheus listener too: the default port is fixed, and two routers
+        // (two tests at once) would collide on it.
+        let metrics_port = free_port();
         let log = std::env::temp_dir().join(format!(
             "sluice-vllm-router-{}-{policy}.log",
             std::process::id()
@@ -63,6 +69,8 @@ impl Router {
         let out = std::fs::File::create(&log).expect("router log file");
         let mut cmd = Command::new(bin);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--prometheus-host", "127.0.0.1", "--prometheus-port"])
+            .arg(metrics_port.to_string())
             .args(["--policy", policy, "--api-key", DEV, "--worker-urls"])
             .args(workers.iter().map(|w| w.base.as_str()))
             .stdout(out.try_clone().expect("log handle"))

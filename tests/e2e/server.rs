@@ -509,7 +509,9 @@ async fn the_synthetic_engine_starts_without_any_model_file() {
 
 #[test]
 fn model_path_prints_the_models_folder_whatever_the_current_directory() {
-    let elsewhere = std::env::temp_dir();
+    // A folder of its own: the checkout itself may be under the temporary folder.
+    let elsewhere = std::env::temp_dir().join(format!("sluice-elsewhere-{}", std::process::id()));
+    std::fs::create_dir_all(&elsewhere).unwrap();
     let run = |args: &[&str], models_dir: Option<&str>| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.args(["model", "path"])
@@ -563,4 +565,5 @@ fn model_path_prints_the_models_folder_whatever_the_current_directory() {
     let (ok, _, err) = run(&["../etc/passwd"], Some("/srv/models"));
     assert!(!ok);
     assert!(err.contains("is not a model name"), "{err}");
+    let _ = std::fs::remove_dir_all(&elsewhere);
 }

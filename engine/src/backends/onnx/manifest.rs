@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::error::ModelError;
 
 /// The format this runtime reads.
-pub const FORMAT: &str = "sluice-onnx/1";
+pub const FORMAT: &str = "sluice-onnx/2";
 
 /// An exported model's manifest.
 #[derive(Debug, Clone, Deserialize)]

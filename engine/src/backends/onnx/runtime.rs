@@ -1,11 +1,13 @@
-//! The ONNX Runtime model behind the engine's seam: one `ort` session, run once per
-//! sequence of a step with that sequence's K/V as the graph's `past_key_values.*`
-//! inputs, keeping the `present.*` outputs as its K/V for the next step.
+//! The ONNX Runtime model behind the engine's seam: one `ort` session; each step runs
+//! its decoding sequences as one batch (pasts right-padded to the longest) and each
+//! prefill chunk on its own, with the sequences' K/V as the graph's `past_key_values.*`
+//! inputs, keeping the `present.*` outputs as their K/V for the next step.
 //!
-//! The graph contract (`scripts/export_onnx.py`): inputs `input_ids` int64 [1, S],
-//! `seqlens_k` int32 [1] (total length − 1), `total_sequence_length` int32 [],
-//! `past_key_values.{i}.key|value` f32 [1, kv_heads, past, head_dim]; outputs `logits`
-//! f32 [1, S, vocab] and `present.{i}.key|value` f32 [1, kv_heads, total, head_dim].
+//! The graph contract (`scripts/export_onnx.py`): inputs `input_ids` int64 [B, S],
+//! `seqlens_k` int32 [B] (each row's total length − 1), `total_sequence_length` int32 []
+//! (the longest), `past_key_values.{i}.key|value` f32 [B, kv_heads, past, head_dim];
+//! outputs `logits` f32 [B, S, vocab] and `present.{i}.key|value` f32 [B, kv_heads,
+//! total, head_dim]. B > 1 only with S = 1.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -96,9 +98,8 @@ impl OnnxRuntime {
         [1, self.manifest.n_kv_heads, len, self.manifest.head_dim]
     }
 
-    /// Runs one sequence's chunk; appends the last position's logits to `logits` when
-    /// asked.
-    fn run_chunk(&mut self, c: &SeqChunk<'_>, logits: &mut Vec<f32>) -> Result<(), String> {
+    /// Runs one sequence's chunk; returns the last position's logits when asked.
+    fn run_chunk(&mut self, c: &SeqChunk<'_>) -> Result<Option<Vec<f32>>, String> {
         let key = *c
             .block_table
             .first()
@@ -176,18 +177,128 @@ impl OnnxRuntime {
             state.values[layer] = v.to_vec();
         }
         state.len = total;
-        if c.want_logits {
-            let vocab = self.manifest.vocab_size;
-            let (_, all) = outputs["logits"].try_extract_tensor::<f32>().map_err(err)?;
-            if all.len() != s * vocab {
-                return Err(format!(
-                    "logits hold {} values, expected {s} x {vocab}",
-                    all.len()
-                ));
-            }
-            logits.extend_from_slice(&all[(s - 1) * vocab..]);
+        if !c.want_logits {
+            return Ok(None);
         }
-        Ok(())
+        let vocab = self.manifest.vocab_size;
+        let (_, all) = outputs["logits"].try_extract_tensor::<f32>().map_err(err)?;
+        if all.len() != s * vocab {
+            return Err(format!(
+                "logits hold {} values, expected {s} x {vocab}",
+                all.len()
+            ));
+        }
+        Ok(Some(all[(s - 1) * vocab..].to_vec()))
+    }
+
+    /// Whether `c` can join a decode batch: one new token of a sequence whose K/V is
+    /// here up to its start.
+    fn decodes(&self, c: &SeqChunk<'_>) -> bool {
+        c.tokens.len() == 1
+            && c.start_pos > 0
+            && c.block_table
+                .first()
+                .and_then(|k| self.states.get(k))
+                .is_some_and(|s| s.len == c.start_pos)
+    }
+
+    /// Runs several sequences' one-token decodes as one batch: each past right-padded to
+    /// the longest, each row's own length in `seqlens_k`. Returns each row's logits.
+    fn run_decodes(&mut self, chunks: &[&SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, String> {
+        fn err<T>(e: ort::Error<T>) -> String {
+            e.to_string()
+        }
+        let (b, h, d) = (
+            chunks.len(),
+            self.manifest.n_kv_heads,
+            self.manifest.head_dim,
+        );
+        let keys: Vec<BlockId> = chunks.iter().map(|c| c.block_table[0]).collect();
+        let lens: Vec<usize> = chunks.iter().map(|c| c.start_pos).collect();
+        let p = lens.iter().copied().max().unwrap_or(0);
+        let step = self.step;
+        let mut inputs: Vec<(String, SessionInputValue<'static>)> =
+            Vec::with_capacity(3 + 2 * self.manifest.n_layers);
+        let ids: Vec<i64> = chunks.iter().map(|c| i64::from(c.tokens[0])).collect();
+        inputs.push((
+            "input_ids".into(),
+            Tensor::from_array(([b, 1usize], ids)).map_err(err)?.into(),
+        ));
+        let seqlens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        inputs.push((
+            "seqlens_k".into(),
+            Tensor::from_array(([b], seqlens)).map_err(err)?.into(),
+        ));
+        inputs.push((
+            "total_sequence_length".into(),
+            Tensor::from_array(([0usize; 0], vec![(p + 1) as i32]))
+                .map_err(err)?
+                .into(),
+        ));
+        for (layer, (k_name, v_name)) in self.past_names.iter().enumerate() {
+            let mut k = vec![0.0f32; b * h * p * d];
+            let mut v = vec![0.0f32; b * h * p * d];
+            for (row, key) in keys.iter().enumerate() {
+                let st = self.states.get(key).ok_or("state vanished")?;
+                let len = st.len;
+                for head in 0..h {
+                    let src = head * len * d..(head + 1) * len * d;
+                    let dst = (row * h + head) * p * d;
+                    k[dst..dst + len * d].copy_from_slice(&st.keys[layer][src.clone()]);
+                    v[dst..dst + len * d].copy_from_slice(&st.values[layer][src]);
+                }
+            }
+            let shape = [b, h, p, d];
+            inputs.push((
+                k_name.clone(),
+                Tensor::from_array((shape, k)).map_err(err)?.into(),
+            ));
+            inputs.push((
+                v_name.clone(),
+                Tensor::from_array((shape, v)).map_err(err)?.into(),
+            ));
+        }
+        let outputs = self.session.run(inputs).map_err(err)?;
+        // Row r's present holds its len + 1 positions at the start of a stride of p + 1.
+        for (layer, (k_name, v_name)) in self.present_names.iter().enumerate() {
+            let (_, k) = outputs[k_name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(err)?;
+            let (_, v) = outputs[v_name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(err)?;
+            if k.len() != b * h * (p + 1) * d || v.len() != k.len() {
+                return Err(format!("present.{layer} holds {} values", k.len()));
+            }
+            for (row, key) in keys.iter().enumerate() {
+                let st = self.states.get_mut(key).ok_or("state vanished")?;
+                let len = st.len + 1;
+                let mut nk = Vec::with_capacity(h * len * d);
+                let mut nv = Vec::with_capacity(h * len * d);
+                for head in 0..h {
+                    let src = (row * h + head) * (p + 1) * d;
+                    nk.extend_from_slice(&k[src..src + len * d]);
+                    nv.extend_from_slice(&v[src..src + len * d]);
+                }
+                st.keys[layer] = nk;
+                st.values[layer] = nv;
+            }
+        }
+        for key in &keys {
+            if let Some(st) = self.states.get_mut(key) {
+                st.len += 1;
+                st.last_used = step;
+            }
+        }
+        let vocab = self.manifest.vocab_size;
+        let (_, all) = outputs["logits"].try_extract_tensor::<f32>().map_err(err)?;
+        if all.len() != b * vocab {
+            return Err(format!(
+                "logits hold {} values, expected {b} x {vocab}",
+                all.len()
+            ));
+        }
+        Ok(all.chunks(vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// Drops the K/V of sequences least recently stepped, beyond the declared capacity.
@@ -246,15 +357,25 @@ impl ModelRuntime for OnnxRuntime {
 
     fn step(&mut self, batch: &[SeqChunk<'_>], sample: &mut dyn FnMut(&[f32], &dyn RowRunner)) {
         self.step += 1;
-        let mut logits = Vec::new();
-        for c in batch {
-            // A failed run is a bug or a broken model file: the engine's supervisor
-            // fails the requests in flight and restarts the loop.
-            if let Err(e) = self.run_chunk(c, &mut logits) {
-                panic!("ONNX Runtime step failed: {e}");
+        // Decodes run together as one batch; prefill chunks one by one.
+        let (decodes, others): (Vec<usize>, Vec<usize>) =
+            (0..batch.len()).partition(|&i| self.decodes(&batch[i]));
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; batch.len()];
+        // A failed run is a bug or a broken model file: the engine's supervisor fails
+        // the requests in flight and restarts the loop.
+        let failed = |e: String| -> ! { panic!("ONNX Runtime step failed: {e}") };
+        if !decodes.is_empty() {
+            let chunks: Vec<&SeqChunk<'_>> = decodes.iter().map(|&i| &batch[i]).collect();
+            let out = self.run_decodes(&chunks).unwrap_or_else(|e| failed(e));
+            for (&i, row) in decodes.iter().zip(out) {
+                rows[i] = batch[i].want_logits.then_some(row);
             }
         }
+        for i in others {
+            rows[i] = self.run_chunk(&batch[i]).unwrap_or_else(|e| failed(e));
+        }
         self.evict();
+        let logits: Vec<f32> = rows.into_iter().flatten().flatten().collect();
         sample(&logits, &SerialRows);
     }
 
