@@ -59,8 +59,9 @@ fn python() -> Result<PathBuf> {
     Ok(python)
 }
 
-/// Exports `model` (a GGUF file) into `out`.
-pub fn export(model: &Path, out: &Path) -> Result<()> {
+/// Exports `model` (a GGUF file) into `out` at ONNX Runtime accuracy level
+/// `accuracy_level` (`0` or `4`).
+pub fn export(model: &Path, out: &Path, accuracy_level: &str) -> Result<()> {
     let python = python()?;
     let script = venv_dir()?.join("export_onnx.py");
     std::fs::write(&script, SCRIPT)?;
@@ -70,6 +71,7 @@ pub fn export(model: &Path, out: &Path) -> Result<()> {
         .arg(model)
         .arg("--out")
         .arg(out)
+        .args(["--accuracy-level", accuracy_level])
         .status()
         .context("running the exporter")?
         .success();

@@ -26,6 +26,10 @@ pub enum ModelCmd {
         /// The folder to write.
         #[arg(long)]
         out: PathBuf,
+        /// ONNX Runtime's MatMulNBits accuracy level: 0 computes in f32 (exact
+        /// weights and activations), 4 quantizes activations to int8 (faster decoding).
+        #[arg(long, default_value = "0", value_parser = ["0", "4"])]
+        accuracy_level: String,
     },
     /// Print where a model's file is, or would be: in $SLUICE_MODELS_DIR, else models/ in
     /// the checkout the binary was built in, else ~/.cache/sluice/models.
@@ -79,9 +83,13 @@ pub fn run_cli(action: ModelCmd) -> Result<()> {
                 }
             }
         }
-        ModelCmd::ExportOnnx { model, out } => {
+        ModelCmd::ExportOnnx {
+            model,
+            out,
+            accuracy_level,
+        } => {
             let file = resolve_model(model)?;
-            crate::export_onnx::export(&file, &out)?;
+            crate::export_onnx::export(&file, &out, &accuracy_level)?;
             println!("{}", out.display());
         }
         ModelCmd::Path { name } => {
