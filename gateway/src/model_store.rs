@@ -208,14 +208,24 @@ pub fn resolve_models_dir(i: &ModelsDirInputs) -> Result<PathBuf, ModelStoreErro
     if let Some(root) = i.exe.as_deref().and_then(checkout_root) {
         return Ok(root.join("models"));
     }
+    sluice_cache(i)
+        .map(|c| c.join("models"))
+        .ok_or(ModelStoreError::NoModelsDir)
+}
+
+/// The user's Sluice cache folder: `$XDG_CACHE_HOME/sluice`, else `~/.cache/sluice`.
+fn sluice_cache(i: &ModelsDirInputs) -> Option<PathBuf> {
+    let set = |v: &Option<OsString>| v.as_ref().filter(|v| !v.is_empty()).map(PathBuf::from);
     // The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
-    if let Some(cache) = set(&i.xdg_cache_home).filter(|p| p.is_absolute()) {
-        return Ok(cache.join("sluice").join("models"));
-    }
-    if let Some(home) = set(&i.home) {
-        return Ok(home.join(".cache").join("sluice").join("models"));
-    }
-    Err(ModelStoreError::NoModelsDir)
+    set(&i.xdg_cache_home)
+        .filter(|p| p.is_absolute())
+        .or_else(|| set(&i.home).map(|h| h.join(".cache")))
+        .map(|c| c.join("sluice"))
+}
+
+/// [`sluice_cache`] for this process (tools' virtual environments live there).
+pub fn sluice_cache_dir() -> Option<PathBuf> {
+    sluice_cache(&ModelsDirInputs::from_process())
 }
 
 /// The checkout a binary was built in: the folder above the nearest `target` folder

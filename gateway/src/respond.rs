@@ -225,18 +225,17 @@ pub(crate) struct Submitted {
     pub tokens: Option<crate::rate_limit::BudgetState>,
 }
 
-/// Validates the parameters (`tools`, when the request has them, decide its
-/// constraint when they require a call), charges the key and submits `prompt` to the
-/// model's engine once per choice.
-pub(crate) async fn start(
+/// The engine request `params` ask for on `prompt`, and its number of choices: every
+/// parameter validated and the output constraint compiled (`tools`, when they require
+/// a call, decide it). What generation, WebSocket sessions and render share.
+pub(crate) async fn plan(
     state: &AppState,
-    key: &ApiKey,
     model: &ServedModel,
     prompt: Vec<u32>,
     params: &CommonParams,
     flavor: Flavor,
     tools: Option<&ToolSpec>,
-) -> Result<Submitted, ApiError> {
+) -> Result<(GenerationRequest, usize), ApiError> {
     let (mut request, n) = build_request(
         params,
         flavor,
@@ -260,6 +259,21 @@ pub(crate) async fn start(
         }
         None => crate::structured_output::constraint(state, model, params).await?,
     };
+    Ok((request, n))
+}
+
+/// [`plan`]s the request, charges the key and submits it to the model's engine once
+/// per choice.
+pub(crate) async fn start(
+    state: &AppState,
+    key: &ApiKey,
+    model: &ServedModel,
+    prompt: Vec<u32>,
+    params: &CommonParams,
+    flavor: Flavor,
+    tools: Option<&ToolSpec>,
+) -> Result<Submitted, ApiError> {
+    let (request, n) = plan(state, model, prompt, params, flavor, tools).await?;
     let charged = request.prompt.len() + n * request.max_tokens;
     let tokens = crate::rate_limit::charge_tokens(key, charged)?;
     let streams = submit(model, &request, n).inspect_err(|_| key.limits.refund_tokens(charged))?;
@@ -760,7 +774,13 @@ fn stream_sse(events: Choices, logprobs: bool, meta: ResponseMeta) -> Response {
             st.out.push_back(c);
         }
     }
-    let mut resp = Body::new(st).into_response();
+    sse_response(Body::new(st))
+}
+
+/// `body` as a server-sent-event stream: its content type, and no caching or proxy
+/// buffering on the way.
+pub(crate) fn sse_response(body: Body) -> Response {
+    let mut resp = body.into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -12,14 +12,11 @@ use anyhow::{bail, Context, Result};
 const SCRIPT: &str = include_str!("../../scripts/export_onnx.py");
 const REQUIREMENTS: &str = include_str!("../../scripts/export-onnx-requirements.txt");
 
-/// `$XDG_CACHE_HOME/sluice/onnx-export-venv`, else under `~/.cache`.
+/// The exporter's virtual environment: `onnx-export-venv` in the user's Sluice cache.
 fn venv_dir() -> Result<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+    let cache = sluice_gateway::model_store::sluice_cache_dir()
         .context("neither XDG_CACHE_HOME nor HOME is set: no place for the exporter's venv")?;
-    Ok(cache.join("sluice").join("onnx-export-venv"))
+    Ok(cache.join("onnx-export-venv"))
 }
 
 /// The venv's Python with the pinned requirements installed (installed when missing or

@@ -44,12 +44,9 @@ fn export(test: &str) -> PathBuf {
     // The exporter's own checks, in the venv the export made: ONNX Runtime's logits
     // against a numpy forward pass of the GGUF, and incremental decoding with past K/V
     // against one run over the whole sequence.
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("a cache folder");
-    let python = cache.join("sluice/onnx-export-venv/bin/python");
+    let python = sluice_gateway::model_store::sluice_cache_dir()
+        .expect("a cache folder")
+        .join("onnx-export-venv/bin/python");
     let o = Command::new(python)
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx_export.py"))
         .arg("--model")

@@ -11,33 +11,7 @@ const OPENAI_SDK: &str = "openai==3.54.0";
 
 /// A Python with the pinned SDK installed, created on first use.
 fn sdk_python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/openai-sdk-venv");
-    let python = venv.join("bin/python");
-    let has_sdk = |p: &PathBuf| {
-        Command::new(p)
-            .args([
-                "-c",
-                "import openai, sys; sys.exit(openai.__version__ != '3.54.0')",
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_sdk(&python) {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv")
-            .success();
-        assert!(ok, "creating the venv failed");
-        let ok = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", OPENAI_SDK])
-            .status()
-            .expect("pip")
-            .success();
-        assert!(ok, "installing {OPENAI_SDK} failed");
-    }
-    python
+    crate::support::python_venv("openai-sdk-venv", OPENAI_SDK).join("bin/python")
 }
 
 #[test]

@@ -16,30 +16,7 @@ const DEV: &str = "sk-sluice-dev";
 
 /// The router's launcher, installed into a venv on first use.
 fn router_bin() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vllm-router-venv");
-    let bin = venv.join("bin/vllm-router");
-    let installed = Command::new(venv.join("bin/pip"))
-        .args(["show", "-q", "vllm-router"])
-        .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Version: 0.1.17")
-        });
-    if !installed {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv")
-            .success();
-        assert!(ok, "creating the venv failed");
-        let ok = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", VLLM_ROUTER])
-            .status()
-            .expect("pip")
-            .success();
-        assert!(ok, "installing {VLLM_ROUTER} failed");
-    }
-    bin
+    crate::support::python_venv("vllm-router-venv", VLLM_ROUTER).join("bin/vllm-router")
 }
 
 /// A running vllm-router, killed on drop.

@@ -255,19 +255,23 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_blocks() {
     }
 }
 
-#[tokio::test]
-async fn requests_that_leave_sampling_out_get_the_models_defaults() {
-    // The default model's catalogue preset, then a configured override of one field.
-    let preset = Server::start(&[]);
-    let models: Value = Server::client()
-        .get(format!("{}/v1/models", preset.base))
+async fn get_models(server: &Server) -> Value {
+    Server::client()
+        .get(format!("{}/v1/models", server.base))
         .header("Authorization", KEY)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn requests_that_leave_sampling_out_get_the_models_defaults() {
+    // The default model's catalogue preset, then a configured override of one field.
+    let preset = Server::start(&[]);
+    let models = get_models(&preset).await;
     assert_eq!(
         models["data"][0]["sampling_defaults"],
         json!({"temperature": 0.2, "top_p": 0.9}),
@@ -278,15 +282,7 @@ async fn requests_that_leave_sampling_out_get_the_models_defaults() {
         "[[models]]\nname = \"m\"\npath = \"{model}\"\nsampling = { temperature = 0.0 }\n",
         &[],
     );
-    let models: Value = Server::client()
-        .get(format!("{}/v1/models", server.base))
-        .header("Authorization", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_models(&server).await;
     // The configured field wins; the others still come from the preset.
     assert_eq!(
         models["data"][0]["sampling_defaults"],

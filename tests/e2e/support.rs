@@ -267,3 +267,35 @@ impl Drop for Server {
 
 pub use sluice_loadtest::soak::metric_sum;
 pub use sluice_loadtest::soak::metric_value as metric;
+
+/// A virtual environment `target/NAME` holding the pinned `package` (`name==version`),
+/// created and installed on first use; returns its folder.
+pub fn python_venv(name: &str, package: &str) -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(name);
+    let (pkg, version) = package.split_once("==").expect("a pinned package");
+    let installed = Command::new(venv.join("bin/pip"))
+        .args(["show", "-q", pkg])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(&format!("Version: {version}\n"))
+        });
+    if !installed {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv")
+            .success();
+        assert!(ok, "creating the venv {name} failed");
+        let ok = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", package])
+            .status()
+            .expect("pip")
+            .success();
+        assert!(ok, "installing {package} failed");
+    }
+    venv
+}

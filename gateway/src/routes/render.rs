@@ -4,8 +4,9 @@
 //! policy) call these to route by the tokens a prompt shares with earlier ones.
 //!
 //! A render is checked exactly as the generation request would be (model, key, messages,
-//! every parameter, the context length), so a request that renders is one that would be
-//! accepted, and one that would be refused gets the same error here.
+//! every parameter, the context length, the output constraint: the same `respond::plan`),
+//! so a request that renders is one that would be accepted, and one that would be
+//! refused gets the same error here.
 
 use std::sync::Arc;
 
@@ -18,8 +19,7 @@ use crate::api_types::{ChatRequest, CommonParams, CompletionRequest};
 use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
-use crate::generation::build_request;
-use crate::respond::Flavor;
+use crate::respond::{plan, Flavor};
 use crate::state::SharedState;
 
 /// vLLM's rendered request: `token_ids` and `sampling_params` as its `/inference/v1/generate`
@@ -75,21 +75,21 @@ pub async fn render_chat(
         add_generation_prompt,
         mut common,
     } = req;
-    let (messages, _tools) = crate::tools::take_tools(&mut common.rest, messages)?;
+    let (messages, tools) = crate::tools::take_tools(&mut common.rest, messages)?;
+    let tools = tools.filter(|t| t.active());
     let index = state.resolve_model_index(common.model.as_deref(), &key)?;
     let prompt =
         super::chat_prompt_prepared(&state, index, messages, add_generation_prompt).await?;
     let model = &state.models[index];
-    let (r, n) = build_request(
+    let (r, n) = plan(
+        &state,
+        model,
+        prompt,
         &common,
         Flavor::Chat,
-        prompt,
-        model.context_length,
-        model.tokenizer.vocab_size(),
-        &model.sampling,
-    )?;
-    // Compiled (and refused) as generation would, though the render does not need it.
-    crate::structured_output::constraint(&state, model, &common).await?;
+        tools.as_deref(),
+    )
+    .await?;
     Ok(Json(rendered(&state, &model.name, &r, n, &common)))
 }
 
@@ -109,14 +109,6 @@ pub async fn render_completion(
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(EngineError::InvalidToken(bad).into());
     }
-    let (r, n) = build_request(
-        &common,
-        Flavor::Completion,
-        prompt,
-        model.context_length,
-        model.tokenizer.vocab_size(),
-        &model.sampling,
-    )?;
-    crate::structured_output::constraint(&state, model, &common).await?;
+    let (r, n) = plan(&state, model, prompt, &common, Flavor::Completion, None).await?;
     Ok(Json(json!([rendered(&state, &model.name, &r, n, &common)])))
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::StreamExt;
@@ -20,7 +19,7 @@ use crate::auth::ApiKey;
 use crate::error::ApiError;
 use crate::extract::OpenAiJson;
 use crate::metrics::LatencyTracker;
-use crate::respond::{start, Choices, Flavor};
+use crate::respond::{sse_response, start, Choices, Flavor};
 use crate::response_store::StoredResponse;
 use crate::responses::{usage, Change, Item, Output, ResponseHead, ResponsesRequest};
 use crate::state::{unix_now, SharedState};
@@ -307,15 +306,7 @@ impl Run {
         )
         .flatten();
         let all = futures_util::stream::iter(first.bytes).chain(body);
-        let mut resp = Body::from_stream(all.map(Ok::<Bytes, Infallible>)).into_response();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        resp
+        sse_response(Body::from_stream(all.map(Ok::<Bytes, Infallible>)))
     }
 }
 

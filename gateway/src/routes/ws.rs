@@ -28,7 +28,6 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::api_types::{CommonParams, InMessage};
 use crate::auth::ApiKey;
 use crate::error::ApiError;
-use crate::generation::build_request;
 use crate::load_shed::InFlight;
 use crate::respond::Flavor;
 use crate::sessions::{Membership, Refusal, Session};
@@ -374,15 +373,8 @@ async fn generate(
     let index = state.resolve_model_index(params.model.as_deref(), key)?;
     let prompt = super::chat_prompt_prepared(state, index, messages, true).await?;
     let model = &state.models[index];
-    let (mut request, _) = build_request(
-        &params,
-        Flavor::Chat,
-        prompt,
-        model.context_length,
-        model.tokenizer.vocab_size(),
-        &model.sampling,
-    )?;
-    request.constraint = crate::structured_output::constraint(state, model, &params).await?;
+    let (request, _) =
+        crate::respond::plan(state, model, prompt, &params, Flavor::Chat, None).await?;
     let charged = request.prompt.len() + request.max_tokens;
     crate::rate_limit::charge_tokens(key, charged)?;
     let prompt_tokens = request.prompt.len();

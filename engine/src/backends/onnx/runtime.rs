@@ -94,101 +94,33 @@ impl OnnxRuntime {
         })
     }
 
-    fn kv_shape(&self, len: usize) -> [usize; 4] {
-        [1, self.manifest.n_kv_heads, len, self.manifest.head_dim]
-    }
-
-    /// Runs one sequence's chunk; returns the last position's logits when asked.
-    fn run_chunk(&mut self, c: &SeqChunk<'_>) -> Result<Option<Vec<f32>>, String> {
+    /// The state of `c`'s sequence (keyed by its first block), fresh when `c` starts at
+    /// position 0; an error when the state does not end where `c` starts.
+    fn state_for(&mut self, c: &SeqChunk<'_>) -> Result<BlockId, String> {
         let key = *c
             .block_table
             .first()
             .ok_or("a chunk without blocks reached the ONNX runtime")?;
-        let n_layers = self.manifest.n_layers;
-        let step = self.step;
         if c.start_pos == 0 {
+            let n_layers = self.manifest.n_layers;
             self.states.insert(
                 key,
                 SeqState {
                     keys: vec![Vec::new(); n_layers],
                     values: vec![Vec::new(); n_layers],
                     len: 0,
-                    last_used: step,
+                    last_used: self.step,
                 },
             );
         }
-        let past_len = self.states.get(&key).map_or(usize::MAX, |s| s.len);
-        if past_len != c.start_pos {
+        let held = self.states.get(&key).map_or(usize::MAX, |s| s.len);
+        if held != c.start_pos {
             return Err(format!(
-                "the ONNX runtime holds {past_len} positions of a sequence whose chunk starts at {}",
+                "the ONNX runtime holds {held} positions of a sequence whose chunk starts at {}",
                 c.start_pos
             ));
         }
-        let s = c.tokens.len();
-        let total = past_len + s;
-        let shape = self.kv_shape(past_len);
-        fn err<T>(e: ort::Error<T>) -> String {
-            e.to_string()
-        }
-        let mut inputs: Vec<(String, SessionInputValue<'static>)> =
-            Vec::with_capacity(3 + 2 * n_layers);
-        let ids: Vec<i64> = c.tokens.iter().map(|&t| i64::from(t)).collect();
-        inputs.push((
-            "input_ids".into(),
-            Tensor::from_array(([1usize, s], ids)).map_err(err)?.into(),
-        ));
-        inputs.push((
-            "seqlens_k".into(),
-            Tensor::from_array(([1usize], vec![(total - 1) as i32]))
-                .map_err(err)?
-                .into(),
-        ));
-        inputs.push((
-            "total_sequence_length".into(),
-            Tensor::from_array(([0usize; 0], vec![total as i32]))
-                .map_err(err)?
-                .into(),
-        ));
-        let state = self.states.get_mut(&key).ok_or("state vanished")?;
-        state.last_used = step;
-        for (layer, (k_name, v_name)) in self.past_names.iter().enumerate() {
-            // The graph takes its past by value; the present replaces it below.
-            let k = std::mem::take(&mut state.keys[layer]);
-            let v = std::mem::take(&mut state.values[layer]);
-            inputs.push((
-                k_name.clone(),
-                Tensor::from_array((shape, k)).map_err(err)?.into(),
-            ));
-            inputs.push((
-                v_name.clone(),
-                Tensor::from_array((shape, v)).map_err(err)?.into(),
-            ));
-        }
-        let outputs = self.session.run(inputs).map_err(err)?;
-        let state = self.states.get_mut(&key).ok_or("state vanished")?;
-        for (layer, (k_name, v_name)) in self.present_names.iter().enumerate() {
-            let (_, k) = outputs[k_name.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(err)?;
-            let (_, v) = outputs[v_name.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(err)?;
-            state.keys[layer] = k.to_vec();
-            state.values[layer] = v.to_vec();
-        }
-        state.len = total;
-        if !c.want_logits {
-            return Ok(None);
-        }
-        let vocab = self.manifest.vocab_size;
-        let (_, all) = outputs["logits"].try_extract_tensor::<f32>().map_err(err)?;
-        if all.len() != s * vocab {
-            return Err(format!(
-                "logits hold {} values, expected {s} x {vocab}",
-                all.len()
-            ));
-        }
-        Ok(Some(all[(s - 1) * vocab..].to_vec()))
+        Ok(key)
     }
 
     /// Whether `c` can join a decode batch: one new token of a sequence whose K/V is
@@ -202,9 +134,11 @@ impl OnnxRuntime {
                 .is_some_and(|s| s.len == c.start_pos)
     }
 
-    /// Runs several sequences' one-token decodes as one batch: each past right-padded to
-    /// the longest, each row's own length in `seqlens_k`. Returns each row's logits.
-    fn run_decodes(&mut self, chunks: &[&SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, String> {
+    /// Runs `chunks` as one ONNX Runtime batch: one sequence's chunk of any length, or
+    /// several sequences' one-token decodes (each past right-padded to the longest,
+    /// each row's own length in `seqlens_k`). Keeps each row's `present` as its K/V and
+    /// returns the last position's logits of the rows that want them.
+    fn run(&mut self, chunks: &[&SeqChunk<'_>]) -> Result<Vec<Option<Vec<f32>>>, String> {
         fn err<T>(e: ort::Error<T>) -> String {
             e.to_string()
         }
@@ -213,25 +147,34 @@ impl OnnxRuntime {
             self.manifest.n_kv_heads,
             self.manifest.head_dim,
         );
-        let keys: Vec<BlockId> = chunks.iter().map(|c| c.block_table[0]).collect();
+        let s = chunks[0].tokens.len();
+        if b > 1 && s != 1 {
+            return Err("only one-token decodes run batched".into());
+        }
+        let keys: Vec<BlockId> = chunks
+            .iter()
+            .map(|c| self.state_for(c))
+            .collect::<Result<_, _>>()?;
         let lens: Vec<usize> = chunks.iter().map(|c| c.start_pos).collect();
         let p = lens.iter().copied().max().unwrap_or(0);
-        let step = self.step;
         let mut inputs: Vec<(String, SessionInputValue<'static>)> =
             Vec::with_capacity(3 + 2 * self.manifest.n_layers);
-        let ids: Vec<i64> = chunks.iter().map(|c| i64::from(c.tokens[0])).collect();
+        let ids: Vec<i64> = chunks
+            .iter()
+            .flat_map(|c| c.tokens.iter().map(|&t| i64::from(t)))
+            .collect();
         inputs.push((
             "input_ids".into(),
-            Tensor::from_array(([b, 1usize], ids)).map_err(err)?.into(),
+            Tensor::from_array(([b, s], ids)).map_err(err)?.into(),
         ));
-        let seqlens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        let seqlens: Vec<i32> = lens.iter().map(|&l| (l + s - 1) as i32).collect();
         inputs.push((
             "seqlens_k".into(),
             Tensor::from_array(([b], seqlens)).map_err(err)?.into(),
         ));
         inputs.push((
             "total_sequence_length".into(),
-            Tensor::from_array(([0usize; 0], vec![(p + 1) as i32]))
+            Tensor::from_array(([0usize; 0], vec![(p + s) as i32]))
                 .map_err(err)?
                 .into(),
         ));
@@ -259,7 +202,8 @@ impl OnnxRuntime {
             ));
         }
         let outputs = self.session.run(inputs).map_err(err)?;
-        // Row r's present holds its len + 1 positions at the start of a stride of p + 1.
+        // Row r's present holds its len + s positions at the start of a stride of p + s.
+        let stride = p + s;
         for (layer, (k_name, v_name)) in self.present_names.iter().enumerate() {
             let (_, k) = outputs[k_name.as_str()]
                 .try_extract_tensor::<f32>()
@@ -267,16 +211,16 @@ impl OnnxRuntime {
             let (_, v) = outputs[v_name.as_str()]
                 .try_extract_tensor::<f32>()
                 .map_err(err)?;
-            if k.len() != b * h * (p + 1) * d || v.len() != k.len() {
+            if k.len() != b * h * stride * d || v.len() != k.len() {
                 return Err(format!("present.{layer} holds {} values", k.len()));
             }
             for (row, key) in keys.iter().enumerate() {
                 let st = self.states.get_mut(key).ok_or("state vanished")?;
-                let len = st.len + 1;
+                let len = st.len + s;
                 let mut nk = Vec::with_capacity(h * len * d);
                 let mut nv = Vec::with_capacity(h * len * d);
                 for head in 0..h {
-                    let src = (row * h + head) * (p + 1) * d;
+                    let src = (row * h + head) * stride * d;
                     nk.extend_from_slice(&k[src..src + len * d]);
                     nv.extend_from_slice(&v[src..src + len * d]);
                 }
@@ -284,21 +228,29 @@ impl OnnxRuntime {
                 st.values[layer] = nv;
             }
         }
+        let step = self.step;
         for key in &keys {
             if let Some(st) = self.states.get_mut(key) {
-                st.len += 1;
+                st.len += s;
                 st.last_used = step;
             }
         }
         let vocab = self.manifest.vocab_size;
         let (_, all) = outputs["logits"].try_extract_tensor::<f32>().map_err(err)?;
-        if all.len() != b * vocab {
+        if all.len() != b * s * vocab {
             return Err(format!(
-                "logits hold {} values, expected {b} x {vocab}",
+                "logits hold {} values, expected {b} x {s} x {vocab}",
                 all.len()
             ));
         }
-        Ok(all.chunks(vocab).map(<[f32]>::to_vec).collect())
+        Ok(chunks
+            .iter()
+            .enumerate()
+            .map(|(row, c)| {
+                let last = (row * s + s - 1) * vocab;
+                c.want_logits.then(|| all[last..last + vocab].to_vec())
+            })
+            .collect())
     }
 
     /// Drops the K/V of sequences least recently stepped, beyond the declared capacity.
@@ -364,15 +316,16 @@ impl ModelRuntime for OnnxRuntime {
         // A failed run is a bug or a broken model file: the engine's supervisor fails
         // the requests in flight and restarts the loop.
         let failed = |e: String| -> ! { panic!("ONNX Runtime step failed: {e}") };
-        if !decodes.is_empty() {
-            let chunks: Vec<&SeqChunk<'_>> = decodes.iter().map(|&i| &batch[i]).collect();
-            let out = self.run_decodes(&chunks).unwrap_or_else(|e| failed(e));
-            for (&i, row) in decodes.iter().zip(out) {
-                rows[i] = batch[i].want_logits.then_some(row);
+        let groups = (!decodes.is_empty())
+            .then_some(decodes)
+            .into_iter()
+            .chain(others.into_iter().map(|i| vec![i]));
+        for group in groups {
+            let chunks: Vec<&SeqChunk<'_>> = group.iter().map(|&i| &batch[i]).collect();
+            let out = self.run(&chunks).unwrap_or_else(|e| failed(e));
+            for (i, row) in group.into_iter().zip(out) {
+                rows[i] = row;
             }
-        }
-        for i in others {
-            rows[i] = self.run_chunk(&batch[i]).unwrap_or_else(|e| failed(e));
         }
         self.evict();
         let logits: Vec<f32> = rows.into_iter().flatten().flatten().collect();
