@@ -48,7 +48,8 @@ impl Router {
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--prometheus-host", "127.0.0.1", "--prometheus-port"])
             .arg(metrics_port.to_string())
-            .args(["--policy", policy, "--api-key", DEV, "--worker-urls"])
+            .args(["--policy", policy, "--api-key", DEV, "--log-level", "debug"])
+            .arg("--worker-urls")
             .args(workers.iter().map(|w| w.base.as_str()))
             .stdout(out.try_clone().expect("log handle"))
             .stderr(out);
@@ -194,11 +195,54 @@ async fn vllm_router_cache_aware_renders_prompts_on_the_workers() {
     );
     assert_eq!(both("/tokenize"), 0.0, "the router fell back to /tokenize");
     assert_eq!(both("/v1/chat/completions") + both("/v1/completions"), 6.0);
-    // Cache-aware: the four identical chats share a prefix, so they all went to the
-    // worker that has it.
-    let chats = (
-        requests(&ma, "/v1/chat/completions"),
-        requests(&mb, "/v1/chat/completions"),
-    );
-    assert!(chats == (4.0, 0.0) || chats == (0.0, 4.0), "{chats:?}");
+    // Cache-aware: the router learnt each prompt's text from Sluice's renders and
+    // recognised every repeat (match rate 1), sending it where its first copy went.
+    // Asserted on the router's own decisions, in request order: chat, completion,
+    // chat, chat, completion, chat.
+    let log = router.log();
+    let decisions = cache_decisions(&log);
+    assert_eq!(decisions.len(), 6, "{decisions:?}\nrouter log:\n{log}");
+    for (i, first) in [(2, 0), (3, 0), (4, 1), (5, 0)] {
+        assert_eq!(decisions[i].1, 1.0, "{decisions:?}\nrouter log:\n{log}");
+        assert_eq!(
+            decisions[i].0, decisions[first].0,
+            "{decisions:?}\nrouter log:\n{log}"
+        );
+    }
+}
+
+/// The cache-aware policy's decisions in the router's debug log: (worker, match rate).
+fn cache_decisions(log: &str) -> Vec<(String, f64)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let plain: String = strip_ansi(line);
+        let rest = &plain[plain.find(&format!("{name}="))? + name.len() + 1..];
+        let end = rest.find(' ').unwrap_or(rest.len());
+        Some(rest[..end].trim_matches('"').to_string())
+    };
+    log.lines()
+        .filter(|l| l.contains("Cache prefix decision"))
+        .filter_map(|l| {
+            let rate = field(l, "match_rate")?.parse().ok()?;
+            Some((field(l, "selected")?, rate))
+        })
+        .collect()
+}
+
+/// The text of a log line without its colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
