@@ -133,6 +133,9 @@ impl EngineLoop {
         let touched = self.kv_touched_before.max(sch.kv_blocks_touched());
         self.metrics
             .kv_touched(touched * BLOCK_SIZE * self.kv.bytes_per_token);
+        if let Some(m) = self.runtime.device_memory() {
+            self.metrics.device_memory(&m);
+        }
         if let Ok(mut s) = self.stats.lock() {
             *s = EngineStats {
                 running: sch.n_running(),

@@ -40,6 +40,8 @@ pub const STEP_SECONDS: &str = "sluice_step_duration_seconds";
 /// Bytes of the KV cache written so far (its pages are touched lazily, block by block,
 /// so resident memory grows with this until the whole cache has been used once).
 pub const KV_CACHE_TOUCHED_BYTES: &str = "sluice_kv_cache_touched_bytes";
+/// Device (GPU) memory the model's runtime holds, by use.
+pub const DEVICE_MEMORY_BYTES: &str = "sluice_device_memory_bytes";
 /// Engine loops restarted after a panic.
 pub const ENGINE_RESTARTS: &str = "sluice_engine_restarts_total";
 
@@ -81,6 +83,11 @@ pub fn describe() {
         KV_CACHE_TOUCHED_BYTES,
         Unit::Bytes,
         "Bytes of the KV cache written at least once (resident memory grows with it)."
+    );
+    describe_gauge!(
+        DEVICE_MEMORY_BYTES,
+        Unit::Bytes,
+        "Device (GPU) memory the model's runtime holds, by use: weights, kv_cache, workspace."
     );
     describe_counter!(ENGINE_RESTARTS, "Engine loops restarted after a panic.");
     describe_histogram!(
@@ -126,7 +133,19 @@ impl EngineMetrics {
         }
     }
 
-    /// How much of the KV cache has been written.
+    /// Device memory the runtime holds, by use.
+    pub fn device_memory(&self, m: &crate::backends::DeviceMemory) {
+        for (kind, bytes) in [
+            ("weights", m.weights),
+            ("kv_cache", m.kv_cache),
+            ("workspace", m.workspace),
+        ] {
+            gauge!(DEVICE_MEMORY_BYTES, "model" => self.model.clone(), "use" => kind)
+                .set(bytes as f64);
+        }
+    }
+
+    /// Bytes of the KV cache written at least once.
     pub fn kv_touched(&self, bytes: usize) {
         gauge!(KV_CACHE_TOUCHED_BYTES, "model" => self.model.clone()).set(bytes as f64);
     }

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sluice_engine::backends::device::DeviceChoice;
 use thiserror::Error;
 
 use crate::sampling_defaults::SamplingDefaults;
@@ -70,6 +71,9 @@ pub struct ServerConfig {
     pub port: u16,
     /// Origins allowed by CORS; empty allows none, `["*"]` any.
     pub cors_origins: Vec<String>,
+    /// What models compute on: `auto` (a usable GPU when the build has CUDA, else the
+    /// CPU), `cpu` or `cuda`.
+    pub device: DeviceChoice,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +82,7 @@ impl Default for ServerConfig {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 8080,
             cors_origins: Vec::new(),
+            device: DeviceChoice::Auto,
         }
     }
 }
@@ -150,8 +155,12 @@ impl Default for LimitsConfig {
 pub struct EngineSection {
     /// Compute threads of the whole process, shared by every model (default: all cores).
     pub threads: Option<usize>,
-    /// KV cache capacity per model, in tokens.
+    /// KV cache capacity per model, in tokens (CPU; on a GPU the KV cache is sized from
+    /// `gpu_memory_fraction`).
     pub kv_cache_tokens: usize,
+    /// Share of the GPU's free memory the CUDA backend may take (weights, KV cache,
+    /// workspace), in (0, 1].
+    pub gpu_memory_fraction: f32,
 }
 
 impl Default for EngineSection {
@@ -160,6 +169,7 @@ impl Default for EngineSection {
             threads: None,
             // ~1.4 GiB for the default model (f16 storage); pages are only touched when used.
             kv_cache_tokens: 65536,
+            gpu_memory_fraction: 0.9,
         }
     }
 }
@@ -287,6 +297,12 @@ impl Config {
             if v == 0 {
                 problems.push(format!("{name} must be at least 1"));
             }
+        }
+        let f = self.engine.gpu_memory_fraction;
+        if !(f > 0.0 && f <= 1.0) {
+            problems.push(format!(
+                "engine.gpu_memory_fraction must be in (0, 1], got {f}"
+            ));
         }
         if self.engine.threads == Some(0) {
             problems.push("engine.threads must be at least 1 (or left out for all cores)".into());

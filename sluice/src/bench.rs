@@ -15,11 +15,13 @@ use anyhow::{Context, Result};
 use sluice_engine::backends::cpu::kv_cache::KvCache;
 use sluice_engine::backends::cpu::model::{ForwardScratch, Model};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
-use sluice_engine::backends::SeqChunk;
+use sluice_engine::backends::device::DeviceChoice;
+use sluice_engine::backends::{self, SeqChunk};
 use sluice_engine::block_allocator::BLOCK_SIZE;
 use sluice_engine::sampling::{argmax, Sampler, SamplingParams};
 use sluice_engine::EngineConfig;
 
+use crate::bench_device::{self, DeviceBenchOptions};
 use crate::model::resolve_model;
 
 /// `sluice bench` options.
@@ -55,10 +57,23 @@ pub struct BenchArgs {
     /// Also write the output, with llama-bench's raw JSON, to this file.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Measure through the backend seam on this device (cpu or cuda) instead: prefill
+    /// rows for --prompt, decode rows for --streams; no llama.cpp.
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    /// With --device: the decode rows' concurrencies, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    streams: Vec<usize>,
+    /// With --device: also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// Loads the model and runs the benchmark (see [`run`]); `--save` also writes it to a file.
 pub fn run_cli(args: BenchArgs) -> Result<()> {
+    if let Some(device) = args.device {
+        return run_device_cli(device, args);
+    }
     let path = resolve_model(args.model)?;
     let threads = args.threads.unwrap_or_else(crate::serve::default_threads);
     let pool = Arc::new(ThreadPool::new(threads).context("starting the compute threads")?);
@@ -78,6 +93,48 @@ pub fn run_cli(args: BenchArgs) -> Result<()> {
     let text = run(&model, &path, &opts);
     if let Some(p) = args.save {
         std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        println!("saved to {}", p.display());
+    }
+    Ok(())
+}
+
+/// `sluice bench --device`: the seam benchmark (see `bench_device`) on one device.
+fn run_device_cli(device: DeviceChoice, args: BenchArgs) -> Result<()> {
+    // Before loading anything: a device that cannot run here is one line.
+    let (device, _) = backends::device::resolve(
+        device,
+        sluice_gateway::config::EngineSection::default().gpu_memory_fraction,
+    )?;
+    let path = resolve_model(args.model)?;
+    let threads = args.threads.unwrap_or_else(crate::serve::default_threads);
+    let o = DeviceBenchOptions {
+        prompts: args.prompt.into_iter().filter(|&p| p > 0).collect(),
+        chunk: args
+            .max_num_batched_tokens
+            .unwrap_or(EngineConfig::default().max_num_batched_tokens),
+        streams: args.streams.into_iter().filter(|&n| n > 0).collect(),
+        stream_prompt: args.batch_prompt_tokens,
+        gen: args.gen_tokens.max(1),
+        reps: args.reps,
+    };
+    // The CPU's KV cache is sized to the largest row (on a GPU, from its free memory).
+    let longest_prompt = o.prompts.iter().copied().max().unwrap_or(0);
+    let per_stream = (o.stream_prompt + o.gen).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+    let decode_tokens = o.streams.iter().copied().max().unwrap_or(0) * per_stream;
+    let opts = backends::RuntimeOptions {
+        pool: Arc::new(ThreadPool::new(threads).context("starting the compute threads")?),
+        kv_cache_tokens: longest_prompt.max(decode_tokens).max(BLOCK_SIZE),
+    };
+    let file = Arc::new(
+        sluice_engine::gguf::GgufFile::open(&path)
+            .with_context(|| format!("loading {}", path.display()))?,
+    );
+    let mut runtime = backends::load_on(&device, file, &opts)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let report = bench_device::run(runtime.as_mut(), &path.display().to_string(), &o);
+    if let Some(p) = args.json {
+        std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
         println!("saved to {}", p.display());
     }
     Ok(())

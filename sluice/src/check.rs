@@ -1,7 +1,8 @@
 //! `sluice check consistency`: the same prompts run greedily through two runtimes (a GGUF
 //! on the native engine and its ONNX export, two files), or through one model two ways
 //! (`scalar`: its scalar kernels instead of SIMD; `batched`: each request inside a batch
-//! of 16 others), token by token, with the size of every difference.
+//! of 16 others; `cuda`: on the CUDA backend), token by token, with the size of every
+//! difference.
 //!
 //! Each side runs in its own process (`sluice check run`, hidden): kernel choice is
 //! process-wide, and one side's memory is gone before the other loads. A side prints,
@@ -15,6 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sluice_engine::backends::device::DeviceChoice;
 use sluice_engine::sampling::SamplingParams;
 use sluice_engine::{Event, GenerationRequest};
 use sluice_gateway::api_types::InMessage;
@@ -43,9 +45,21 @@ pub enum CheckCmd {
     /// report where and by how much they differ; exit 1 when a divergence is not a
     /// near-tie.
     Consistency(ConsistencyArgs),
+    /// Check the CUDA backend on this machine's GPU: every kernel against a CPU
+    /// reference on random inputs, and the whole forward pass of every architecture
+    /// against the CPU's; exit 1 when any check fails.
+    Cuda(CudaCheckArgs),
     /// One side of a check (internal).
     #[command(hide = true)]
     Run(RunArgs),
+}
+
+/// `sluice check cuda` options.
+#[derive(clap::Args)]
+pub struct CudaCheckArgs {
+    /// Also write the report (one row per check) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// `sluice check consistency` options.
@@ -56,9 +70,13 @@ pub struct ConsistencyArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// A second model file or export, or `scalar` (the same model on the scalar
-    /// kernels) or `batched` (the same model, each request among 16 others).
+    /// kernels), `batched` (the same model, each request among 16 others) or `cuda`
+    /// (the same model on the CUDA backend).
     #[arg(long)]
     against: String,
+    /// The device both sides run on (but `--against cuda`'s second side): cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
     /// JSONL prompts, one `{"messages": [...]}` or `{"prompt": "..."}` per line
     /// [default: 8 built-in chat prompts].
     #[arg(long)]
@@ -92,6 +110,8 @@ pub struct RunArgs {
     batched: bool,
     #[arg(long)]
     threads: usize,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 /// One prompt's greedy run: each step's token and its top alternatives.
@@ -110,7 +130,48 @@ pub fn run_cli(cmd: CheckCmd) -> Result<()> {
     match cmd {
         CheckCmd::Consistency(a) => consistency(a),
         CheckCmd::Run(a) => side(a),
+        CheckCmd::Cuda(a) => cuda_self_check(a),
     }
+}
+
+/// `sluice check cuda`: the engine's CUDA self-check, as a table (and JSON when asked).
+/// It needs no Rust toolchain on the GPU machine, only this binary.
+#[cfg(feature = "cuda")]
+fn cuda_self_check(a: CudaCheckArgs) -> Result<()> {
+    use sluice_engine::backends::cuda::{probe, selfcheck};
+    // Probe first, so that a machine without a GPU gets one line saying what is missing.
+    let info = probe().map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!("checking the CUDA backend on {}", info.describe());
+    let report = selfcheck::run().map_err(|e| anyhow::anyhow!("CUDA self-check: {e}"))?;
+    print!("{}", report.table());
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.passed() {
+        bail!(
+            "{} of {} CUDA checks failed on {}",
+            report.failures(),
+            report.checks.len(),
+            report.device
+        );
+    }
+    println!(
+        "all {} CUDA checks passed on {}",
+        report.checks.len(),
+        report.device
+    );
+    Ok(())
+}
+
+/// `sluice check cuda` in a build without the backend: the subcommand exists (so the
+/// GPU machine's scripts get a clear answer) and says how to get it.
+#[cfg(not(feature = "cuda"))]
+fn cuda_self_check(_: CudaCheckArgs) -> Result<()> {
+    bail!(
+        "this sluice was built without CUDA support \
+         (build it with `cargo build --release --features cuda`)"
+    )
 }
 
 fn load_prompts(path: Option<&Path>) -> Result<Vec<Value>> {
@@ -165,57 +226,72 @@ fn consistency(a: ConsistencyArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(crate::serve::default_threads);
     let list = std::env::temp_dir().join(format!("sluice-check-{}.json", std::process::id()));
     std::fs::write(&list, serde_json::to_string(&prompts)?)?;
-    let (b_model, b_env, b_batched, b_name): (PathBuf, Option<&str>, bool, String) =
-        match a.against.as_str() {
-            "scalar" => (
-                model.clone(),
-                Some("SLUICE_FORCE_SCALAR"),
-                false,
-                "scalar kernels".into(),
-            ),
-            "batched" => (
-                model.clone(),
-                None,
-                true,
-                format!("batched among {BATCH_OTHERS}"),
-            ),
-            other => {
-                let p = crate::model::resolve_model(Some(PathBuf::from(other)))?;
-                let name = p.display().to_string();
-                (p, None, false, name)
-            }
-        };
-    let run_side = |m: &Path, env: Option<&str>, batched: bool| -> Result<Vec<Run>> {
-        let mut c = Command::new(std::env::current_exe()?);
-        c.args(["check", "run", "--model"])
-            .arg(m)
-            .arg("--prompts")
-            .arg(&list)
-            .args([
-                "--steps",
-                &a.steps.to_string(),
-                "--threads",
-                &threads.to_string(),
-            ])
-            .env("SLUICE_LOG", "warn");
-        if batched {
-            c.arg("--batched");
+    let (b_model, b_env, b_batched, b_device, b_name) = match a.against.as_str() {
+        "scalar" => (
+            model.clone(),
+            Some("SLUICE_FORCE_SCALAR"),
+            false,
+            a.device,
+            "scalar kernels".into(),
+        ),
+        "batched" => (
+            model.clone(),
+            None,
+            true,
+            a.device,
+            format!("batched among {BATCH_OTHERS}"),
+        ),
+        "cuda" => (
+            model.clone(),
+            None,
+            false,
+            DeviceChoice::Cuda,
+            "the CUDA backend".into(),
+        ),
+        other => {
+            let p = crate::model::resolve_model(Some(PathBuf::from(other)))?;
+            let name = p.display().to_string();
+            (p, None, false, a.device, name)
         }
-        if let Some(v) = env {
-            c.env(v, "1");
-        }
-        let out = c.output().context("running a check side")?;
-        if !out.status.success() {
-            bail!(
-                "running {} failed: {}",
-                m.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        serde_json::from_slice(&out.stdout).context("reading a check side's output")
     };
-    let first = run_side(&model, None, false)?;
-    let second = run_side(&b_model, b_env, b_batched)?;
+    // A device that cannot run here fails now, in one line, not after the first side.
+    for d in [a.device, b_device] {
+        sluice_engine::backends::device::resolve(d, 0.9)?;
+    }
+    let run_side =
+        |m: &Path, env: Option<&str>, batched: bool, device: DeviceChoice| -> Result<Vec<Run>> {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.args(["check", "run", "--model"])
+                .arg(m)
+                .arg("--prompts")
+                .arg(&list)
+                .args([
+                    "--steps",
+                    &a.steps.to_string(),
+                    "--threads",
+                    &threads.to_string(),
+                    "--device",
+                    &device.to_string(),
+                ])
+                .env("SLUICE_LOG", "warn");
+            if batched {
+                c.arg("--batched");
+            }
+            if let Some(v) = env {
+                c.env(v, "1");
+            }
+            let out = c.output().context("running a check side")?;
+            if !out.status.success() {
+                bail!(
+                    "running {} failed: {}",
+                    m.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            serde_json::from_slice(&out.stdout).context("reading a check side's output")
+        };
+    let first = run_side(&model, None, false, a.device)?;
+    let second = run_side(&b_model, b_env, b_batched, b_device)?;
     let _ = std::fs::remove_file(&list);
     let a_name = model.display().to_string();
     println!(
@@ -311,7 +387,7 @@ fn consistency(a: ConsistencyArgs) -> Result<()> {
 /// One side: greedy runs of every prompt, as JSON on stdout.
 fn side(a: RunArgs) -> Result<()> {
     let prompts: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&a.prompts)?)?;
-    let model = crate::serve::load_model(&a.model, a.threads)?;
+    let model = crate::serve::load_model(&a.model, a.threads, a.device)?;
     let greedy = |prompt: Vec<u32>, logprobs: bool| GenerationRequest {
         prompt,
         max_tokens: a.steps,

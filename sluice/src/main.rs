@@ -2,6 +2,7 @@
 //! client and the load tester (which the server itself does not link).
 
 mod bench;
+mod bench_device;
 mod chat;
 mod check;
 mod export_onnx;

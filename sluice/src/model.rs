@@ -31,6 +31,22 @@ pub enum ModelCmd {
         #[arg(long, default_value = "0", value_parser = ["0", "4"])]
         accuracy_level: String,
     },
+    /// Write a GGUF model with a real model's shape and random weights (for serving,
+    /// benchmarking and comparing runtimes where the real model cannot be carried).
+    Synth {
+        /// The shape: smollm2-135m (SmolLM2-135M) or llama3-8b (Llama-3-8B).
+        #[arg(long)]
+        shape: String,
+        /// The matrices' type: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, f32.
+        #[arg(long, default_value = "q4_1")]
+        quant: String,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The random stream's seed (the same arguments write the same file).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Print where a model's file is, or would be: in $SLUICE_MODELS_DIR, else models/ in
     /// the checkout the binary was built in, else ~/.cache/sluice/models.
     Path {
@@ -58,6 +74,12 @@ pub fn run_cli(action: ModelCmd) -> Result<()> {
             let p = model_store::ensure_model(&r)?;
             println!("{}", p.display());
         }
+        ModelCmd::Synth {
+            shape,
+            quant,
+            out,
+            seed,
+        } => synth(&shape, &quant, &out, seed)?,
         ModelCmd::List => {
             let dir = model_store::models_dir()?;
             println!("models folder: {}", dir.display());
@@ -123,4 +145,34 @@ pub fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
         }
     };
     Ok(model_store::ensure_model(&r)?)
+}
+
+/// `sluice model synth`: writes beside `out`, then renames, so a half-written file is
+/// never mistaken for a model.
+fn synth(shape: &str, quant: &str, out: &std::path::Path, seed: u64) -> Result<()> {
+    use sluice_engine::gguf::synth;
+    let s = synth::shape(shape)?;
+    let ty = synth::quant(quant)?;
+    let tmp = out.with_extension("gguf.partial");
+    let file = std::fs::File::create(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    let written = synth::write(&s, ty, seed, &mut w)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(std::io::Write::flush(&mut w)?));
+    drop(w);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out)?;
+    let bytes = std::fs::metadata(out)?.len();
+    println!(
+        "{} ({} MB: {} shape, {}, random weights, seed {seed})",
+        out.display(),
+        bytes >> 20,
+        s.name,
+        ty.name()
+    );
+    Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
+use sluice_engine::backends::device::{self, Device, DeviceChoice};
 use sluice_engine::backends::onnx::{Manifest, OnnxRuntime};
 use sluice_engine::backends::{self, RuntimeOptions};
 use sluice_engine::config::ModelConfig;
@@ -16,7 +17,7 @@ use sluice_engine::text::chat_template::{self, ChatTemplate};
 use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
-use sluice_gateway::config::{Config, ModelEntry};
+use sluice_gateway::config::{Config, EngineSection, ModelEntry};
 use sluice_gateway::sampling_defaults::SamplingDefaults;
 use sluice_gateway::state::{unix_now, AppState, MetricsAccess, ServedModel};
 use sluice_gateway::{model_store, server};
@@ -58,6 +59,14 @@ pub struct ServeArgs {
     /// KV cache capacity per model in tokens [config: engine.kv_cache_tokens].
     #[arg(long, env = "SLUICE_KV_CACHE_TOKENS")]
     kv_cache_tokens: Option<usize>,
+    /// What models compute on: auto, cpu or cuda [config: server.device; default auto:
+    /// a usable GPU when this build has CUDA, else the CPU].
+    #[arg(long, env = "SLUICE_DEVICE")]
+    device: Option<DeviceChoice>,
+    /// CUDA: share of the GPU's free memory for weights, KV cache and workspace
+    /// [config: engine.gpu_memory_fraction; default 0.9].
+    #[arg(long, env = "SLUICE_GPU_MEMORY_FRACTION")]
+    gpu_memory_fraction: Option<f32>,
     /// Seconds streams may take to finish after SIGTERM [config: limits.shutdown_grace_seconds].
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECONDS")]
     shutdown_grace_seconds: Option<u64>,
@@ -103,6 +112,12 @@ impl ServeArgs {
             if let Some(v) = src {
                 *dst = v;
             }
+        }
+        if let Some(d) = self.device {
+            c.server.device = d;
+        }
+        if let Some(f) = self.gpu_memory_fraction {
+            c.engine.gpu_memory_fraction = f;
         }
         if let Some(g) = self.shutdown_grace_seconds {
             c.limits.shutdown_grace_seconds = g;
@@ -170,7 +185,10 @@ pub fn default_threads() -> usize {
 enum Backend {
     /// Our inference engine on the GGUF's weights, on the runtime `backends::load` picks
     /// (computing on the process's pool).
-    Model { runtime: RuntimeOptions },
+    Model {
+        runtime: RuntimeOptions,
+        device: Device,
+    },
     /// No inference: filler tokens at this many per second per request.
     Synthetic { tokens_per_second: f64 },
 }
@@ -251,7 +269,21 @@ fn load_served_model(
         ),
     };
     let engine = match (backend, mcfg, onnx.zip(manifest)) {
-        (Backend::Model { runtime: opts }, _, Some((dir, manifest))) => {
+        (
+            Backend::Model {
+                runtime: opts,
+                device,
+            },
+            _,
+            Some((dir, manifest)),
+        ) => {
+            if device.backend() != "cpu" {
+                bail!(
+                    "{shown} is an ONNX export: it runs on ONNX Runtime's CPU provider, not \
+                     --device {}",
+                    device.backend()
+                );
+            }
             let library = model_store::fetch_onnx_runtime(&model_store::models_dir()?)?;
             let env = backends::onnx::library::init(&library)?;
             let info = format!(
@@ -277,9 +309,16 @@ fn load_served_model(
             )?
         }
         (Backend::Model { .. }, None, None) => bail!("the inference engine needs a model file"),
-        (Backend::Model { runtime: opts }, Some(mcfg), None) => {
-            let runtime =
-                backends::load(file, &opts).with_context(|| format!("loading {shown}"))?;
+        (
+            Backend::Model {
+                runtime: opts,
+                device,
+            },
+            Some(mcfg),
+            None,
+        ) => {
+            let runtime = backends::load_on(&device, file, &opts)
+                .with_context(|| format!("loading {shown}"))?;
             info!(model = %name, arch = %mcfg.architecture, layers = mcfg.n_layers, context_length, kernels = %runtime.info().device, threads = opts.pool.threads(), "model loaded");
             Engine::start(
                 runtime,
@@ -314,9 +353,15 @@ fn load_served_model(
     })
 }
 
-/// Loads the model at `path` (a GGUF file, or an ONNX export's folder) on `threads`
-/// compute threads with the default limits, for tools that drive the engine directly.
-pub fn load_model(path: &std::path::Path, threads: usize) -> Result<ServedModel> {
+/// Loads the model at `path` (a GGUF file, or an ONNX export's folder) on `device`
+/// (CPU: on `threads` compute threads) with the default limits, for tools that drive the
+/// engine directly.
+pub fn load_model(
+    path: &std::path::Path,
+    threads: usize,
+    device: DeviceChoice,
+) -> Result<ServedModel> {
+    let (device, _) = device::resolve(device, EngineSection::default().gpu_memory_fraction)?;
     let runtime = RuntimeOptions {
         pool: Arc::new(ThreadPool::new(threads).context("starting the compute threads")?),
         kv_cache_tokens: RuntimeOptions::DEFAULT_KV_CACHE_TOKENS,
@@ -327,7 +372,7 @@ pub fn load_model(path: &std::path::Path, threads: usize) -> Result<ServedModel>
         name.clone(),
         Vec::new(),
         SamplingDefaults::NONE,
-        Backend::Model { runtime },
+        Backend::Model { runtime, device },
         EngineConfig {
             name,
             ..EngineConfig::default()
@@ -357,6 +402,10 @@ async fn shutdown_signal() {
 /// Loads the configured models and serves them until SIGTERM/SIGINT, then drains.
 pub async fn run_cli(args: ServeArgs) -> Result<()> {
     let config = args.config()?;
+    // Before any model is fetched or loaded: `--device cuda` where it cannot run stops
+    // here, in one line.
+    let (device, why) = device::resolve(config.server.device, config.engine.gpu_memory_fraction)?;
+    info!(device = device.backend(), reason = %why, "compute device");
     let threads = config.engine.threads.unwrap_or_else(default_threads);
     let engine_cfg = EngineConfig {
         name: String::new(), // each model's own, below
@@ -375,6 +424,7 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
                 tokens_per_second: e.tokens_per_second.unwrap_or(50.0),
             },
             _ => Backend::Model {
+                device: device.clone(),
                 runtime: RuntimeOptions {
                     pool: match &pool {
                         Some(p) => p.clone(),

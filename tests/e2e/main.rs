@@ -4,6 +4,8 @@
 mod browser;
 mod clients;
 mod compat;
+mod cuda_ptx;
+mod device;
 mod engine;
 mod gateway;
 mod loadtest;

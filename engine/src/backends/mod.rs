@@ -43,6 +43,9 @@
 //! its compute pool, a runtime without host threads of its own passes [`SerialRows`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod onnx;
 
 use std::sync::Arc;
@@ -52,6 +55,7 @@ use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use cpu::thread_pool::ThreadPool;
 use cpu::CpuRuntime;
+use device::Device;
 
 /// One sequence's share of a step's batch.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +108,17 @@ impl KvCapacity {
     pub fn tokens(&self) -> usize {
         self.blocks * BLOCK_SIZE
     }
+}
+
+/// Device memory a runtime holds (a GPU's), by use, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// The model's weights.
+    pub weights: usize,
+    /// The KV cache (allocated whole at start-up).
+    pub kv_cache: usize,
+    /// Activations and step inputs (grows with the largest step).
+    pub workspace: usize,
 }
 
 /// What a runtime is, as logs and `/admin/models` name it.
@@ -160,6 +175,12 @@ pub trait ModelRuntime: Send {
     /// forward pass and its sampling.
     fn step(&mut self, batch: &[SeqChunk<'_>], sample: &mut dyn FnMut(&[f32], &dyn RowRunner));
 
+    /// Device memory held, for runtimes on an accelerator (`None` on the CPU, whose
+    /// memory is the process's own and shows in its resident size).
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+
     /// Drops whatever a step left half done (a panic in `step` or `sample`); the engine
     /// calls it before serving again. K/V contents need nothing: the scheduler starts
     /// over with every block free.
@@ -187,12 +208,37 @@ impl RuntimeOptions {
     pub const DEFAULT_KV_CACHE_TOKENS: usize = 65536;
 }
 
-/// The runtime for a model file. Every model we load today runs on the CPU runtime;
-/// this is where a file would be routed to another backend.
+/// The runtime for a model file on the CPU.
 pub fn load(
     file: Arc<GgufFile>,
     opts: &RuntimeOptions,
 ) -> Result<Box<dyn ModelRuntime>, ModelError> {
-    let model = cpu::model::Model::from_gguf(file, opts.pool.clone())?;
-    Ok(Box::new(CpuRuntime::new(model, opts.kv_cache_tokens)))
+    load_on(&Device::Cpu, file, opts)
+}
+
+/// The runtime for a model file on `device` (see [`device::resolve`]). On CUDA the KV
+/// cache is sized from the GPU's free memory (`gpu_memory_fraction`), not from
+/// `opts.kv_cache_tokens`, which sizes host memory.
+pub fn load_on(
+    device: &Device,
+    file: Arc<GgufFile>,
+    opts: &RuntimeOptions,
+) -> Result<Box<dyn ModelRuntime>, ModelError> {
+    match device {
+        Device::Cpu => {
+            let model = cpu::model::Model::from_gguf(file, opts.pool.clone())?;
+            Ok(Box::new(CpuRuntime::new(model, opts.kv_cache_tokens)))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda {
+            gpu_memory_fraction,
+            ..
+        } => {
+            let cuda_opts = cuda::CudaOptions {
+                gpu_memory_fraction: *gpu_memory_fraction,
+                kv_cache_tokens: None,
+            };
+            Ok(Box::new(cuda::CudaRuntime::load(file, &cuda_opts)?))
+        }
+    }
 }

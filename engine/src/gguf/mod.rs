@@ -7,6 +7,8 @@
 //! The tensor types the reader accepts and their block layouts are in `quant`.
 
 pub mod quant;
+pub mod synth;
+pub mod tiny;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -475,8 +477,22 @@ pub mod writer {
         }
     }
 
-    /// Serialises metadata and tensors into a GGUF v3 image (alignment 32).
-    pub fn write(metadata: &[(String, MetaValue)], tensors: &[TensorData]) -> Vec<u8> {
+    /// GGUF's data alignment (the default, which we never override).
+    pub const ALIGNMENT: u64 = 32;
+
+    /// A tensor's entry in the header: what [`header`] needs to place its data.
+    pub struct TensorHeader<'a> {
+        pub name: &'a str,
+        pub dims: &'a [u64],
+        pub ty: GgmlType,
+        pub bytes: u64,
+    }
+
+    /// The bytes of a GGUF v3 file up to its first tensor's data: the header, metadata,
+    /// tensor infos and padding. Tensor `i`'s data follows at the next multiple of
+    /// [`ALIGNMENT`] after tensor `i - 1`'s (for writers that stream the data, such as
+    /// `model synth`'s multi-gigabyte files).
+    pub fn header(metadata: &[(String, MetaValue)], tensors: &[TensorHeader<'_>]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
@@ -489,23 +505,41 @@ pub mod writer {
         }
         let mut offset = 0u64;
         for t in tensors {
-            put_str(&mut out, &t.name);
+            put_str(&mut out, t.name);
             out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
+            for d in t.dims {
                 out.extend_from_slice(&d.to_le_bytes());
             }
             out.extend_from_slice(&(t.ty as u32).to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
-            offset += (t.bytes.len() as u64).div_ceil(32) * 32;
+            offset += t.bytes.div_ceil(ALIGNMENT) * ALIGNMENT;
         }
-        while out.len() % 32 != 0 {
+        pad(&mut out);
+        out
+    }
+
+    /// Zero bytes up to the next multiple of [`ALIGNMENT`].
+    pub fn pad(out: &mut Vec<u8>) {
+        while !(out.len() as u64).is_multiple_of(ALIGNMENT) {
             out.push(0);
         }
+    }
+
+    /// Serialises metadata and tensors into a GGUF v3 image (alignment 32).
+    pub fn write(metadata: &[(String, MetaValue)], tensors: &[TensorData]) -> Vec<u8> {
+        let headers: Vec<TensorHeader<'_>> = tensors
+            .iter()
+            .map(|t| TensorHeader {
+                name: &t.name,
+                dims: &t.dims,
+                ty: t.ty,
+                bytes: t.bytes.len() as u64,
+            })
+            .collect();
+        let mut out = header(metadata, &headers);
         for t in tensors {
             out.extend_from_slice(&t.bytes);
-            while out.len() % 32 != 0 {
-                out.push(0);
-            }
+            pad(&mut out);
         }
         out
     }
