@@ -61,6 +61,8 @@ pub(crate) struct EngineLoop {
     runtime: Box<dyn ModelRuntime>,
     /// The runtime's, read once: the scheduler's block pool and the KV memory metric.
     kv: KvCapacity,
+    /// The runtime picks plain-greedy rows' tokens itself (`SeqChunk::device_greedy`).
+    device_sampling: bool,
     tokenizer: Arc<Tokenizer>,
     scheduler: Scheduler,
     active: HashMap<SeqId, Active>,
@@ -105,10 +107,12 @@ impl EngineLoop {
         metrics: EngineMetrics,
     ) -> Self {
         let kv = runtime.kv_capacity();
+        let device_sampling = runtime.capabilities().device_sampling;
         let scheduler = Scheduler::new(cfg, kv.blocks);
         EngineLoop {
             runtime,
             kv,
+            device_sampling,
             tokenizer,
             scheduler,
             active: HashMap::new(),
@@ -233,6 +237,7 @@ impl EngineLoop {
             scheduler,
             active,
             metrics,
+            device_sampling,
             ..
         } = self;
         // Every planned sequence is tracked by the scheduler; one that were not (a bug)
@@ -242,22 +247,47 @@ impl EngineLoop {
             .iter()
             .filter_map(|c| scheduler.get(c.seq).map(|seq| (c, seq)))
             .collect();
+        // Rows the runtime may pick by argmax where the logits are: greedy with nothing
+        // applied (no penalties, bias, mask, banned end tokens or log-probabilities).
+        let on_device = |seq: SeqId| {
+            *device_sampling
+                && active.get(&seq).is_some_and(|a| {
+                    a.sampler.is_plain_greedy()
+                        && a.constraint.is_none()
+                        && a.logprobs.is_none()
+                        && a.generated >= a.min_tokens
+                })
+        };
+        let device_greedy: Vec<bool> = planned
+            .iter()
+            .map(|(c, _)| c.sample && on_device(c.seq))
+            .collect();
         let chunks: Vec<SeqChunk> = planned
             .iter()
-            .map(|(c, seq)| SeqChunk {
+            .zip(&device_greedy)
+            .map(|((c, seq), &device_greedy)| SeqChunk {
                 tokens: &seq.tokens[c.start..c.start + c.len],
                 start_pos: c.start,
                 block_table: &seq.blocks,
                 want_logits: c.sample,
                 decode_from: seq.prompt_len,
+                device_greedy,
             })
             .collect();
         let vocab = runtime.vocab_size();
+        // Host rows: the sampled chunks whose logits come back, in batch order.
         let row_of: HashMap<SeqId, usize> = planned
             .iter()
-            .filter(|(c, _)| c.sample)
+            .zip(&device_greedy)
+            .filter(|((c, _), &d)| c.sample && !d)
             .enumerate()
-            .map(|(row, (c, _))| (c.seq, row))
+            .map(|(row, ((c, _), _))| (c.seq, row))
+            .collect();
+        let device_rows: Vec<SeqId> = planned
+            .iter()
+            .zip(&device_greedy)
+            .filter(|(_, &d)| d)
+            .map(|((c, _), _)| c.seq)
             .collect();
         let tokenizer: &Tokenizer = tokenizer;
         let mut sampled: Vec<(SeqId, u32)> = Vec::new();
@@ -296,6 +326,31 @@ impl EngineLoop {
                 failures.extend(r.failed.map(|e| (r.seq, e)));
             }
         });
+        if !device_rows.is_empty() {
+            let tokens = runtime.take_device_tokens();
+            if tokens.len() == device_rows.len() {
+                for (&seq, &token) in device_rows.iter().zip(&tokens) {
+                    if let Some(a) = active.get_mut(&seq) {
+                        a.sampler.accept(token);
+                    }
+                    sampled.push((seq, token));
+                    lps.push(None);
+                }
+            } else {
+                // A runtime bug: fail these requests rather than guess their tokens (the
+                // scheduler still gets a placeholder, as for rows whose sampling failed).
+                let error = format!(
+                    "the runtime returned {} device-sampled tokens for {} rows",
+                    tokens.len(),
+                    device_rows.len()
+                );
+                for &seq in &device_rows {
+                    sampled.push((seq, 0));
+                    lps.push(None);
+                    failures.push((seq, error.clone()));
+                }
+            }
+        }
         scheduler.update(&plan, &sampled);
         let n_tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
         metrics.step(

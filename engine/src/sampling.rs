@@ -155,6 +155,20 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler only ever takes the most likely token of the raw logits
+    /// (greedy, nothing applied to the logits): then the token may be picked where the
+    /// logits are (a GPU) and handed to [`Sampler::accept`].
+    pub fn is_plain_greedy(&self) -> bool {
+        (self.params.temperature < GREEDY_BELOW_TEMPERATURE || self.params.top_k == 1)
+            && !self.params.processes_logits()
+    }
+
+    /// Records a token picked elsewhere (by argmax on a device) as this sampler's own
+    /// draw.
+    pub fn accept(&mut self, id: u32) {
+        *self.output_counts.entry(id).or_default() += 1;
+    }
+
     /// Picks a token id, never one of `banned`, and records it as generated.
     pub fn sample(&mut self, raw: &[f32], banned: &[u32]) -> u32 {
         let id = self.choose(raw, banned);

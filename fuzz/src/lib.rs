@@ -267,6 +267,7 @@ pub fn gguf(data: &[u8]) {
         block_table: &[0],
         want_logits: true,
         decode_from: 1,
+        device_greedy: false,
     };
     let logits = model.forward(&[chunk], &mut kv, &mut scratch);
     assert_eq!(logits.len(), cfg.vocab_size);

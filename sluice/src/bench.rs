@@ -210,6 +210,7 @@ pub fn bench_prefill(model: &Model, prompt: usize, chunk: usize, reps: usize) ->
                     block_table: &table,
                     want_logits: start_pos + c.len() == prompt,
                     decode_from: prompt,
+                    device_greedy: false,
                 }],
                 &mut kv,
                 &mut scratch,
@@ -241,6 +242,7 @@ pub fn bench_decode(model: &Model, gen: usize, reps: usize) -> Stats {
                     block_table: &table,
                     want_logits: true,
                     decode_from: 0,
+                    device_greedy: false,
                 }],
                 &mut kv,
                 &mut scratch,
@@ -286,6 +288,7 @@ pub fn bench_batched_decode(
                 block_table: &tables[b],
                 want_logits: true,
                 decode_from: prompt,
+                device_greedy: false,
             };
             next[b] = argmax(model.forward(&[chunk], &mut kv, &mut scratch));
         }
@@ -299,6 +302,7 @@ pub fn bench_batched_decode(
                     block_table: &tables[b],
                     want_logits: true,
                     decode_from: prompt,
+                    device_greedy: false,
                 })
                 .collect();
             let logits = model.forward(&chunks, &mut kv, &mut scratch);
@@ -401,6 +405,7 @@ pub fn bench_batched_sampled_decode(
                 block_table: &tables[b],
                 want_logits: true,
                 decode_from: prompt,
+                device_greedy: false,
             };
             next[b] = sampled[b].sample(model.forward(&[chunk], &mut kv, &mut scratch), &[]);
         }
@@ -414,6 +419,7 @@ pub fn bench_batched_sampled_decode(
                     block_table: &tables[b],
                     want_logits: true,
                     decode_from: prompt,
+                    device_greedy: false,
                 })
                 .collect();
             let _lease = model.pool().lease();
@@ -457,6 +463,7 @@ pub fn bench_sampler_row(model: &Model, reps: usize) -> Vec<(&'static str, f64)>
         block_table: &table,
         want_logits: true,
         decode_from: prompt.len(),
+        device_greedy: false,
     };
     let logits = model.forward(&[chunk], &mut kv, &mut scratch).to_vec();
     let settings: [(&'static str, SamplingParams); 4] = [

@@ -80,6 +80,7 @@ fn prefill(
                 block_table: &tables[i],
                 want_logits: end == p.len(),
                 decode_from: p.len(),
+                device_greedy: false,
             });
             if end == p.len() {
                 owners.push(i);
@@ -149,6 +150,7 @@ fn bench_decode(
                     block_table: &tables[s],
                     want_logits: true,
                     decode_from: o.stream_prompt,
+                    device_greedy: false,
                 })
                 .collect();
             let mut next = vec![0u32; streams];

@@ -252,3 +252,120 @@ fn identical_prompts_together_compute_the_prompt_once_with_the_same_greedy_text(
         (prompt.len() + gen - 1) as u64
     );
 }
+
+/// A runtime that picks plain-greedy rows' tokens "on its device": the CPU runtime
+/// underneath, with those rows taken out of the logits the engine sees and their argmax
+/// handed over through `take_device_tokens`, as the CUDA runtime does.
+struct DeviceGreedy {
+    inner: Box<dyn backends::ModelRuntime>,
+    tokens: Vec<u32>,
+    /// Rows picked on the "device", over the whole run.
+    picked: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl backends::ModelRuntime for DeviceGreedy {
+    fn info(&self) -> backends::RuntimeInfo {
+        self.inner.info()
+    }
+    fn capabilities(&self) -> backends::Capabilities {
+        backends::Capabilities {
+            device_sampling: true,
+            ..self.inner.capabilities()
+        }
+    }
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn context_length(&self) -> usize {
+        self.inner.context_length()
+    }
+    fn kv_capacity(&self) -> backends::KvCapacity {
+        self.inner.kv_capacity()
+    }
+    fn step(
+        &mut self,
+        batch: &[backends::SeqChunk<'_>],
+        sample: &mut dyn FnMut(&[f32], &dyn backends::RowRunner),
+    ) {
+        let vocab = self.inner.vocab_size();
+        let wanted: Vec<bool> = batch
+            .iter()
+            .filter(|c| c.want_logits)
+            .map(|c| c.device_greedy)
+            .collect();
+        let (tokens, picked) = (&mut self.tokens, &self.picked);
+        tokens.clear();
+        self.inner.step(batch, &mut |logits, runner| {
+            let mut host = Vec::with_capacity(logits.len());
+            for (row, &on_device) in logits.chunks_exact(vocab).zip(&wanted) {
+                if on_device {
+                    tokens.push(sluice_engine::sampling::argmax(row));
+                    picked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    host.extend_from_slice(row);
+                }
+            }
+            sample(&host, runner);
+        });
+    }
+    fn take_device_tokens(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.tokens)
+    }
+}
+
+/// Greedy rows picked where the logits are give the same text as the host's greedy
+/// sampler, batched with requests that sample, ask for log-probabilities or ban end
+/// tokens (those stay on the host, and their output is unchanged too).
+#[test]
+fn rows_sampled_on_the_device_give_what_the_host_gives() {
+    let path = model_path();
+    let file = Arc::new(GgufFile::open(&path).expect("model"));
+    let tok = Arc::new(Tokenizer::load(&file, Some(&path)).expect("tokenizer"));
+    let opts = RuntimeOptions {
+        pool: Arc::new(ThreadPool::new(2).expect("compute threads")),
+        kv_cache_tokens: DEFAULT_KV,
+    };
+    let picked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let run = |device: bool| {
+        let inner = backends::load(file.clone(), &opts).expect("model");
+        let runtime: Box<dyn backends::ModelRuntime> = if device {
+            Box::new(DeviceGreedy {
+                inner,
+                tokens: Vec::new(),
+                picked: picked.clone(),
+            })
+        } else {
+            inner
+        };
+        let e = Engine::start(runtime, tok.clone(), EngineConfig::default()).expect("engine");
+        let seeded = SamplingParams {
+            seed: Some(7),
+            ..Default::default()
+        };
+        let mut reqs = vec![
+            request(&tok, PROMPTS[0], 24, greedy()),
+            request(&tok, PROMPTS[1], 24, greedy()),
+            request(&tok, PROMPTS[2], 24, seeded),
+            GenerationRequest {
+                logprobs: Some(2),
+                ..request(&tok, PROMPTS[3], 24, greedy())
+            },
+            GenerationRequest {
+                min_tokens: 24,
+                ignore_eos: false,
+                ..request(&tok, PROMPTS[0], 24, greedy())
+            },
+        ];
+        let mut streams: Vec<_> = reqs
+            .drain(..)
+            .map(|r| e.submit(r).expect("submit"))
+            .collect();
+        streams.iter_mut().map(|s| collect(s).0).collect::<Vec<_>>()
+    };
+    let host = run(false);
+    let device = run(true);
+    assert_eq!(host, device);
+    // The two plain-greedy requests (24 tokens each, the first from the prefill) went to
+    // the "device"; the others never did.
+    assert_eq!(picked.load(std::sync::atomic::Ordering::Relaxed), 48);
+}

@@ -499,6 +499,7 @@ fn replay(model: &Model, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
                     block_table: &table,
                     want_logits: true,
                     decode_from: prompt.len(),
+                    device_greedy: false,
                 }],
                 &mut kv,
                 &mut s,

@@ -28,10 +28,13 @@
 //!   request, or one recomputed from its start after preemption), and frees it when the
 //!   engine says the sequence ended ([`ModelRuntime::release`]).
 //!
-//! - **Sampling on the device.** A runtime that can draw tokens where the logits are (a
+//! - **Sampling on the device.** A runtime that can pick tokens where the logits are (a
 //!   CUDA runtime, to avoid copying every step's logits to the host) says so in
-//!   [`Capabilities::device_sampling`]. The engine still samples every row on the host
-//!   from the logits that [`ModelRuntime::step`] returns, so every runtime returns them.
+//!   [`Capabilities::device_sampling`]. The engine then marks the rows whose requests
+//!   sample plain greedily ([`SeqChunk::device_greedy`]): the runtime leaves those rows
+//!   out of the logits it passes to `sample` and hands their tokens over through
+//!   [`ModelRuntime::take_device_tokens`] after the step. Every other row is sampled on
+//!   the host from its logits.
 //!
 //! - **Token masks.** Structured outputs mask each constrained row's logits on the host,
 //!   in the row's sampling job, so every runtime serves them. [`Capabilities::token_mask`]
@@ -72,6 +75,12 @@ pub struct SeqChunk<'a> {
     /// tokens take llama.cpp's single-token attention path even when they are recomputed
     /// in a chunk (after preemption), so recomputing reproduces the same numbers.
     pub decode_from: usize,
+    /// With `want_logits`, on a runtime with [`Capabilities::device_sampling`]: the row's
+    /// request samples greedily with nothing else applied (no penalties, bias, mask or
+    /// log-probabilities), so the runtime picks its token by argmax where the logits
+    /// are and returns the token ([`ModelRuntime::take_device_tokens`]) instead of the
+    /// row's logits. Never set for other runtimes.
+    pub device_greedy: bool,
 }
 
 /// Where a runtime keeps K/V.
@@ -88,7 +97,8 @@ pub enum KvStorage {
 pub struct Capabilities {
     /// Where K/V live, which decides whether the engine caches prompt prefixes.
     pub kv: KvStorage,
-    /// Whether the runtime can sample on its device.
+    /// Whether the runtime picks greedy rows' tokens on its device
+    /// ([`SeqChunk::device_greedy`]).
     pub device_sampling: bool,
     /// Whether the runtime accepts a per-row mask of allowed tokens.
     pub token_mask: bool,
@@ -168,8 +178,9 @@ pub trait ModelRuntime: Send {
     fn kv_capacity(&self) -> KvCapacity;
 
     /// Runs one step: stores the K/V of every chunk's tokens, then calls `sample` once
-    /// with the logits of the chunks whose `want_logits` is set (`vocab_size` each, row
-    /// after row, in batch order) and the [`RowRunner`] for the work on them. The step
+    /// with the logits of the chunks whose `want_logits` is set and `device_greedy` is
+    /// not (`vocab_size` each, row after row, in batch order) and the [`RowRunner`] for
+    /// the work on them. The step
     /// keeps the runtime's compute until `sample` returns: the CPU runtime holds its
     /// pool's lease throughout, so another model's step never runs between this step's
     /// forward pass and its sampling.
@@ -179,6 +190,12 @@ pub trait ModelRuntime: Send {
     /// memory is the process's own and shows in its resident size).
     fn device_memory(&self) -> Option<DeviceMemory> {
         None
+    }
+
+    /// The tokens of the last step's `device_greedy` chunks, in batch order (empty for
+    /// runtimes without [`Capabilities::device_sampling`]).
+    fn take_device_tokens(&mut self) -> Vec<u32> {
+        Vec::new()
     }
 
     /// Drops whatever a step left half done (a panic in `step` or `sample`); the engine

@@ -161,6 +161,7 @@ mod tests {
                 block_table: &[0],
                 want_logits: true,
                 decode_from: a.len(),
+                device_greedy: false,
             },
             SeqChunk {
                 tokens: &b,
@@ -168,6 +169,7 @@ mod tests {
                 block_table: &[2],
                 want_logits: true,
                 decode_from: b.len(),
+                device_greedy: false,
             },
         ];
         let want = model
@@ -228,6 +230,7 @@ mod tests {
                 block_table: &table,
                 want_logits: true,
                 decode_from: prompt.len(),
+                device_greedy: false,
             };
             let t = argmax(model.forward(&[chunk], &mut kv, &mut s));
             want.push(t);

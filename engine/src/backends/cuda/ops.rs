@@ -186,6 +186,27 @@ impl Ops<'_> {
         unsafe { self.go("softcap", launch::elementwise(n), &args) }
     }
 
+    /// `out[r]` = the first index of row `r`'s maximum, for `rows` rows of `vocab`.
+    ///
+    /// # Safety
+    /// `logits` holds `rows × vocab` floats and `out` `rows` ints.
+    pub unsafe fn argmax(
+        &self,
+        logits: u64,
+        out: u64,
+        vocab: usize,
+        rows: usize,
+    ) -> Result<(), ModelError> {
+        let args = [
+            Arg::Ptr(logits),
+            Arg::Ptr(out),
+            Arg::I32(to_i32(vocab, "vocab")?),
+            Arg::I32(to_i32(rows, "rows")?),
+        ];
+        // SAFETY: the caller's contract.
+        unsafe { self.go("argmax", launch::argmax(rows), &args) }
+    }
+
     /// RoPE in place on `[n_tokens][n_heads][head_dim]`, rotating whole heads.
     ///
     /// # Safety

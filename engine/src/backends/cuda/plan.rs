@@ -284,6 +284,7 @@ mod tests {
             block_table: table,
             want_logits: want,
             decode_from: 0,
+            device_greedy: false,
         }
     }
 

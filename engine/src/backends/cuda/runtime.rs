@@ -207,6 +207,8 @@ pub struct CudaRuntime {
     /// sets it both ways to check graphs against eager steps).
     decode_graphs: bool,
     host_logits: Vec<f32>,
+    /// The last step's `device_greedy` rows' tokens, in batch order.
+    device_tokens: Vec<u32>,
     stream: Arc<CudaStream>,
     _ctx: Arc<CudaContext>,
     _file: Arc<GgufFile>,
@@ -330,6 +332,7 @@ impl CudaRuntime {
             graph_max_blocks,
             decode_graphs: graphs::decode_graphs_enabled(),
             host_logits: Vec::new(),
+            device_tokens: Vec::new(),
             stream,
             _ctx: ctx,
             _file: file,
@@ -365,7 +368,8 @@ impl CudaRuntime {
 
     /// Grows the workspace to hold `plan` (dropping the graphs, whose buffers move).
     fn ensure_capacity(&mut self, plan: &StepPlan, logit_rows: usize) -> Result<(), ModelError> {
-        let ints = plan.ints.len();
+        // The plan's ints, then one per logit row for the device argmax.
+        let ints = plan.ints.len() + logit_rows;
         if plan.n_rows <= self.ws.rows
             && logit_rows <= self.ws.logit_rows
             && ints <= self.ws.ints.len()
@@ -391,7 +395,8 @@ impl CudaRuntime {
     }
 
     /// Runs `batch` and leaves the wanted rows' logits, in batch order, in
-    /// `host_logits`; returns how many floats that is.
+    /// `host_logits` (but `device_greedy` rows', whose argmax goes to `device_tokens`);
+    /// returns how many floats that is.
     fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<usize, ModelError> {
         let vocab = self.cfg.vocab_size;
         let graph_bucket = (self.decode_graphs && batch.iter().all(|c| c.tokens.len() == 1))
@@ -448,30 +453,76 @@ impl CudaRuntime {
             None => self.record(&plan, true)?,
         }
 
-        self.host_logits.resize(m * vocab, 0.0);
-        let contiguous = match bucket {
-            None => true,
-            Some(_) => plan.picked.iter().enumerate().all(|(i, &r)| i == r),
-        };
-        if m == 0 {
-            // No row wants logits (prompt chunks mid-way): nothing to copy.
-        } else if contiguous {
-            let src = self.ws.logits.slice().slice(..m * vocab);
+        // Wanted row `i` (batch order) holds its logits at this row of the buffer: a
+        // graph step computed every row, an eager one gathered the wanted rows.
+        let logit_row = |i: usize| if bucket.is_some() { plan.picked[i] } else { i };
+        let on_device: Vec<bool> = batch
+            .iter()
+            .filter(|c| c.want_logits)
+            .map(|c| c.device_greedy)
+            .collect();
+        if on_device.len() != m {
+            return Err(ModelError::Runtime(format!(
+                "CUDA step: {} rows want logits but the plan picked {m}",
+                on_device.len()
+            )));
+        }
+        self.device_tokens.clear();
+        if on_device.iter().any(|&d| d) {
+            // One argmax over every logit row (a few microseconds), then only the ints
+            // cross to the host.
+            let out = plan.ints.len();
+            let ops = Ops {
+                stream: &self.stream,
+                kernels: &self.kernels,
+            };
+            // SAFETY: the logits buffer holds `logit_rows` rows of `vocab` and the ints
+            // buffer `plan.ints.len() + logit_rows` ints (`ensure_capacity`).
+            unsafe {
+                ops.argmax(
+                    self.ws.logits.ptr(),
+                    self.ws.ints.at(out),
+                    vocab,
+                    logit_rows,
+                )?
+            };
+            let mut ids = vec![0i32; logit_rows];
+            let src = self.ws.ints.slice().slice(out..out + logit_rows);
             self.stream
-                .memcpy_dtoh(&src, &mut self.host_logits[..])
-                .map_err(err("copy of the logits"))?;
-        } else {
-            for (i, &r) in plan.picked.iter().enumerate() {
-                let src = self.ws.logits.slice().slice(r * vocab..(r + 1) * vocab);
-                self.stream
-                    .memcpy_dtoh(&src, &mut self.host_logits[i * vocab..(i + 1) * vocab])
-                    .map_err(err("copy of the logits"))?;
+                .memcpy_dtoh(&src, &mut ids[..])
+                .map_err(err("copy of the device-sampled tokens"))?;
+            for i in (0..m).filter(|&i| on_device[i]) {
+                let id = ids[logit_row(i)];
+                self.device_tokens
+                    .push(u32::try_from(id).map_err(|_| {
+                        ModelError::Runtime(format!("CUDA argmax gave token {id}"))
+                    })?);
             }
+        }
+        // The other rows' logits, in runs of consecutive buffer rows (one copy each).
+        let host: Vec<usize> = (0..m).filter(|&i| !on_device[i]).collect();
+        self.host_logits.resize(host.len() * vocab, 0.0);
+        let mut k = 0;
+        while k < host.len() {
+            let first = logit_row(host[k]);
+            let mut len = 1;
+            while k + len < host.len() && logit_row(host[k + len]) == first + len {
+                len += 1;
+            }
+            let src = self
+                .ws
+                .logits
+                .slice()
+                .slice(first * vocab..(first + len) * vocab);
+            self.stream
+                .memcpy_dtoh(&src, &mut self.host_logits[k * vocab..(k + len) * vocab])
+                .map_err(err("copy of the logits"))?;
+            k += len;
         }
         // The copies are asynchronous in form: wait for them (and report any fault of
         // the step's kernels here, where it can be named).
         self.stream.synchronize().map_err(err("step"))?;
-        Ok(m * vocab)
+        Ok(host.len() * vocab)
     }
 
     /// Launches the step's kernels (nothing else: this is what a graph captures).
@@ -663,11 +714,10 @@ impl ModelRuntime for CudaRuntime {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             kv: KvStorage::Paged,
-            // Not yet: the engine samples every row on the host from the logits `step`
-            // returns (penalties, top-k/p, logprobs, structured-output masks all live
-            // there), and only greedy argmax exists as a kernel. Sampling here would
-            // need the whole sampler on the device first.
-            device_sampling: false,
+            // Plain-greedy rows' tokens are picked by the argmax kernel, so only the
+            // other rows' logits cross to the host; every other sampler (penalties,
+            // top-k/p, logprobs, masks) runs on the host from the logits.
+            device_sampling: true,
             token_mask: false,
         }
     }
@@ -695,6 +745,10 @@ impl ModelRuntime for CudaRuntime {
             // `reset` and serves again.
             Err(e) => panic!("CUDA step failed: {e}"),
         }
+    }
+
+    fn take_device_tokens(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.device_tokens)
     }
 
     fn device_memory(&self) -> Option<DeviceMemory> {

@@ -1183,6 +1183,7 @@ fn check_forward(
         block_table: table,
         want_logits: true,
         decode_from,
+        device_greedy: false,
     };
     let steps: Vec<Vec<SeqChunk>> = vec![
         vec![chunk(&a, 0, &ta, 18), chunk(&b, 0, &tb, 5)],
