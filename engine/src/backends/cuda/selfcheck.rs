@@ -30,7 +30,7 @@ use super::weights::{kernel_name, DeviceBuffer, GpuMatrix};
 use crate::backends::cpu::kv_cache::KvCache;
 use crate::backends::cpu::model::{ForwardScratch, Model};
 use crate::backends::cpu::thread_pool::ThreadPool;
-use crate::backends::SeqChunk;
+use crate::backends::{ModelRuntime, SeqChunk};
 use crate::block_allocator::BLOCK_SIZE;
 use crate::error::ModelError;
 use crate::gguf::quant::{dequantize_row, quantize::quantize_row, GgmlType};
@@ -1168,8 +1168,11 @@ fn check_forward(
     };
     let mut eager = CudaRuntime::load(file.clone(), &opts)?;
     eager.set_decode_graphs(false);
-    let mut graphed = CudaRuntime::load(file, &opts)?;
+    let mut graphed = CudaRuntime::load(file.clone(), &opts)?;
     graphed.set_decode_graphs(true);
+    // Every other wanted row's token picked on the device (`device_greedy`).
+    let mut split = CudaRuntime::load(file, &opts)?;
+    split.set_decode_graphs(false);
     let mut kv = KvCache::new(&cpu.cfg, 8);
     let mut scratch = ForwardScratch::default();
 
@@ -1218,8 +1221,67 @@ fn check_forward(
             &vec![scale; eager_logits.len()],
             GRAPH_TOLERANCE,
         ));
+        rows.extend(check_device_greedy(&mut split, batch, &got, arch, i)?);
     }
     Ok(rows)
+}
+
+/// The step again with every other wanted row marked `device_greedy`: those rows' tokens
+/// must be the argmax of the eager step's logits (same kernels, same numbers) and the
+/// other rows' logits must come back unchanged and in order.
+fn check_device_greedy(
+    rt: &mut CudaRuntime,
+    batch: &[SeqChunk<'_>],
+    eager: &[f32],
+    arch: &str,
+    step: usize,
+) -> Result<Vec<CheckRow>, ModelError> {
+    let vocab = rt.config().vocab_size;
+    let mut wanted = 0;
+    let marked: Vec<SeqChunk<'_>> = batch
+        .iter()
+        .map(|c| {
+            let on_device = c.want_logits && {
+                wanted += 1;
+                wanted % 2 == 1
+            };
+            SeqChunk {
+                device_greedy: on_device,
+                ..*c
+            }
+        })
+        .collect();
+    let host = rt.logits(&marked)?.to_vec();
+    let tokens = rt.take_device_tokens();
+    let rows: Vec<&[f32]> = eager.chunks_exact(vocab).collect();
+    let want_tokens: Vec<f64> = rows
+        .iter()
+        .step_by(2)
+        .map(|r| ref_argmax(r, vocab)[0] as f64)
+        .collect();
+    let got_tokens: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
+    let want_host: Vec<f64> = rows
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .flat_map(|r| r.iter().map(|&x| f64::from(x)))
+        .collect();
+    Ok(vec![
+        compare(
+            format!("forward {arch} step {step}: device argmax tokens"),
+            &got_tokens,
+            &want_tokens,
+            &vec![1.0; want_tokens.len()],
+            0.0,
+        ),
+        compare(
+            format!("forward {arch} step {step}: host rows beside device rows"),
+            &host,
+            &want_host,
+            &vec![1.0; want_host.len()],
+            0.0,
+        ),
+    ])
 }
 
 #[cfg(test)]
