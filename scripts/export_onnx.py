@@ -69,9 +69,6 @@ QK = 32  # ggml block size of Q4_0/Q4_1/Q8_0, used as MatMulNBits block_size
 # MatMulNBits accuracy_level: 0 = float32 compute; 4 = int8 activations, quantized
 # per block_size (= QK, as ggml does). See the module docstring for the choice.
 ACCURACY_LEVELS = (0, 4)
-# --activations: "f32" multiplies the float32 activations (the GGUF's network
-# exactly); "native" rounds them as Sluice's CPU runtime does (Graph.quantized).
-ACTIVATIONS = ("f32", "native")
 # Opset 21 is what ONNX Runtime's own generators (onnxruntime-genai) target;
 # IR 10 is the IR version that goes with it, so older runtimes can load it too.
 OPSET = 21
@@ -162,7 +159,7 @@ def ggml_q4_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def q4_1_to_nbits(raw: np.ndarray, n: int, k: int, centre: bool = True):
+def q4_1_to_nbits(raw: np.ndarray, n: int, k: int):
     """Q4_1 (value = d*q + m) as d*(q - z) + m' with an integer zero point z.
 
     MatMulNBits computes the d*(q - z) part (exact in float32: an f16 times a
@@ -170,10 +167,6 @@ def q4_1_to_nbits(raw: np.ndarray, n: int, k: int, centre: bool = True):
     integer nearest -m/d when m' = m + d*z is then exactly representable,
     which centres both parts and keeps the offset term small; otherwise z = 0
     and m' = m. Either way d*(q - z) + m' is exactly ggml's d*q + m.
-
-    Without `centre`, z = 0 and m' = m: the split Sluice's CPU kernels make
-    (d*d_x*sum(q*q_x) + m*s_x, see Graph.quantized), so that native
-    activations reproduce them term for term.
     """
     blocks = raw.reshape(n, k // QK, 20)
     d = f16_field(blocks, 0).astype(np.float64)
@@ -181,7 +174,7 @@ def q4_1_to_nbits(raw: np.ndarray, n: int, k: int, centre: bool = True):
     q = ggml_q4_nibbles(blocks[..., 4:20])
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(d != 0, np.clip(np.rint(-m / d), 0, 15), 0) if centre else np.zeros_like(d)
+        z = np.where(d != 0, np.clip(np.rint(-m / d), 0, 15), 0)
     offset = m + d * z  # exact in float64 (f16 values, small integer z)
     exact = offset.astype(np.float32).astype(np.float64) == offset
     z = np.where(exact, z, 0).astype(np.uint8)
@@ -219,77 +212,12 @@ NBITS = {
 # --------------------------------------------------------------------------
 
 class Graph:
-    def __init__(self, accuracy_level: int = 0, activations: str = "f32"):
+    def __init__(self, accuracy_level: int = 0):
         self.accuracy_level = accuracy_level
-        self.native = activations == "native"
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.fallback: list[str] = []
         self._block_sums: dict[str, str] = {}
-        self._quantized: dict[str, tuple[str, str, str]] = {}
-        self._act_sums: dict[str, str] = {}
-        if self.native:
-            self.init("q8.127", np.array(127.0, np.float32))
-            self.init("q8.zero", np.array(0.0, np.float32))
-            self.init("q8.last_axis", np.array([-1], np.int64))
-
-    def round_f16(self, x: str, name: str) -> str:
-        """x rounded to the nearest f16 (ties to even) and widened back to float32."""
-        h = self.node("Cast", [x], [f"{name}.f16"], f"{name}.f16", to=TensorProto.FLOAT16)
-        return self.node("Cast", [h], [name], name, to=TensorProto.FLOAT)
-
-    def quantized(self, x: str, k: int) -> str:
-        """[B, S, K] -> x rounded as Sluice's CPU runtime rounds a matrix product's input.
-
-        Its kernels (engine/src/backends/cpu/kernels/mod.rs, QuantizedActs::quantize)
-        quantize every row to int8 blocks of 32 before any quantized product, whatever
-        the weight type (Q4_1, Q8_0, K-quants alike): amax = max|x| of the block,
-        q = round_ties_even(x * (127 / amax)) (0 when amax is 0), and the block's
-        scale d = amax / 127 rounded to f16 (llama.cpp's q8_0/q8_1 rounding on x86).
-        The products then multiply integers exactly, so a float32 product of the
-        dequantized d*q with the exactly dequantized weights is theirs up to the
-        float32 summation order. Shared by every product reading the same input.
-        """
-        if x not in self._quantized:
-            p = f"{x}.q8"
-            blocks = self.node("Reshape", [x, self.init(f"{p}.blocks_shape", np.array([0, 0, k // QK, QK], np.int64))],
-                               [f"{p}.blocks"], f"{p}.blocks")
-            mag = self.node("Abs", [blocks], [f"{p}.abs"], f"{p}.abs")
-            amax = self.node("ReduceMax", [mag, "q8.last_axis"], [f"{p}.amax"], f"{p}.amax", keepdims=1)
-            # 127 / amax, as one float32 division (not 1 / d): the quantizer multiplies by it.
-            inv = self.node("Div", ["q8.127", amax], [f"{p}.inv"], f"{p}.inv")
-            empty = self.node("Equal", [amax, "q8.zero"], [f"{p}.empty"], f"{p}.empty")
-            inv = self.node("Where", [empty, "q8.zero", inv], [f"{p}.id"], f"{p}.id")
-            scaled = self.node("Mul", [blocks, inv], [f"{p}.scaled"], f"{p}.scaled")
-            # ONNX Round is ties-to-even, as the AVX2 rounding (and the scalar
-            # round_ties_even) of the CPU runtime.
-            q = self.node("Round", [scaled], [f"{p}.q"], f"{p}.q")
-            d = self.node("Div", [amax, "q8.127"], [f"{p}.d32"], f"{p}.d32")
-            d16 = self.round_f16(d, f"{p}.d")
-            xq = self.node("Mul", [q, d16], [f"{p}.deq"], f"{p}.deq")
-            out = self.node("Reshape", [xq, self.init(f"{p}.row_shape", np.array([0, 0, k], np.int64))],
-                            [p], p)
-            self._quantized[x] = (out, q, d)
-        return self._quantized[x][0]
-
-    def act_sums(self, x: str, k: int) -> str:
-        """[B, S, K/32]: the CPU runtime's s = d * sum(q) per block of quantized x.
-
-        Formats with a per-block offset m (Q4_1) add m * s to d_w * d * sum(q_w * q):
-        s takes the block's float32 d = amax / 127, not its f16-rounded scale, and
-        is itself rounded to f16 (llama.cpp's q8_1), so it is not sum(d16 * q).
-        """
-        if x not in self._act_sums:
-            self.quantized(x, k)
-            _, q, d = self._quantized[x]
-            p = f"{x}.q8"
-            total = self.node("ReduceSum", [q, "q8.last_axis"], [f"{p}.qsum"], f"{p}.qsum", keepdims=1)
-            s32 = self.node("Mul", [d, total], [f"{p}.s32"], f"{p}.s32")
-            s16 = self.round_f16(s32, f"{p}.s16")
-            self._act_sums[x] = self.node(
-                "Reshape", [s16, self.init(f"{p}.sums_shape", np.array([0, 0, int(k) // QK], np.int64))],
-                [f"{p}.sums"], f"{p}.sums")
-        return self._act_sums[x]
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -331,39 +259,28 @@ class Graph:
         if qtype in NBITS and k % QK == 0:
             bits, convert = NBITS[qtype]
             raw = np.concatenate([np.asarray(t.data).reshape(int(t.shape[1]), -1) for t in tensors])
-            if qtype == QT.Q4_1 and self.native:
-                b, scales, zp, offsets = convert(raw, n, k, centre=False)
-            else:
-                b, scales, zp, offsets = convert(raw, n, k)
+            b, scales, zp, offsets = convert(raw, n, k)
             y = self.node(
                 "MatMulNBits",
-                [self.quantized(x, k) if self.native else x,
-                 self.init(f"{name}.qweight", b), self.init(f"{name}.scales", scales),
+                [x, self.init(f"{name}.qweight", b), self.init(f"{name}.scales", scales),
                  self.init(f"{name}.zero_points", zp)],
                 [out if offsets is None else f"{name}.scaled"], name, domain="com.microsoft",
                 K=k, N=n, bits=bits, block_size=QK, accuracy_level=self.accuracy_level,
             )
             if offsets is None:
                 return y
-            sums = self.act_sums(x, k) if self.native else self.block_sums(x, k)
-            corr = self.node("MatMul", [sums, self.init(f"{name}.offsets_t", offsets.T)],
+            corr = self.node("MatMul", [self.block_sums(x, k), self.init(f"{name}.offsets_t", offsets.T)],
                              [f"{name}.offset"], f"{name}.offset")
             return self.node("Add", [y, corr], [out], f"{name}.add_offset")
 
         if qtype not in (QT.F32, QT.F16):
             self.fallback.append(f"{tensors[0].name} ({qtype.name})")
-            if self.native and k % QK == 0:
-                # The CPU runtime multiplies every quantized type against 8-bit
-                # activations. (Its K-quant and Q5_1 offsets take the f16 block sums
-                # s of act_sums; here they meet sum(d16 * q) instead, an f16-level
-                # difference these float32 fallbacks keep.)
-                x = self.quantized(x, k)
         w = np.concatenate([dequantize(t) for t in tensors])  # [N, K]
         return self.node("MatMul", [x, self.init(f"{name}.weight_t", w.T)], [out], name)
 
 
-def rope_caches(g: Gguf, arch: str, head_dim: int, max_len: int, native: bool = False):
-    """cos/sin caches [max_len, head_dim/2] for the rotary embedding."""
+def rope_caches(g: Gguf, arch: str, head_dim: int, max_len: int):
+    """cos/sin caches [max_len, head_dim/2] for GroupQueryAttention's rotary."""
     rot_dim = g.get_int(f"{arch}.rope.dimension_count", head_dim)
     if rot_dim != head_dim:
         raise SystemExit(f"error: partial rotary ({rot_dim} of {head_dim}) is not supported")
@@ -376,30 +293,8 @@ def rope_caches(g: Gguf, arch: str, head_dim: int, max_len: int, native: bool = 
         inv_freq = inv_freq / factor
     elif scaling not in ("none", None) and factor != 1.0:
         raise SystemExit(f"error: rope scaling {scaling!r} is not supported")
-    freqs = None
     if "rope_freqs.weight" in g.tensors:  # llama-3 style per-frequency divisors
-        freqs = dequantize(g.tensor("rope_freqs.weight")).reshape(-1)
-        inv_freq = inv_freq / freqs.astype(np.float64)
-
-    if native:
-        # The CPU runtime's table (engine/src/backends/cpu/model.rs, fill_rope_table),
-        # as ggml computes it: angle_i = pos * theta_scale^i by repeated float32
-        # products, theta_scale = base^(-2/head_dim) in float32, then divided by the
-        # frequency divisor and times the linear scale, each in float32. At position
-        # p the angle drifts by up to ~i float32 roundings from the exact one, which
-        # moves q and k by more than the last bit; cos/sin of the float32 angle are
-        # then rounded once (libm's cosf/sinf are correctly rounded all but rarely).
-        f32 = np.float32
-        theta_scale = f32(np.float64(f32(theta)) ** np.float64(f32(-2.0) / f32(head_dim)))
-        pos_scale = f32(1.0) / f32(factor) if scaling == "linear" else f32(1.0)
-        angle = np.arange(max_len, dtype=np.float32)
-        cols = []
-        for i in range(head_dim // 2):
-            th = angle / freqs[i].astype(f32) if freqs is not None else angle
-            cols.append((th * pos_scale).astype(np.float64))
-            angle = angle * theta_scale
-        angles = np.stack(cols, axis=1)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        inv_freq = inv_freq / dequantize(g.tensor("rope_freqs.weight")).reshape(-1).astype(np.float64)
 
     # float64 angles, rounded once: position * freq loses precision in float32
     # at long contexts.
@@ -407,60 +302,7 @@ def rope_caches(g: Gguf, arch: str, head_dim: int, max_len: int, native: bool = 
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def native_positions(gr: Graph, head_dim: int):
-    """cos/sin of each query's position, [B, S, 1, head_dim/2, 1], for native_rope.
-
-    Row b's tokens sit at seqlens_k[b] + 1 - S .. seqlens_k[b] (its total length
-    minus the chunk), which covers both a chunk of one sequence and a decode batch
-    of right-padded pasts (S = 1), as GroupQueryAttention reads them.
-    """
-    i64 = TensorProto.INT64
-    one = gr.init("rope.one", np.array(1, np.int64))
-    ids_shape = gr.node("Shape", ["input_ids"], ["rope.ids_shape"], "rope.ids_shape")
-    seq = gr.node("Gather", [ids_shape, one], ["rope.seq_len"], "rope.seq_len", axis=0)
-    steps = gr.node("Range", [gr.init("rope.zero", np.array(0, np.int64)), seq, one],
-                    ["rope.steps"], "rope.steps")
-    lens = gr.node("Cast", ["seqlens_k"], ["rope.lens"], "rope.lens", to=i64)
-    lens = gr.node("Unsqueeze", [lens, gr.init("rope.row_axis", np.array([1], np.int64))],
-                   ["rope.lens_col"], "rope.lens_col")
-    total = gr.node("Add", [lens, one], ["rope.total"], "rope.total")
-    first = gr.node("Sub", [total, seq], ["rope.first"], "rope.first")
-    pos = gr.node("Add", [first, steps], ["rope.pos"], "rope.pos")
-    axes = gr.init("rope.table_axes", np.array([2, 4], np.int64))
-    out = []
-    for table in ("cos", "sin"):
-        t = gr.node("Gather", [f"{table}_cache", pos], [f"rope.{table}_rows"], f"rope.{table}_rows", axis=0)
-        out.append(gr.node("Unsqueeze", [t, axes], [f"rope.{table}"], f"rope.{table}"))
-    # The CPU runtime's attention rounds a query to f16 on its decode path only
-    # (single tokens after the prompt, llama.cpp's flash-attention decode), which is
-    # what a one-token step is here.
-    decode = gr.node("Equal", [seq, one], ["rope.decode"], "rope.decode")
-    return out[0], out[1], decode
-
-
-def native_rope(gr: Graph, t: str, heads: int, head_dim: int, cos: str, sin: str, name: str) -> str:
-    """Interleaved rotary on [B, S, heads*head_dim] with the CPU runtime's operations.
-
-    (x0, x1) -> (x0*cos - x1*sin, x0*sin + x1*cos) per adjacent pair, each product
-    and sum rounded to float32 on its own, as engine/src/backends/cpu/model.rs's
-    `rope` does (no fused multiply-add).
-    """
-    pairs = gr.node("Reshape", [t, gr.init(f"{name}.pairs_shape",
-                                           np.array([0, 0, heads, head_dim // 2, 2], np.int64))],
-                    [f"{name}.pairs"], f"{name}.pairs")
-    x0, x1 = gr.node("Split", [pairs], [f"{name}.x0", f"{name}.x1"], f"{name}.split", axis=-1, num_outputs=2)
-    a = gr.node("Sub", [gr.node("Mul", [x0, cos], [f"{name}.x0c"], f"{name}.x0c"),
-                        gr.node("Mul", [x1, sin], [f"{name}.x1s"], f"{name}.x1s")],
-                [f"{name}.a"], f"{name}.a")
-    b = gr.node("Add", [gr.node("Mul", [x0, sin], [f"{name}.x0s"], f"{name}.x0s"),
-                        gr.node("Mul", [x1, cos], [f"{name}.x1c"], f"{name}.x1c")],
-                [f"{name}.b"], f"{name}.b")
-    rot = gr.node("Concat", [a, b], [f"{name}.rot"], f"{name}.rot", axis=-1)
-    return gr.node("Reshape", [rot, gr.init(f"{name}.flat_shape", np.array([0, 0, heads * head_dim], np.int64))],
-                   [name], name)
-
-
-def build_model(g: Gguf, accuracy_level: int = 0, activations: str = "f32"):
+def build_model(g: Gguf, accuracy_level: int = 0):
     arch = g.arch
     if arch != "llama":
         raise SystemExit(f"error: architecture {arch!r} is not supported (llama only)")
@@ -482,7 +324,7 @@ def build_model(g: Gguf, accuracy_level: int = 0, activations: str = "f32"):
     # Tied embeddings: llama.cpp falls back to token_embd when output.weight is absent.
     lm_head = g.tensor("output.weight") if "output.weight" in g.tensors else embd
 
-    gr = Graph(accuracy_level, activations)
+    gr = Graph(accuracy_level)
 
     def norm_weight(name: str) -> str:
         return gr.init(name, dequantize(g.tensor(name)).reshape(-1))
@@ -491,11 +333,9 @@ def build_model(g: Gguf, accuracy_level: int = 0, activations: str = "f32"):
     table = gr.init("token_embd.weight", dequantize(embd))
     x = gr.node("Gather", [table, "input_ids"], ["embeddings"], "embed", axis=0)
 
-    cos, sin = rope_caches(g, arch, head_dim, context_length, native=gr.native)
+    cos, sin = rope_caches(g, arch, head_dim, context_length)
     gr.init("cos_cache", cos)
     gr.init("sin_cache", sin)
-    if gr.native:
-        rope_cos, rope_sin, decode = native_positions(gr, head_dim)
 
     residual = None
     mlp_out = None
@@ -516,44 +356,21 @@ def build_model(g: Gguf, accuracy_level: int = 0, activations: str = "f32"):
         # Packed q|k|v: GroupQueryAttention splits it itself when key/value are empty.
         qkv = gr.linear(h, [g.tensor(f"{p}.attn_q.weight"), g.tensor(f"{p}.attn_k.weight"),
                             g.tensor(f"{p}.attn_v.weight")], f"{p}.attn_qkv", f"{p}.attn_qkv")
-        if gr.native:
-            # The CPU runtime's cache holds K (after RoPE) and V rounded to f16
-            # (engine/src/backends/cpu/kv_cache.rs), and attention reads every
-            # position from the cache, the chunk's own included. GroupQueryAttention
-            # would rotate K after any rounding done here, so RoPE runs before it,
-            # then K and V are rounded, and present/past carry the rounded values.
-            q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-            q, k, v = gr.node("Split", [qkv, gr.init(f"{p}.qkv_split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
-                              [f"{p}.q", f"{p}.k", f"{p}.v"], f"{p}.qkv_split", axis=-1)
-            q = native_rope(gr, q, n_heads, head_dim, rope_cos, rope_sin, f"{p}.q_rope")
-            k = native_rope(gr, k, n_kv_heads, head_dim, rope_cos, rope_sin, f"{p}.k_rope")
-            q = gr.node("Where", [decode, gr.round_f16(q, f"{p}.q_f16"), q], [f"{p}.q_attn"], f"{p}.q_attn")
-            k = gr.round_f16(k, f"{p}.k_f16")
-            v = gr.round_f16(v, f"{p}.v_f16")
-            attn = gr.node(
-                "GroupQueryAttention",
-                [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                 "seqlens_k", "total_sequence_length"],
-                [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
-                f"{p}.attn", domain="com.microsoft",
-                num_heads=n_heads, kv_num_heads=n_kv_heads, scale=1.0 / math.sqrt(head_dim),
-            )[0]
-        else:
-            attn = gr.node(
-                "GroupQueryAttention",
-                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                 "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
-                [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
-                f"{p}.attn", domain="com.microsoft",
-                num_heads=n_heads, kv_num_heads=n_kv_heads, scale=1.0 / math.sqrt(head_dim),
-                do_rotary=1,
-                # ggml's llama rope (LLAMA_ROPE_TYPE_NORM) rotates adjacent pairs
-                # (x[2i], x[2i+1]); convert_hf_to_gguf permutes HF's q/k rows to
-                # that layout. Interleaved rotary is the same pairing. Confirmed
-                # against a numpy reference in scripts/check_onnx_export.py, which
-                # also shows that 0 gives wrong logits.
-                rotary_interleaved=1,
-            )[0]
+        attn = gr.node(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+             "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+            [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
+            f"{p}.attn", domain="com.microsoft",
+            num_heads=n_heads, kv_num_heads=n_kv_heads, scale=1.0 / math.sqrt(head_dim),
+            do_rotary=1,
+            # ggml's llama rope (LLAMA_ROPE_TYPE_NORM) rotates adjacent pairs
+            # (x[2i], x[2i+1]); convert_hf_to_gguf permutes HF's q/k rows to
+            # that layout. Interleaved rotary is the same pairing. Confirmed
+            # against a numpy reference in scripts/check_onnx_export.py, which
+            # also shows that 0 gives wrong logits.
+            rotary_interleaved=1,
+        )[0]
         attn_out = gr.linear(attn, [g.tensor(f"{p}.attn_output.weight")], f"{p}.attn_output", f"{p}.attn_output")
 
         h, residual = gr.node(
@@ -584,10 +401,6 @@ def build_model(g: Gguf, accuracy_level: int = 0, activations: str = "f32"):
         # head: ~2 vs ~3.5 ms a token), so a quantized table goes the
         # MatMulNBits way below: one more copy, in its own type, beside the
         # Gather's float32 table.
-        if gr.native and embd.tensor_type not in (QT.F32, QT.F16):
-            # The CPU runtime's head multiplies the quantized table against 8-bit
-            # activations like every other quantized matrix.
-            final = gr.quantized(final, hidden)
         flat = gr.node("Reshape", [final, gr.init("lm_head.in_shape", np.array([-1, hidden], np.int64))],
                        ["lm_head.in"], "lm_head.in")
         y = gr.node("Gemm", [flat, table], ["lm_head.out"], "lm_head", transB=1)
@@ -688,15 +501,11 @@ def main() -> int:
                     help="MatMulNBits compute type: 0 float32, the GGUF's network exactly "
                          "(default); 4 int8 activations, 1.4-1.9x faster decoding, ~0.09 nats "
                          "of noise per logprob, no closer to Sluice's CPU runtime")
-    ap.add_argument("--activations", choices=ACTIVATIONS, default="f32",
-                    help="f32: products of the float32 activations (default); native: "
-                         "activations, RoPE table, K/V and decode queries rounded as "
-                         "Sluice's CPU runtime rounds them, for greedy output closer to it")
     args = ap.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
     g = Gguf(args.model)
-    model, hparams, gr = build_model(g, args.accuracy_level, args.activations)
+    model, hparams, gr = build_model(g, args.accuracy_level)
     if gr.fallback:
         print(f"note: dequantized to float32 MatMul: {', '.join(gr.fallback[:5])}"
               f"{' ...' if len(gr.fallback) > 5 else ''}", file=sys.stderr)
@@ -722,15 +531,13 @@ def main() -> int:
         **hparams,
         "kv_dtype": "float32",
         "accuracy_level": args.accuracy_level,
-        "activations": args.activations,
         "exporter": "scripts/export_onnx.py",
     }
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
 
-    print(f"wrote {onnx_path} ({len(model.graph.node)} nodes, accuracy_level {args.accuracy_level}, "
-          f"{args.activations} activations), "
+    print(f"wrote {onnx_path} ({len(model.graph.node)} nodes, accuracy_level {args.accuracy_level}), "
           f"tokenizer.gguf ({n_keys} keys), manifest.json: {hparams['n_layers']} layers, "
           f"vocab {hparams['vocab_size']}")
     return 0

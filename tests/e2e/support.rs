@@ -275,6 +275,10 @@ pub fn python_venv(name: &str, package: &str) -> PathBuf {
         .join("../target")
         .join(name);
     let (pkg, version) = package.split_once("==").expect("a pinned package");
+    // Tests that share a venv start together (the two router tests): one creates and
+    // fills it while the others wait, or they would recreate it under each other.
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
     let installed = Command::new(venv.join("bin/pip"))
         .args(["show", "-q", pkg])
         .output()
