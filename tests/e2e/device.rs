@@ -116,15 +116,7 @@ async fn a_synthetic_model_serves_on_the_device_auto_picks() {
         ),
         &[],
     );
-    let admin: Value = Server::client()
-        .get(format!("{}/admin/models", server.base))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = server.get_json("/admin/models", &ops).await;
     let m = &admin["data"][0];
     // No GPU on this machine: auto falls back to the CPU whatever the build.
     assert_eq!(m["backend"], "cpu", "{admin}");
@@ -140,16 +132,8 @@ async fn a_synthetic_model_serves_on_the_device_auto_picks() {
         .await
         .unwrap();
     assert_eq!(r["usage"]["completion_tokens"], 8, "{r}");
-    // The real model's vocabulary size and ChatML prompt.
-    let models: Value = Server::client()
-        .get(format!("{}/v1/models", server.base))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // The real model's context length and ChatML prompt.
+    let models = server.get_json("/v1/models", &ops).await;
     assert_eq!(models["data"][0]["max_model_len"], 8192, "{models}");
     // "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n": 2 specials,
     // "user", "\n", " there"... a prompt of a dozen-odd tokens, not characters.

@@ -117,15 +117,7 @@ async fn an_export_serves_the_same_api_and_agrees_with_the_cpu_runtime() {
         ),
         &[],
     );
-    let admin: Value = Server::client()
-        .get(format!("{}/admin/models", server.base))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = server.get_json("/admin/models", &ops).await;
     let backend = |name: &str| {
         admin["data"]
             .as_array()

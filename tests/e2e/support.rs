@@ -167,6 +167,19 @@ impl Server {
             .expect("metrics body")
     }
 
+    /// `GET path` with `key`, as JSON.
+    pub async fn get_json(&self, path: &str, key: &str) -> serde_json::Value {
+        Server::client()
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
+    }
+
     /// A client with a sane timeout.
     pub fn client() -> reqwest::Client {
         reqwest::Client::builder()
