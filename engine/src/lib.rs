@@ -10,6 +10,7 @@ mod engine_loop;
 pub mod error;
 pub mod gguf;
 pub mod metrics;
+pub mod model_tensors;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;

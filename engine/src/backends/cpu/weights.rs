@@ -7,6 +7,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gguf::quant::{dequantize_row, GgmlType};
 use crate::gguf::GgufFile;
+use crate::model_tensors::{self, Layer, TensorSource};
 
 /// A weight matrix of `rows` rows of `cols` elements, left in its file encoding.
 pub struct QMatrix {
@@ -89,40 +90,8 @@ fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelErro
     Ok(out)
 }
 
-fn optional_vector(
-    file: &GgufFile,
-    name: &str,
-    len: usize,
-) -> Result<Option<Vec<f32>>, ModelError> {
-    if file.tensors.contains_key(name) {
-        vector(file, name, len).map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
-/// One transformer block.
-pub struct LayerWeights {
-    pub attn_norm: Vec<f32>,
-    pub wq: QMatrix,
-    pub wk: QMatrix,
-    pub wv: QMatrix,
-    pub bq: Option<Vec<f32>>,
-    pub bk: Option<Vec<f32>>,
-    pub bv: Option<Vec<f32>>,
-    /// Per-head RMSNorm weights of Q and K (`head_dim` each), Qwen3 and Gemma 3.
-    pub q_norm: Option<Vec<f32>>,
-    pub k_norm: Option<Vec<f32>>,
-    pub wo: QMatrix,
-    /// RMSNorm of the attention output before the residual add (Gemma 3).
-    pub post_attn_norm: Option<Vec<f32>>,
-    pub ffn_norm: Vec<f32>,
-    /// RMSNorm of the FFN output before the residual add (Gemma 3).
-    pub post_ffn_norm: Option<Vec<f32>>,
-    pub w_gate: QMatrix,
-    pub w_up: QMatrix,
-    pub w_down: QMatrix,
-}
+/// One transformer block, in host memory.
+pub type LayerWeights = Layer<QMatrix, Vec<f32>>;
 
 /// Every tensor of a Llama-family model.
 pub struct ModelWeights {
@@ -138,54 +107,47 @@ pub struct ModelWeights {
 impl ModelWeights {
     /// Checks every tensor's presence and shape against `cfg`.
     pub fn load(file: &Arc<GgufFile>, cfg: &ModelConfig) -> Result<Self, ModelError> {
-        let (d, kv, ff, v) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
-        let (qd, hd) = (cfg.q_dim(), cfg.head_dim);
-        // Tensors the architecture needs are required; a file without them is refused
-        // by name rather than run wrongly.
-        let needed = |file: &GgufFile, name: &str, len: usize, on: bool| {
-            if on {
-                vector(file, name, len).map(Some)
-            } else {
-                Ok(None)
-            }
+        let t = model_tensors::load(cfg, &mut HostTensors { file })?;
+        // A tied head multiplies the embedding: a second copy, packed for products
+        // (the lookup reads the plain rows).
+        let output = match t.output {
+            Some(o) => o,
+            None => QMatrix::load(file, "token_embd.weight", cfg.dim, cfg.vocab_size)?.for_matmul(),
         };
-        let token_embd = QMatrix::load(file, "token_embd.weight", d, v)?;
-        let output = if file.tensors.contains_key("output.weight") {
-            QMatrix::load(file, "output.weight", d, v)?
-        } else {
-            QMatrix::load(file, "token_embd.weight", d, v)?
-        }
-        .for_matmul();
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let n = |s: &str| format!("blk.{i}.{s}");
-            layers.push(LayerWeights {
-                attn_norm: vector(file, &n("attn_norm.weight"), d)?,
-                wq: QMatrix::load(file, &n("attn_q.weight"), d, qd)?.for_matmul(),
-                wk: QMatrix::load(file, &n("attn_k.weight"), d, kv)?.for_matmul(),
-                wv: QMatrix::load(file, &n("attn_v.weight"), d, kv)?.for_matmul(),
-                bq: optional_vector(file, &n("attn_q.bias"), qd)?,
-                bk: optional_vector(file, &n("attn_k.bias"), kv)?,
-                bv: optional_vector(file, &n("attn_v.bias"), kv)?,
-                q_norm: needed(file, &n("attn_q_norm.weight"), hd, cfg.qk_norm)?,
-                k_norm: needed(file, &n("attn_k_norm.weight"), hd, cfg.qk_norm)?,
-                wo: QMatrix::load(file, &n("attn_output.weight"), qd, d)?.for_matmul(),
-                post_attn_norm: needed(file, &n("post_attention_norm.weight"), d, cfg.post_norms)?,
-                ffn_norm: vector(file, &n("ffn_norm.weight"), d)?,
-                post_ffn_norm: needed(file, &n("post_ffw_norm.weight"), d, cfg.post_norms)?,
-                w_gate: QMatrix::load(file, &n("ffn_gate.weight"), d, ff)?.for_matmul(),
-                w_up: QMatrix::load(file, &n("ffn_up.weight"), d, ff)?.for_matmul(),
-                w_down: QMatrix::load(file, &n("ffn_down.weight"), ff, d)?.for_matmul(),
-            });
-        }
-        let output_norm = vector(file, "output_norm.weight", d)?;
-        let rope_freqs = optional_vector(file, "rope_freqs.weight", cfg.head_dim / 2)?;
         Ok(ModelWeights {
-            token_embd,
-            layers,
-            output_norm,
+            token_embd: t.token_embd,
+            layers: t.layers,
+            output_norm: t.output_norm,
             output,
-            rope_freqs,
+            rope_freqs: t.rope_freqs,
         })
+    }
+}
+
+/// The model file as a [`TensorSource`]: matrices packed for our kernels (but the
+/// embedding, which is looked up row by row), vectors as f32.
+struct HostTensors<'a> {
+    file: &'a Arc<GgufFile>,
+}
+
+impl TensorSource for HostTensors<'_> {
+    type Matrix = QMatrix;
+    type Vector = Vec<f32>;
+
+    fn matrix(&mut self, name: &str, cols: usize, rows: usize) -> Result<QMatrix, ModelError> {
+        let m = QMatrix::load(self.file, name, cols, rows)?;
+        Ok(if name == "token_embd.weight" {
+            m
+        } else {
+            m.for_matmul()
+        })
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        vector(self.file, name, len)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.file.tensors.contains_key(name)
     }
 }

@@ -13,6 +13,8 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gguf::quant::{dequantize_row, GgmlType};
 use crate::gguf::GgufFile;
+use crate::model_tensors::{self, Layer, TensorSource};
+pub use crate::model_tensors::{TensorSpec, TensorUse};
 
 /// The kernel-name suffix (`<t>` in ABI.md) of a weight type.
 pub fn kernel_suffix(ty: GgmlType) -> &'static str {
@@ -48,34 +50,6 @@ pub fn row_bytes(ty: GgmlType, k: usize) -> Result<usize, ModelError> {
     Ok(ty.row_bytes(k))
 }
 
-/// What a model tensor is used as on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TensorUse {
-    /// A matrix, uploaded as its file bytes.
-    Matrix {
-        /// Input size (GGUF `ne0`).
-        cols: usize,
-        /// Output size.
-        rows: usize,
-    },
-    /// A vector, uploaded as f32.
-    Vector {
-        /// Elements.
-        len: usize,
-    },
-}
-
-/// One tensor the runtime reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorSpec {
-    /// Its GGUF name.
-    pub name: String,
-    /// Its shape and how it is uploaded.
-    pub usage: TensorUse,
-    /// Whether the model runs without it (biases, `output.weight`, `rope_freqs`).
-    pub optional: bool,
-}
-
 /// The name of the LM head: `output.weight`, or the token embedding when the model
 /// ties them (no `output.weight` in the file, as Gemma and small Qwens do).
 pub fn output_tensor_name(has_output: bool) -> &'static str {
@@ -86,57 +60,10 @@ pub fn output_tensor_name(has_output: bool) -> &'static str {
     }
 }
 
-/// Every tensor `cfg`'s architecture reads, in upload order: the same set the CPU
-/// runtime loads (Q/K norms for Qwen3 and Gemma 3, post norms for Gemma 3, optional
-/// Q/K/V biases for Qwen2).
+/// Every tensor `cfg`'s architecture reads (matrices uploaded as their file bytes,
+/// vectors as f32).
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
-    let (d, kv, ff, v) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
-    let (qd, hd) = (cfg.q_dim(), cfg.head_dim);
-    let mat = |name: String, cols, rows| TensorSpec {
-        name,
-        usage: TensorUse::Matrix { cols, rows },
-        optional: false,
-    };
-    let vec = |name: String, len, optional| TensorSpec {
-        name,
-        usage: TensorUse::Vector { len },
-        optional,
-    };
-    let mut specs = vec![
-        mat("token_embd.weight".into(), d, v),
-        TensorSpec {
-            optional: true,
-            ..mat("output.weight".into(), d, v)
-        },
-        vec("output_norm.weight".into(), d, false),
-        vec("rope_freqs.weight".into(), hd / 2, true),
-    ];
-    for i in 0..cfg.n_layers {
-        let n = |s: &str| format!("blk.{i}.{s}");
-        specs.extend([
-            vec(n("attn_norm.weight"), d, false),
-            mat(n("attn_q.weight"), d, qd),
-            mat(n("attn_k.weight"), d, kv),
-            mat(n("attn_v.weight"), d, kv),
-            vec(n("attn_q.bias"), qd, true),
-            vec(n("attn_k.bias"), kv, true),
-            vec(n("attn_v.bias"), kv, true),
-            mat(n("attn_output.weight"), qd, d),
-            vec(n("ffn_norm.weight"), d, false),
-            mat(n("ffn_gate.weight"), d, ff),
-            mat(n("ffn_up.weight"), d, ff),
-            mat(n("ffn_down.weight"), ff, d),
-        ]);
-        if cfg.qk_norm {
-            specs.push(vec(n("attn_q_norm.weight"), hd, false));
-            specs.push(vec(n("attn_k_norm.weight"), hd, false));
-        }
-        if cfg.post_norms {
-            specs.push(vec(n("post_attention_norm.weight"), d, false));
-            specs.push(vec(n("post_ffw_norm.weight"), d, false));
-        }
-    }
-    specs
+    model_tensors::specs(cfg)
 }
 
 /// The weight types of the matrices `cfg` multiplies or looks up in `file`: the
@@ -227,41 +154,8 @@ pub struct GpuMatrix {
     pub bytes: DeviceBuffer<u8>,
 }
 
-/// One transformer block's tensors.
-pub struct GpuLayer {
-    /// RMSNorm weights before attention.
-    pub attn_norm: DeviceBuffer<f32>,
-    /// Q, K, V projections.
-    pub wq: GpuMatrix,
-    /// K projection.
-    pub wk: GpuMatrix,
-    /// V projection.
-    pub wv: GpuMatrix,
-    /// Q bias (Qwen2).
-    pub bq: Option<DeviceBuffer<f32>>,
-    /// K bias (Qwen2).
-    pub bk: Option<DeviceBuffer<f32>>,
-    /// V bias (Qwen2).
-    pub bv: Option<DeviceBuffer<f32>>,
-    /// Per-head Q RMSNorm (Qwen3, Gemma 3).
-    pub q_norm: Option<DeviceBuffer<f32>>,
-    /// Per-head K RMSNorm (Qwen3, Gemma 3).
-    pub k_norm: Option<DeviceBuffer<f32>>,
-    /// Attention output projection.
-    pub wo: GpuMatrix,
-    /// RMSNorm of the attention output (Gemma 3).
-    pub post_attn_norm: Option<DeviceBuffer<f32>>,
-    /// RMSNorm weights before the FFN.
-    pub ffn_norm: DeviceBuffer<f32>,
-    /// RMSNorm of the FFN output (Gemma 3).
-    pub post_ffn_norm: Option<DeviceBuffer<f32>>,
-    /// FFN gate projection.
-    pub w_gate: GpuMatrix,
-    /// FFN up projection.
-    pub w_up: GpuMatrix,
-    /// FFN down projection.
-    pub w_down: GpuMatrix,
-}
+/// One transformer block's tensors on the GPU.
+pub type GpuLayer = Layer<GpuMatrix, DeviceBuffer<f32>>;
 
 /// Every tensor of the model on the GPU.
 pub struct GpuWeights {
@@ -296,51 +190,13 @@ impl GpuWeights {
             stream,
             bytes: 0,
         };
-        let (d, kv, ff, v) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
-        let (qd, hd) = (cfg.q_dim(), cfg.head_dim);
-        let token_embd = up.matrix("token_embd.weight", d, v)?;
-        let output = if file.tensors.contains_key("output.weight") {
-            Some(up.matrix("output.weight", d, v)?)
-        } else {
-            None
-        };
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let n = |s: &str| format!("blk.{i}.{s}");
-            let needed = |up: &mut Uploader, s: &str, len, on: bool| {
-                if on {
-                    up.vector(&n(s), len).map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
-            layers.push(GpuLayer {
-                attn_norm: up.vector(&n("attn_norm.weight"), d)?,
-                wq: up.matrix(&n("attn_q.weight"), d, qd)?,
-                wk: up.matrix(&n("attn_k.weight"), d, kv)?,
-                wv: up.matrix(&n("attn_v.weight"), d, kv)?,
-                bq: up.optional_vector(&n("attn_q.bias"), qd)?,
-                bk: up.optional_vector(&n("attn_k.bias"), kv)?,
-                bv: up.optional_vector(&n("attn_v.bias"), kv)?,
-                q_norm: needed(&mut up, "attn_q_norm.weight", hd, cfg.qk_norm)?,
-                k_norm: needed(&mut up, "attn_k_norm.weight", hd, cfg.qk_norm)?,
-                wo: up.matrix(&n("attn_output.weight"), qd, d)?,
-                post_attn_norm: needed(&mut up, "post_attention_norm.weight", d, cfg.post_norms)?,
-                ffn_norm: up.vector(&n("ffn_norm.weight"), d)?,
-                post_ffn_norm: needed(&mut up, "post_ffw_norm.weight", d, cfg.post_norms)?,
-                w_gate: up.matrix(&n("ffn_gate.weight"), d, ff)?,
-                w_up: up.matrix(&n("ffn_up.weight"), d, ff)?,
-                w_down: up.matrix(&n("ffn_down.weight"), ff, d)?,
-            });
-        }
-        let output_norm = up.vector("output_norm.weight", d)?;
-        let rope_freqs = up.optional_vector("rope_freqs.weight", hd / 2)?;
+        let t = model_tensors::load(cfg, &mut up)?;
         Ok(GpuWeights {
-            token_embd,
-            output,
-            output_norm,
-            rope_freqs,
-            layers,
+            token_embd: t.token_embd,
+            output: t.output,
+            output_norm: t.output_norm,
+            rope_freqs: t.rope_freqs,
+            layers: t.layers,
             bytes: up.bytes,
         })
     }
@@ -379,6 +235,11 @@ impl Uploader<'_> {
         self.bytes += std::mem::size_of_val(host);
         Ok(DeviceBuffer::new(slice, self.stream))
     }
+}
+
+impl TensorSource for Uploader<'_> {
+    type Matrix = GpuMatrix;
+    type Vector = DeviceBuffer<f32>;
 
     fn matrix(&mut self, name: &str, cols: usize, rows: usize) -> Result<GpuMatrix, ModelError> {
         let info = self
@@ -428,16 +289,8 @@ impl Uploader<'_> {
         self.upload(name, &host)
     }
 
-    fn optional_vector(
-        &mut self,
-        name: &str,
-        len: usize,
-    ) -> Result<Option<DeviceBuffer<f32>>, ModelError> {
-        if self.file.tensors.contains_key(name) {
-            self.vector(name, len).map(Some)
-        } else {
-            Ok(None)
-        }
+    fn has(&self, name: &str) -> bool {
+        self.file.tensors.contains_key(name)
     }
 }
 
