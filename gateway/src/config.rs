@@ -34,6 +34,9 @@ pub struct Config {
     pub engine: EngineSection,
     /// API keys; with none, only the development key works, and only on loopback.
     pub keys: Vec<KeyConfig>,
+    /// A TOML file of more `[[keys]]` entries (a mounted secret, say), added to `keys`
+    /// by `Config::read_keys_file`.
+    pub keys_file: Option<PathBuf>,
     /// Served models; with none, the default model.
     pub models: Vec<ModelEntry>,
     /// Write prompts and completions to the logs (off: they never appear there).
@@ -74,6 +77,11 @@ pub struct ServerConfig {
     /// What models compute on: `auto` (a usable GPU when the build has CUDA, else the
     /// CPU), `cpu` or `cuda`.
     pub device: DeviceChoice,
+    /// PEM certificate chain: with `tls_key`, the server speaks HTTPS only (HTTP/2 by
+    /// ALPN, or HTTP/1.1), reloading both files when they change or on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +91,8 @@ impl Default for ServerConfig {
             port: 8080,
             cors_origins: Vec::new(),
             device: DeviceChoice::Auto,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -125,6 +135,10 @@ pub struct LimitsConfig {
     /// A response write that makes no progress this long (the client stopped reading)
     /// closes the connection and cancels the generation.
     pub write_stall_timeout_seconds: u64,
+    /// Time a client has to finish the TLS handshake.
+    pub tls_handshake_timeout_seconds: u64,
+    /// Streams one HTTP/2 connection may have open at once (advertised to the client).
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for LimitsConfig {
@@ -145,6 +159,8 @@ impl Default for LimitsConfig {
             header_read_timeout_seconds: 30,
             body_read_timeout_seconds: 30,
             write_stall_timeout_seconds: 60,
+            tls_handshake_timeout_seconds: 10,
+            http2_max_concurrent_streams: 256,
         }
     }
 }
@@ -263,6 +279,30 @@ impl Config {
         })
     }
 
+    /// Adds the `[[keys]]` of `keys_file`, if one is named, to `keys` (once: the name is
+    /// cleared). The file holds nothing but `[[keys]]` entries.
+    pub fn read_keys_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.keys_file.take() else {
+            return Ok(());
+        };
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct KeysFile {
+            #[serde(default)]
+            keys: Vec<KeyConfig>,
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let file: KeysFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        self.keys.extend(file.keys);
+        Ok(())
+    }
+
     /// Every problem at once, so one start-up shows everything to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
@@ -293,6 +333,14 @@ impl Config {
                 "limits.write_stall_timeout_seconds",
                 l.write_stall_timeout_seconds as usize,
             ),
+            (
+                "limits.tls_handshake_timeout_seconds",
+                l.tls_handshake_timeout_seconds as usize,
+            ),
+            (
+                "limits.http2_max_concurrent_streams",
+                l.http2_max_concurrent_streams as usize,
+            ),
         ] {
             if v == 0 {
                 problems.push(format!("{name} must be at least 1"));
@@ -303,6 +351,13 @@ impl Config {
             problems.push(format!(
                 "engine.gpu_memory_fraction must be in (0, 1], got {f}"
             ));
+        }
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(_), None) => problems
+                .push("server.tls_cert is set but server.tls_key is not: HTTPS needs both".into()),
+            (None, Some(_)) => problems
+                .push("server.tls_key is set but server.tls_cert is not: HTTPS needs both".into()),
+            _ => {}
         }
         if self.engine.threads == Some(0) {
             problems.push("engine.threads must be at least 1 (or left out for all cores)".into());
@@ -584,6 +639,44 @@ mod tests {
             tail.replacen("require_key = false", "require_key = true", 1)
         ));
         c.validate().expect("the scrape key with require_key");
+    }
+
+    #[test]
+    fn keys_come_from_the_keys_file_and_tls_needs_both_files() {
+        let text = include_str!("../../config/sluice.toml");
+        // The shipped examples, switched on, land where they belong.
+        let mut c = parse(&uncomment_block(
+            &uncomment_block(text, "# keys_file = \"/etc/sluice/secrets/keys.toml\""),
+            "# tls_cert = \"/etc/sluice/tls/tls.crt\"  # PEM certificate chain, leaf first",
+        ));
+        assert_eq!(
+            c.keys_file.as_deref(),
+            Some(Path::new("/etc/sluice/secrets/keys.toml"))
+        );
+        assert!(c.server.tls_cert.is_some() && c.server.tls_key.is_some());
+        let dir = std::env::temp_dir().join(format!("sluice-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys.toml");
+        std::fs::write(
+            &file,
+            format!("[[keys]]\nname = \"from-secret\"\nkey_sha256 = \"{HASH}\"\nadmin = true\n"),
+        )
+        .unwrap();
+        c.keys_file = Some(file.clone());
+        c.server.host = IpAddr::from([0, 0, 0, 0]);
+        c.read_keys_file().expect("the keys file is read");
+        assert_eq!(c.keys.len(), 1);
+        assert!(c.keys[0].admin && c.keys_file.is_none());
+        c.validate().expect("its keys allow a non-loopback bind");
+        // Anything but [[keys]] in it is refused, naming the file.
+        std::fs::write(&file, "[server]\nport = 1\n").unwrap();
+        c.keys_file = Some(file.clone());
+        let e = c.read_keys_file().unwrap_err().to_string();
+        assert!(e.contains("keys.toml") && e.contains("server"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        c.server.tls_key = None;
+        assert!(problems(&c).contains("tls_key is not"), "{}", problems(&c));
     }
 
     #[test]

@@ -1,32 +1,46 @@
-//! Accepting TCP connections: a bound on how many are open, timeouts that free the
-//! ones slow or idle clients hold, and graceful shutdown.
+//! Accepting TCP connections: TLS when configured, HTTP/1.1 or HTTP/2, a bound on how many
+//! are open, timeouts that free the ones slow or idle clients hold, and graceful shutdown.
 //!
+//! - The protocol: over TLS, what ALPN agreed (`h2`, else HTTP/1.1); in plaintext, HTTP/2
+//!   when the client opens with HTTP/2's preface (h2c with prior knowledge, for internal
+//!   hops), else HTTP/1.1. HTTP/1.1's `Upgrade: h2c` is not offered.
 //! - At most `max_connections` are open (WebSockets included, for their whole life).
 //!   One more is answered at once with a 503 in OpenAI's error format and
-//!   `Retry-After: 1`, then closed; at most `MAX_REFUSING` such answers are in flight,
-//!   beyond that extra connections are closed unanswered.
-//! - A client has `header_read_timeout` to send a request's headers, and an idle
-//!   keep-alive connection is closed after the same time (slowloris).
+//!   `Retry-After: 1`, then closed (over TLS it is closed unanswered: answering would
+//!   cost a handshake); at most `MAX_REFUSING` such answers are in flight, beyond that
+//!   extra connections are closed unanswered.
+//! - A TLS handshake has `tls_handshake_timeout` to finish.
+//! - A client has `header_read_timeout` to send its first bytes and, in HTTP/1.1, a
+//!   request's headers; an idle keep-alive connection (HTTP/2: one with no stream open)
+//!   is closed after the same time (slowloris).
+//! - An HTTP/2 connection carries at most `http2_max_concurrent_streams` streams at once.
 //! - A write that makes no progress for `write_stall_timeout` (the client stopped
 //!   reading) closes the connection; the response body is dropped, which cancels its
 //!   engine request.
-//! - Header section at most `MAX_HEADER_BYTES` (hyper answers 431 beyond it).
+//! - Header section at most `MAX_HEADER_BYTES` (HTTP/1.1: 431 beyond it; HTTP/2: the
+//!   advertised header list size).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::extract::Request;
 use axum::Router;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http_body_util::BodyExt;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 use crate::error::ApiError;
 
@@ -36,6 +50,8 @@ pub const MAX_HEADER_BYTES: usize = 64 << 10;
 const MAX_REFUSING: usize = 256;
 /// How long a refused connection may keep sending before it is closed.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// What an HTTP/2 client sends first (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bounds on connections, from `[limits]`.
 #[derive(Debug, Clone, Copy)]
@@ -43,22 +59,46 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub write_stall_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub http2_max_concurrent_streams: u32,
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting, lets
-/// every open HTTP connection finish its response and returns when all are closed.
+/// The HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    H2,
+}
+
+/// The HTTP/1.1 and HTTP/2 servers' settings, shared by every connection.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` resolves, then stops
+/// accepting, lets every open connection finish its responses and returns when all are
+/// closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http1 = http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(MAX_HEADER_BYTES);
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let builders = Arc::new(Builders { http1, http2 });
     // Each connection task holds a receiver: when all are dropped, every connection is
     // closed.
     let (open_tx, open_rx) = watch::channel(());
@@ -80,29 +120,26 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             crate::metrics::refused("max_connections");
-            if let Ok(p) = refusing.clone().try_acquire_owned() {
-                tokio::spawn(refuse(tcp, p));
+            if tls.is_none() {
+                if let Ok(p) = refusing.clone().try_acquire_owned() {
+                    tokio::spawn(refuse(tcp, p));
+                }
             }
             continue;
         };
-        let io = TokioIo::new(GuardedStream::new(tcp, slot, limits.write_stall_timeout));
-        let svc = TowerToHyperService::new(app.clone());
-        let conn = http.serve_connection(io, svc).with_upgrades();
-        let (mut stop, open) = (stop_rx.clone(), open_rx.clone());
+        let conn = Conn {
+            app: app.clone(),
+            builders: builders.clone(),
+            limits,
+            slot,
+            stop: stop_rx.clone(),
+        };
+        let (tls, open) = (tls.clone(), open_rx.clone());
         tokio::spawn(async move {
             let _open = crate::metrics::HttpConnection::open();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                }
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    // Finish the response in flight, then close.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            match tls {
+                Some(acceptor) => conn.serve_tls(tcp, acceptor).await,
+                None => conn.serve_plain(tcp).await,
             }
             drop(open);
         });
@@ -112,6 +149,272 @@ pub async fn serve(
     drop(open_rx);
     open_tx.closed().await;
     Ok(())
+}
+
+/// Serves a hyper connection (HTTP/1.1 or HTTP/2: two types with the same methods) until
+/// it ends, or until `close` resolves: then lets the responses in flight finish (HTTP/2:
+/// GOAWAY) and closes. `close` yields how long that may take at most (`None`: as long as
+/// the responses take; the drain's grace period bounds it).
+macro_rules! drive {
+    ($conn:expr, $close:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            linger = $close => {
+                conn.as_mut().graceful_shutdown();
+                match linger {
+                    Some(limit) => {
+                        let _ = tokio::time::timeout(limit, conn).await;
+                    }
+                    None => {
+                        let _ = conn.await;
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// One accepted connection, before it knows its protocol.
+struct Conn {
+    app: Router,
+    builders: Arc<Builders>,
+    limits: ConnectionLimits,
+    slot: OwnedSemaphorePermit,
+    stop: watch::Receiver<bool>,
+}
+
+impl Conn {
+    async fn serve_tls(self, tcp: TcpStream, acceptor: TlsAcceptor) {
+        let stream =
+            match tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    crate::metrics::tls_handshake_failed("error");
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    crate::metrics::tls_handshake_failed("timeout");
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            };
+        let protocol = if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+            Protocol::H2
+        } else {
+            Protocol::Http1
+        };
+        self.serve(stream, protocol, true).await;
+    }
+
+    async fn serve_plain(self, mut tcp: TcpStream) {
+        // A client that connects and sends nothing is let go like a slow header.
+        let (first, protocol) =
+            match tokio::time::timeout(self.limits.header_read_timeout, sniff(&mut tcp)).await {
+                Ok(Ok(r)) => r,
+                _ => return,
+            };
+        self.serve(Prefixed::new(first, tcp), protocol, false).await;
+    }
+
+    async fn serve<T>(self, io: T, protocol: Protocol, tls: bool)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(GuardedStream::new(
+            io,
+            self.slot,
+            self.limits.write_stall_timeout,
+        ));
+        let mut stop = self.stop;
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
+            None
+        };
+        match protocol {
+            Protocol::Http1 => {
+                crate::metrics::connection_served("http1", tls);
+                let svc = TowerToHyperService::new(self.app);
+                let conn = self
+                    .builders
+                    .http1
+                    .serve_connection(io, svc)
+                    .with_upgrades();
+                drive!(conn, stopping);
+            }
+            Protocol::H2 => {
+                crate::metrics::connection_served("h2", tls);
+                let activity = Arc::new(Activity::new());
+                let app = self.app;
+                let tracked = activity.clone();
+                let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let stream = tracked.begin();
+                    let app = app.clone();
+                    async move {
+                        let res = app.oneshot(req.map(Body::new)).await?;
+                        // The stream counts as open until its body is done with.
+                        Ok::<_, std::convert::Infallible>(res.map(|b| {
+                            Body::new(b.map_frame(move |f| {
+                                let _open = &stream;
+                                f
+                            }))
+                        }))
+                    }
+                });
+                let conn = self
+                    .builders
+                    .http2
+                    .serve_connection(io, TowerToHyperService::new(svc));
+                let limit = self.limits.header_read_timeout;
+                let idle = activity.idle_for_at_least(limit);
+                drive!(conn, async move {
+                    tokio::select! {
+                        linger = stopping => linger,
+                        // No stream is open: a client that does not answer GOAWAY's
+                        // ping is not waited for longer than it may stay idle.
+                        _ = idle => Some(limit),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Streams open on an HTTP/2 connection, and since when it has had none.
+struct Activity {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+/// One open stream, until dropped.
+struct OpenStream(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        OpenStream(self.clone())
+    }
+
+    /// Resolves once the connection has had no stream open for `limit`.
+    async fn idle_for_at_least(self: Arc<Self>, limit: Duration) {
+        let tick = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            if self.open.load(Ordering::SeqCst) == 0 && since.elapsed() >= limit {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        *since = Instant::now();
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Reads a plaintext connection's first bytes: HTTP/2's preface, or anything else
+/// (HTTP/1.1). Returns what was read, to be read again by the server.
+async fn sniff(tcp: &mut TcpStream) -> io::Result<(Vec<u8>, Protocol)> {
+    let mut first = Vec::with_capacity(1024);
+    loop {
+        if tcp.read_buf(&mut first).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = first.len().min(H2_PREFACE.len());
+        if first[..n] != H2_PREFACE[..n] {
+            return Ok((first, Protocol::Http1));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok((first, Protocol::H2));
+        }
+    }
+}
+
+/// A stream whose first reads return bytes already taken from it.
+struct Prefixed<T> {
+    first: Vec<u8>,
+    at: usize,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(first: Vec<u8>, inner: T) -> Self {
+        Prefixed {
+            first,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.first.len() {
+            let n = buf.remaining().min(self.first.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.first[at..at + n]);
+            self.at += n;
+            if self.at == self.first.len() {
+                self.first = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Answers a connection over the limit with a 503 and closes it.

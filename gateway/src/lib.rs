@@ -24,5 +24,6 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod structured_output;
+pub mod tls;
 pub mod tools;
 pub mod ws_protocol;

@@ -99,6 +99,18 @@ fn describe() {
         "Open HTTP connections, WebSockets included."
     );
     describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
+    describe_counter!(
+        CONNECTIONS_SERVED,
+        "Connections served, by protocol (http1, h2) and whether over TLS."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or timed out, by reason."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "Reloads of the TLS certificate and key, by result (ok, error)."
+    );
     describe_gauge!(
         REQUESTS_PREPARING,
         "Requests rendering or tokenizing their prompt, or waiting to."
@@ -231,6 +243,31 @@ impl Drop for HttpConnection {
     fn drop(&mut self) {
         metrics::gauge!(HTTP_CONNECTIONS).decrement(1.0);
     }
+}
+
+/// Connections served, by protocol (`http1`, `h2`) and `tls` (`true`, `false`).
+pub const CONNECTIONS_SERVED: &str = "sluice_connections_served_total";
+
+/// Counts one connection handed to the HTTP/1.1 or HTTP/2 server.
+pub fn connection_served(protocol: &'static str, tls: bool) {
+    counter!(CONNECTIONS_SERVED, "protocol" => protocol, "tls" => if tls { "true" } else { "false" })
+        .increment(1);
+}
+
+/// TLS handshakes that failed (`error`) or took too long (`timeout`).
+pub const TLS_HANDSHAKE_FAILURES: &str = "sluice_tls_handshake_failures_total";
+
+/// Counts one failed TLS handshake.
+pub fn tls_handshake_failed(reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+}
+
+/// Reloads of the TLS certificate and key, by result (`ok`, `error`).
+pub const TLS_RELOADS: &str = "sluice_tls_reloads_total";
+
+/// Counts one reload attempt of the TLS files.
+pub fn tls_reload(result: &'static str) {
+    counter!(TLS_RELOADS, "result" => result).increment(1);
 }
 
 /// Open WebSocket connections.

@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -153,23 +154,28 @@ pub fn router(state: SharedState, server: &ServerConfig, limits: &LimitsConfig) 
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then lets open responses finish.
+/// Serves `state` on `listener` (over TLS when `tls` is given) until `shutdown`
+/// resolves, then lets open responses finish.
 pub async fn serve(
     listener: TcpListener,
     state: SharedState,
     server: ServerConfig,
     limits: LimitsConfig,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let conn_limits = ConnectionLimits {
         max_connections: limits.max_connections,
         header_read_timeout: Duration::from_secs(limits.header_read_timeout_seconds),
         write_stall_timeout: Duration::from_secs(limits.write_stall_timeout_seconds),
+        tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout_seconds),
+        http2_max_concurrent_streams: limits.http2_max_concurrent_streams,
     };
     crate::connections::serve(
         listener,
         router(state, &server, &limits),
         conn_limits,
+        tls,
         shutdown,
     )
     .await

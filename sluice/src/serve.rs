@@ -20,6 +20,7 @@ use sluice_gateway::auth::AuthPolicy;
 use sluice_gateway::config::{Config, EngineSection, ModelEntry};
 use sluice_gateway::sampling_defaults::SamplingDefaults;
 use sluice_gateway::state::{unix_now, AppState, MetricsAccess, ServedModel};
+use sluice_gateway::tls::{CertStore, TlsFiles};
 use sluice_gateway::{model_store, server};
 use tracing::{info, warn};
 
@@ -86,6 +87,20 @@ pub struct ServeArgs {
     /// Open connections before new ones get 503 [config: limits.max_connections].
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// A TOML file of more `[[keys]]` entries, e.g. a mounted secret [config: keys_file].
+    #[arg(long, env = "SLUICE_KEYS_FILE")]
+    keys_file: Option<PathBuf>,
+    /// PEM certificate chain: serve HTTPS (HTTP/2 or HTTP/1.1), reloaded when it changes
+    /// [config: server.tls_cert; needs --tls-key].
+    #[arg(long, env = "SLUICE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [config: server.tls_key].
+    #[arg(long, env = "SLUICE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Check the configuration (file, keys file, TLS files, variables and flags) and
+    /// exit: 0 and one line when it is valid, else every problem. Loads no model.
+    #[arg(long)]
+    check_config: bool,
 }
 
 impl ServeArgs {
@@ -128,6 +143,16 @@ impl ServeArgs {
         if let Some(t) = self.request_timeout_seconds {
             c.limits.request_timeout_seconds = t;
         }
+        if self.keys_file.is_some() {
+            c.keys_file = self.keys_file.clone();
+        }
+        if self.tls_cert.is_some() {
+            c.server.tls_cert = self.tls_cert.clone();
+        }
+        if self.tls_key.is_some() {
+            c.server.tls_key = self.tls_key.clone();
+        }
+        c.read_keys_file()?;
         if self.model.is_some() || self.model_name.is_some() {
             let name = self.model_name.clone().unwrap_or_else(|| {
                 self.model
@@ -399,9 +424,30 @@ async fn shutdown_signal() {
     info!("shutdown signal received; finishing open responses");
 }
 
+/// The certificate store when HTTPS is configured; a bad file stops start-up here.
+fn tls_store(config: &Config) -> Result<Option<Arc<CertStore>>> {
+    match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(CertStore::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })?)),
+        _ => Ok(None),
+    }
+}
+
 /// Loads the configured models and serves them until SIGTERM/SIGINT, then drains.
 pub async fn run_cli(args: ServeArgs) -> Result<()> {
     let config = args.config()?;
+    let tls = tls_store(&config)?;
+    if args.check_config {
+        println!(
+            "configuration is valid: {} key(s), {} model(s), {}",
+            config.keys.len(),
+            config.served_models().len(),
+            if tls.is_some() { "HTTPS" } else { "HTTP" }
+        );
+        return Ok(());
+    }
     // Before any model is fetched or loaded: `--device cuda` where it cannot run stops
     // here, in one line.
     let (device, why) = device::resolve(config.server.device, config.engine.gpu_memory_fraction)?;
@@ -499,8 +545,16 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
     } else {
         info!(%addr, keys = config.keys.len(), "listening");
     }
+    let acceptor = match &tls {
+        Some(store) => {
+            store.watch();
+            Some(store.acceptor()?)
+        }
+        None => None,
+    };
     // Printed plainly so scripts and tests can find the port when binding port 0.
-    println!("sluice listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("sluice listening on {scheme}://{addr}");
 
     // On SIGTERM/SIGINT: /ready turns false and new requests get 503, the listener
     // closes, and streams in flight get `shutdown_grace_seconds` to finish.
@@ -517,6 +571,7 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
         state.clone(),
         config.server.clone(),
         config.limits.clone(),
+        acceptor,
         signal,
     );
     tokio::pin!(server);

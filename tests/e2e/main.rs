@@ -23,6 +23,7 @@ mod server;
 mod structured;
 mod support;
 mod synthetic_archs;
+mod tls_http2;
 mod tokenizer_parity;
 mod tools;
 mod websocket;
