@@ -134,6 +134,7 @@ impl EngineLoop {
         let (in_use, total) = sch.kv_blocks();
         self.metrics
             .state(sch.n_running(), sch.n_waiting(), sch.kv_usage(), &st);
+        self.metrics.cache_config(BLOCK_SIZE, total);
         let touched = self.kv_touched_before.max(sch.kv_blocks_touched());
         self.metrics
             .kv_touched(touched * BLOCK_SIZE * self.kv.bytes_per_token);

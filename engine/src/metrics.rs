@@ -48,6 +48,20 @@ pub const ENGINE_RESTARTS: &str = "sluice_engine_restarts_total";
 /// Time from submission to first admission into the running batch.
 pub const QUEUE_SECONDS: &str = "sluice_request_queue_seconds";
 
+/// vLLM's names for the queue and cache gauges, labelled `model_name` as vLLM labels
+/// them, so routers and endpoint pickers written for vLLM (vllm-router, the Gateway API
+/// Inference Extension's) can balance over Sluice engines too.
+pub mod vllm {
+    /// Requests in the running batch (`sluice_requests_running`).
+    pub const NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";
+    /// Requests waiting for a slot (`sluice_requests_waiting`).
+    pub const NUM_REQUESTS_WAITING: &str = "vllm:num_requests_waiting";
+    /// KV cache usage, 0 to 1 (`sluice_kv_cache_usage_ratio`).
+    pub const KV_CACHE_USAGE_PERC: &str = "vllm:kv_cache_usage_perc";
+    /// Always 1, with the KV cache's shape in its labels (`block_size`, `num_gpu_blocks`).
+    pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
+}
+
 /// Gives every engine metric its help text (Prometheus `# HELP`), once the exporter is
 /// installed: scrapers and `promtool check metrics` expect one per family.
 pub fn describe() {
@@ -95,6 +109,22 @@ pub fn describe() {
         Unit::Seconds,
         "Time from submission to first admission into the running batch."
     );
+    describe_gauge!(
+        vllm::NUM_REQUESTS_RUNNING,
+        "Requests in the running batch (vLLM's name for sluice_requests_running)."
+    );
+    describe_gauge!(
+        vllm::NUM_REQUESTS_WAITING,
+        "Requests waiting for a batch slot (vLLM's name for sluice_requests_waiting)."
+    );
+    describe_gauge!(
+        vllm::KV_CACHE_USAGE_PERC,
+        "KV cache usage from 0 to 1 (vLLM's name for sluice_kv_cache_usage_ratio)."
+    );
+    describe_gauge!(
+        vllm::CACHE_CONFIG_INFO,
+        "The KV cache's shape in labels (block_size in tokens, num_gpu_blocks: all blocks, on any device); always 1."
+    );
 }
 
 /// Records one engine's metrics under its model's name.
@@ -127,6 +157,9 @@ impl EngineMetrics {
         gauge!(REQUESTS_RUNNING, "model" => m()).set(running as f64);
         gauge!(REQUESTS_WAITING, "model" => m()).set(waiting as f64);
         gauge!(KV_CACHE_USAGE, "model" => m()).set(kv_usage);
+        gauge!(vllm::NUM_REQUESTS_RUNNING, "model_name" => m()).set(running as f64);
+        gauge!(vllm::NUM_REQUESTS_WAITING, "model_name" => m()).set(waiting as f64);
+        gauge!(vllm::KV_CACHE_USAGE_PERC, "model_name" => m()).set(kv_usage);
         if stats.prompt_tokens_queried > 0 {
             gauge!(PREFIX_CACHE_HIT, "model" => m())
                 .set(stats.prompt_tokens_cached as f64 / stats.prompt_tokens_queried as f64);
@@ -143,6 +176,17 @@ impl EngineMetrics {
             gauge!(DEVICE_MEMORY_BYTES, "model" => self.model.clone(), "use" => kind)
                 .set(bytes as f64);
         }
+    }
+
+    /// The KV cache's shape, as vLLM publishes it (`vllm:cache_config_info`).
+    pub fn cache_config(&self, block_size: usize, num_blocks: usize) {
+        gauge!(
+            vllm::CACHE_CONFIG_INFO,
+            "model_name" => self.model.clone(),
+            "block_size" => block_size.to_string(),
+            "num_gpu_blocks" => num_blocks.to_string()
+        )
+        .set(1.0);
     }
 
     /// Bytes of the KV cache written at least once.

@@ -169,6 +169,19 @@ async fn two_models_share_the_threads_both_progress_and_report_apart() {
         ] {
             assert!(count(name).is_some(), "no {name} for {model}:\n{after}");
         }
+        // vLLM's names for the same gauges, labelled as vLLM labels them, for routers
+        // written for vLLM; they agree with ours.
+        let vllm = [("model_name", model)];
+        for (ours, theirs) in [
+            ("sluice_requests_running", "vllm:num_requests_running"),
+            ("sluice_requests_waiting", "vllm:num_requests_waiting"),
+            ("sluice_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc"),
+        ] {
+            let v = metric_sum(&after, theirs, &vllm);
+            assert!(v.is_some() && v == count(ours), "{theirs} for {model}:\n{after}");
+        }
+        let info = metric_sum(&after, "vllm:cache_config_info", &vllm);
+        assert_eq!(info, Some(1.0), "vllm:cache_config_info for {model}");
     }
     assert!(
         !after
