@@ -178,7 +178,10 @@ async fn two_models_share_the_threads_both_progress_and_report_apart() {
             ("sluice_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc"),
         ] {
             let v = metric_sum(&after, theirs, &vllm);
-            assert!(v.is_some() && v == count(ours), "{theirs} for {model}:\n{after}");
+            assert!(
+                v.is_some() && v == count(ours),
+                "{theirs} for {model}:\n{after}"
+            );
         }
         let info = metric_sum(&after, "vllm:cache_config_info", &vllm);
         assert_eq!(info, Some(1.0), "vllm:cache_config_info for {model}");

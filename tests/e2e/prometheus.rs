@@ -93,9 +93,7 @@ async fn promtool_accepts_the_exposition_and_prometheus_scrapes_it() {
     let findings: Vec<&str> = said
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .filter(|l| {
-            !(l.starts_with("vllm:") && l.ends_with("metric names should not contain ':'"))
-        })
+        .filter(|l| !(l.starts_with("vllm:") && l.ends_with("metric names should not contain ':'")))
         .collect();
     assert!(
         said.contains("vllm:num_requests_waiting"),
