@@ -349,6 +349,17 @@ impl Engine {
         }
     }
 
+    /// Stops accepting requests and fails the ones it has with `message` at once, instead
+    /// of letting them finish: for a shutdown whose grace period is over. Their streams
+    /// get an error event and end; then the loop thread exits.
+    pub fn abort(&self, message: &str) {
+        if let Ok(mut g) = self.inner.tx.lock() {
+            if let Some(s) = g.take() {
+                let _ = s.send(Command::Abort(message.to_string()));
+            }
+        }
+    }
+
     /// Stops accepting requests and waits for the loop to finish the ones it has.
     /// Blocks the calling thread until then: from async code, call it through
     /// `tokio::task::spawn_blocking`, never on a runtime worker.
@@ -363,7 +374,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::Event;
+    use crate::request::{Event, FinishReason};
 
     #[test]
     fn a_closed_engine_finishes_its_requests_then_is_down_for_good() {
@@ -401,5 +412,43 @@ mod tests {
         }
         assert!(!e.is_ready());
         e.shutdown(); // joins an exited thread: returns at once
+    }
+
+    #[test]
+    fn an_aborted_engine_fails_its_requests_at_once_then_exits() {
+        // 10 tokens a second: the request would run for 100 s if let finish.
+        let e = Engine::start_synthetic(4096, 100, 10.0, EngineConfig::default()).unwrap();
+        let mut s = e
+            .submit(GenerationRequest {
+                prompt: vec![1, 2, 3],
+                max_tokens: 1000,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(matches!(s.blocking_recv(), Some(Event::Token { .. })));
+        let t = std::time::Instant::now();
+        e.abort("grace period over");
+        let mut end = None;
+        while let Some(ev) = s.blocking_recv() {
+            if let Event::Done { reason, error, .. } = ev {
+                end = Some((reason, error));
+            }
+        }
+        assert_eq!(
+            end,
+            Some((FinishReason::Error, Some("grace period over".to_string())))
+        );
+        e.shutdown();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "abort took {:?}",
+            t.elapsed()
+        );
+        let refused = e.submit(GenerationRequest {
+            prompt: vec![1],
+            max_tokens: 1,
+            ..Default::default()
+        });
+        assert_eq!(refused.err(), Some(EngineError::Stopped));
     }
 }

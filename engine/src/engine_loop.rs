@@ -35,6 +35,9 @@ pub(crate) enum Command {
     /// Panic in the next step, with whatever is in flight: exercises the supervisor
     /// (`Engine::inject_panic`, reachable only when fault injection is configured).
     InjectPanic,
+    /// Fail everything in flight with this message, now (`Engine::abort`: the server's
+    /// shutdown grace period is over).
+    Abort(String),
 }
 
 /// Per-request state the scheduler does not need: output side and stop conditions.
@@ -161,6 +164,12 @@ impl EngineLoop {
             Command::Submit(s) => *s,
             Command::InjectPanic => {
                 self.panic_next_step = true;
+                return;
+            }
+            Command::Abort(message) => {
+                self.fail_all(&message);
+                // Frees the failed requests' blocks and the runtime's state with them.
+                self.reset();
                 return;
             }
         };

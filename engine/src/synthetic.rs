@@ -143,6 +143,7 @@ impl SyntheticLoop {
         match c {
             Command::Submit(s) => self.queued.push_back(*s),
             Command::InjectPanic => self.panic_next_tick = true,
+            Command::Abort(message) => self.fail_all(&message),
         }
     }
 
