@@ -18,14 +18,15 @@ pub struct InMessage {
 }
 
 /// `stream_options` of OpenAI's streaming API.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
-/// Fields shared by chat and plain completions.
-#[derive(Debug, Clone, Deserialize)]
+/// Fields shared by chat and plain completions (serialized again only to forward a
+/// WebSocket session's turn to an upstream).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct CommonParams {
     pub model: Option<String>,
     #[serde(default)]

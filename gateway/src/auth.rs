@@ -21,7 +21,7 @@ use tower::{Layer, Service};
 
 use crate::config::KeyConfig;
 use crate::error::ApiError;
-use crate::rate_limit::KeyLimits;
+use crate::rate_limit::{KeyLimits, RedisStore};
 use crate::state::SharedState;
 
 /// The development key accepted when no keys are configured on a loopback bind.
@@ -56,6 +56,12 @@ pub struct AuthPolicy {
 impl AuthPolicy {
     /// The configured keys (hashes already validated as 64 hex characters).
     pub fn from_config(keys: &[KeyConfig]) -> Self {
+        AuthPolicy::with_limit_store(keys, None)
+    }
+
+    /// The configured keys, their limits counted in `store` when given (Redis: shared
+    /// by every replica), else in this process.
+    pub fn with_limit_store(keys: &[KeyConfig], store: Option<&RedisStore>) -> Self {
         AuthPolicy {
             keys: keys
                 .iter()
@@ -69,7 +75,7 @@ impl AuthPolicy {
                         hash,
                         models: k.models.clone(),
                         admin: k.admin,
-                        limits: KeyLimits::from_config(k),
+                        limits: KeyLimits::with_store(k, store),
                     })
                 })
                 .collect(),

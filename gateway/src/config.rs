@@ -44,6 +44,11 @@ pub struct Config {
     /// `[metrics]`: who may read `/metrics`.
     pub metrics: MetricsSection,
     pub debug: DebugSection,
+    /// `[[upstreams]]`: other OpenAI-compatible servers whose models the gateway serves
+    /// by forwarding requests (see `crate::upstream`).
+    pub upstreams: Vec<crate::upstream::config::UpstreamEntry>,
+    /// `[upstream]`: timeouts, health checks and routing between upstream replicas.
+    pub upstream: crate::upstream::config::UpstreamSettings,
 }
 
 /// `[metrics]`: who may read `GET /metrics` (it names keys and models).
@@ -139,6 +144,138 @@ pub struct LimitsConfig {
     pub tls_handshake_timeout_seconds: u64,
     /// Streams one HTTP/2 connection may have open at once (advertised to the client).
     pub http2_max_concurrent_streams: u32,
+    /// Where the keys' limits (requests and tokens per minute, concurrent streams) are
+    /// counted: `memory`, in this process (each replica counts alone), or `redis`,
+    /// shared by every replica using the same Redis, with the same accounting.
+    pub store: LimitStore,
+    /// `store = "redis"`: the server, `redis://[[user]:password@]host[:port][/db]` (or
+    /// `unix:///path/to/socket`). Exactly one of this and `redis_url_env`.
+    pub redis_url: Option<String>,
+    /// `store = "redis"`: the environment variable holding the URL (which may hold a
+    /// password, so it need not be in this file).
+    pub redis_url_env: Option<String>,
+    /// `store = "redis"`: what requests get while Redis cannot be reached.
+    pub redis_on_error: RedisOnError,
+    /// `store = "redis"`: the prefix of every Redis key Sluice writes.
+    pub redis_key_prefix: String,
+}
+
+/// Where the keys' limits are counted (`limits.store`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitStore {
+    /// In this process: each replica has its own counts.
+    #[default]
+    Memory,
+    /// In Redis: shared by every replica.
+    Redis,
+}
+
+impl std::str::FromStr for LimitStore {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(LimitStore::Memory),
+            "redis" => Ok(LimitStore::Redis),
+            _ => Err(format!("expected memory or redis, got {s:?}")),
+        }
+    }
+}
+
+/// What requests get while the Redis limit store cannot be reached
+/// (`limits.redis_on_error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisOnError {
+    /// Served without the keys' limits (fail open). The default: key limits share
+    /// capacity fairly, while the server protects itself with its own limits
+    /// (`max_concurrent_requests`, `max_waiting_requests`, `max_connections`), which
+    /// still apply; an outage of Redis does not become an outage of the API.
+    #[default]
+    Allow,
+    /// Refused with 503 and Retry-After (fail closed): for keys whose limits are a
+    /// hard quota.
+    Deny,
+}
+
+impl RedisOnError {
+    /// The name the configuration uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisOnError::Allow => "allow",
+            RedisOnError::Deny => "deny",
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The Redis URL `store = "redis"` uses: `redis_url`, or the value of the variable
+    /// `redis_url_env` names; checked, with messages that never show the URL (it may
+    /// hold a password).
+    pub fn resolve_redis_url(&self) -> Result<String, String> {
+        let url = match (&self.redis_url, &self.redis_url_env) {
+            (Some(_), Some(_)) => {
+                return Err("limits.redis_url and limits.redis_url_env are both set; \
+                            give the Redis URL one way"
+                    .into())
+            }
+            (None, None) => {
+                return Err(
+                    "limits.store is \"redis\" but neither limits.redis_url nor \
+                            limits.redis_url_env is set"
+                        .into(),
+                )
+            }
+            (Some(url), None) => url.clone(),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(url) if !url.trim().is_empty() => url,
+                _ => {
+                    return Err(format!(
+                        "limits.redis_url_env names the environment variable {var:?}, which \
+                         is not set (or empty)"
+                    ))
+                }
+            },
+        };
+        let url = url.trim().to_string();
+        let source = if self.redis_url.is_some() {
+            "limits.redis_url".to_string()
+        } else {
+            format!(
+                "the Redis URL in ${}",
+                self.redis_url_env.as_deref().unwrap_or("")
+            )
+        };
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("redis" | "valkey" | "unix" | "redis+unix" | "valkey+unix") => {}
+            Some("rediss" | "valkeys") => {
+                return Err(format!(
+                    "{source} uses TLS (rediss://), which this build does not support; use \
+                     redis:// on a private network or through a TLS tunnel"
+                ))
+            }
+            Some(other) => {
+                return Err(format!(
+                    "{source} must start with redis:// (or unix:// for a socket), not {other}://"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{source} must be a URL such as redis://127.0.0.1:6379 (or \
+                     unix:///path/to/socket)"
+                ))
+            }
+        }
+        use redis::IntoConnectionInfo;
+        // Parsed as the client will, so a bad host, port or database is reported here.
+        match url.as_str().into_connection_info() {
+            Ok(_) => Ok(url),
+            // Its messages name the problem, never the URL.
+            Err(e) => Err(format!("{source} is not a valid Redis URL: {e}")),
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -161,6 +298,11 @@ impl Default for LimitsConfig {
             write_stall_timeout_seconds: 60,
             tls_handshake_timeout_seconds: 10,
             http2_max_concurrent_streams: 256,
+            store: LimitStore::Memory,
+            redis_url: None,
+            redis_url_env: None,
+            redis_on_error: RedisOnError::Allow,
+            redis_key_prefix: "sluice:".into(),
         }
     }
 }
@@ -254,10 +396,10 @@ impl ModelEntry {
 }
 
 impl Config {
-    /// The models `sluice serve` serves: the `[[models]]` entries, or the default model
-    /// when there are none.
+    /// The models `sluice serve` serves locally: the `[[models]]` entries, or the default
+    /// model when there are none and no `[[upstreams]]` either.
     pub fn served_models(&self) -> Vec<ModelEntry> {
-        if self.models.is_empty() {
+        if self.models.is_empty() && self.upstreams.is_empty() {
             vec![ModelEntry::default_model()]
         } else {
             self.models.clone()
@@ -359,6 +501,20 @@ impl Config {
                 .push("server.tls_key is set but server.tls_cert is not: HTTPS needs both".into()),
             _ => {}
         }
+        match l.store {
+            LimitStore::Redis => {
+                if let Err(e) = l.resolve_redis_url() {
+                    problems.push(e);
+                }
+            }
+            LimitStore::Memory if l.redis_url.is_some() || l.redis_url_env.is_some() => problems
+                .push(
+                    "limits.redis_url (or redis_url_env) is set but limits.store is \"memory\": \
+                     set store = \"redis\" to share the keys' limits through Redis, or remove it"
+                        .into(),
+                ),
+            LimitStore::Memory => {}
+        }
         if self.engine.threads == Some(0) {
             problems.push("engine.threads must be at least 1 (or left out for all cores)".into());
         }
@@ -457,11 +613,21 @@ impl Config {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let served_names: std::collections::HashSet<&str> = served
+        let mut served_names: std::collections::HashSet<&str> = served
             .iter()
             .flat_map(|m| std::iter::once(&m.name).chain(&m.aliases))
             .map(String::as_str)
             .collect();
+        // Upstreams' listed models count; discovered ones are checked after discovery
+        // (`upstream::config::check_discovered`).
+        problems.extend(crate::upstream::config::problems(self));
+        let discovery_pending = crate::upstream::config::discovery_pending(self);
+        served_names.extend(
+            self.upstreams
+                .iter()
+                .flat_map(|u| u.models.iter().flatten())
+                .map(String::as_str),
+        );
         for (i, k) in self.keys.iter().enumerate() {
             match &k.models {
                 Some(list) if list.is_empty() => problems.push(format!(
@@ -471,7 +637,10 @@ impl Config {
                     k.name
                 )),
                 Some(list) => {
-                    for m in list.iter().filter(|m| !served_names.contains(m.as_str())) {
+                    for m in list
+                        .iter()
+                        .filter(|m| !discovery_pending && !served_names.contains(m.as_str()))
+                    {
                         problems.push(format!(
                             "keys[{i}] ({}): allows model {m:?}, which is not served; \
                              served: {served_list}",
@@ -533,6 +702,60 @@ mod tests {
         let c = parse(text);
         c.validate().expect("valid");
         assert_eq!(c.server.port, 8080);
+    }
+
+    #[test]
+    fn a_redis_limit_store_needs_one_valid_url_which_messages_never_show() {
+        let problems = |limits: &str| match parse(&format!("[limits]\n{limits}")).validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(problems("store = \"redis\"\nredis_url = \"redis://10.0.0.5:6380/2\"").is_empty());
+        let c = parse("[limits]\nstore = \"redis\"\nredis_url = \"redis://h\"");
+        assert_eq!(c.limits.redis_on_error, RedisOnError::Allow, "the default");
+        assert_eq!(c.limits.redis_key_prefix, "sluice:");
+        assert_eq!(LimitsConfig::default().store, LimitStore::Memory);
+        for (limits, expected) in [
+            (
+                "store = \"redis\"",
+                "neither limits.redis_url nor limits.redis_url_env",
+            ),
+            (
+                "store = \"redis\"\nredis_url = \"redis://h\"\nredis_url_env = \"V\"",
+                "both set",
+            ),
+            (
+                "store = \"redis\"\nredis_url = \"http://u:hunter2@h\"",
+                "not http://",
+            ),
+            (
+                "store = \"redis\"\nredis_url = \"rediss://u:hunter2@h\"",
+                "TLS",
+            ),
+            (
+                "store = \"redis\"\nredis_url = \"hunter2@h:6379\"",
+                "must be a URL",
+            ),
+            (
+                "store = \"redis\"\nredis_url = \"redis://:hunter2@h:99999\"",
+                "not a valid",
+            ),
+            (
+                "store = \"redis\"\nredis_url_env = \"SLUICE_TEST_NO_SUCH_VARIABLE\"",
+                "SLUICE_TEST_NO_SUCH_VARIABLE",
+            ),
+            ("redis_url = \"redis://h\"", "limits.store is \"memory\""),
+        ] {
+            let p = problems(limits);
+            assert!(p.len() == 1 && p[0].contains(expected), "{limits}: {p:?}");
+            assert!(
+                !p[0].contains("hunter2"),
+                "the URL's password leaked: {p:?}"
+            );
+        }
+        let e = toml::from_str::<Config>("[limits]\nredis_on_error = \"maybe\"\n").unwrap_err();
+        assert!(e.to_string().contains("allow"), "{e}");
     }
 
     #[test]

@@ -51,6 +51,13 @@ pub enum ApiError {
     Overloaded(String),
     #[error("Internal error: {0}")]
     Internal(String),
+    /// No upstream replica of the model could take the request (none reachable, all
+    /// refused or timed out before answering).
+    #[error("The model's upstream servers are unavailable: {0}. Retry shortly.")]
+    UpstreamUnavailable(String),
+    /// An upstream answered, then failed before its answer was complete.
+    #[error("The model's upstream server failed: {0}")]
+    UpstreamFailed(String),
 }
 
 impl ApiError {
@@ -79,6 +86,8 @@ impl ApiError {
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Overloaded(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -122,6 +131,10 @@ impl ApiError {
             ApiError::Timeout(_) => ("server_error", Some("timeout"), None),
             ApiError::Overloaded(_) => ("server_error", Some("overloaded"), None),
             ApiError::Internal(_) => ("server_error", Some("internal_error"), None),
+            ApiError::UpstreamUnavailable(_) => {
+                ("server_error", Some("upstream_unavailable"), None)
+            }
+            ApiError::UpstreamFailed(_) => ("server_error", Some("upstream_error"), None),
         };
         json!({"error": {"message": self.to_string(), "type": ty, "param": param, "code": code}})
     }

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::de::DeserializeOwned;
 
@@ -44,4 +45,63 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OpenAiJson<T> {
             }),
         }
     }
+}
+
+/// A JSON request body as bytes, with [`OpenAiJson`]'s checks (content type, size,
+/// arrival time) but not yet parsed: the generation handlers look at `model` first to
+/// forward upstream models' requests unchanged, and parse the rest with [`parse_json`].
+pub struct RawJson(pub Bytes);
+
+/// Whether the request says its body is JSON (`application/json` or `application/*+json`,
+/// as `axum::Json` accepts).
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = ct.split(';').next().unwrap_or_default().trim();
+    let mime = mime.to_ascii_lowercase();
+    match mime.split_once('/') {
+        Some(("application", sub)) => sub == "json" || sub.ends_with("+json"),
+        _ => false,
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for RawJson {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let limit = req
+            .extensions()
+            .get::<BodyReadTimeout>()
+            .map_or(Duration::from_secs(30), |t| t.0);
+        let read = tokio::time::timeout(limit, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::BodyTimeout(limit.as_secs()))?;
+        match read {
+            Ok(b) => Ok(RawJson(b)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge)
+            }
+            Err(rejection) => Err(ApiError::InvalidRequest {
+                message: rejection.body_text(),
+                param: None,
+            }),
+        }
+    }
+}
+
+/// Parses a [`RawJson`] body as `T`, with the errors [`OpenAiJson`] gives.
+pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    Json::<T>::from_bytes(body)
+        .map(|Json(v)| v)
+        .map_err(|rejection| ApiError::InvalidRequest {
+            message: rejection.body_text(),
+            param: None,
+        })
 }

@@ -26,4 +26,5 @@ pub mod state;
 pub mod structured_output;
 pub mod tls;
 pub mod tools;
+pub mod upstream;
 pub mod ws_protocol;

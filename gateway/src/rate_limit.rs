@@ -11,6 +11,10 @@
 //!
 //! HTTP requests and WebSocket generations go through the same functions here
 //! ([`admit`], [`charge_tokens`]), so a limit means the same on both.
+//!
+//! Where the counts live (`[limits] store`): in this process (the default; each replica
+//! counts alone), or in Redis ([`RedisStore`], in `rate_limit/redis_store.rs`), shared
+//! by every replica with the same accounting, the same refusals and the same headers.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -27,6 +31,10 @@ use tower::{Layer, Service};
 use crate::auth::ApiKey;
 use crate::config::KeyConfig;
 use crate::error::ApiError;
+
+mod redis_store;
+pub use redis_store::{RedisStore, CALL_TIMEOUT, STORE_ERRORS, STORE_UP, STREAM_LEASE};
+use redis_store::{SharedKey, Which};
 
 /// One per-minute budget (requests or tokens).
 struct Budget {
@@ -111,10 +119,25 @@ impl Budget {
         }
     }
 
+    /// Takes `n` units whether or not there is room: work already done that cost more
+    /// than was charged for it. The budget can then be owed more than a minute.
+    fn debit(&self, n: u32, now: Instant) {
+        // At most an hour owed: a bound that keeps the instant's arithmetic in range.
+        let n = n.min(self.per_minute.saturating_mul(60));
+        let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
+        *full_at = (*full_at).max(now) + self.unit * n;
+    }
+
     /// [`Budget::take`] as the API answers it.
     fn take_or_refuse(&self, n: usize, what: &str) -> Result<BudgetState, ApiError> {
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-        self.take(n32, Instant::now()).map_err(|r| match r {
+        self.take(n32, Instant::now())
+            .map_err(|r| self.refusal(r, n, what))
+    }
+
+    /// Taking `n` units `what` is refused, as the API answers it.
+    fn refusal(&self, r: Refusal, n: usize, what: &str) -> ApiError {
+        match r {
             Refusal::Wait(wait) => ApiError::RateLimited {
                 message: format!(
                     "Rate limit reached: {} {what} per minute. Retry in {:.1} s.",
@@ -131,7 +154,7 @@ impl Budget {
                 ),
                 param: Some("max_tokens".into()),
             },
-        })
+        }
     }
 }
 
@@ -140,13 +163,24 @@ pub struct KeyLimits {
     requests: Option<Budget>,
     tokens: Option<Budget>,
     streams: Option<(u32, Arc<Semaphore>)>,
+    /// With `store = "redis"`: the counts, shared by every replica (the budgets and the
+    /// semaphore above then only give the limits).
+    shared: Option<SharedKey>,
 }
 
 /// Held while a request's response is being produced; releases its stream slot on drop.
-pub struct StreamSlot(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+pub struct StreamSlot(#[allow(dead_code)] Slot);
+
+/// Where a stream slot is held.
+enum Slot {
+    /// No limit, or none could be taken (Redis unreachable, `redis_on_error = "allow"`).
+    Free,
+    Local(#[allow(dead_code)] OwnedSemaphorePermit),
+    Shared(#[allow(dead_code)] redis_store::Lease),
+}
 
 impl KeyLimits {
-    /// The limits a `[[keys]]` entry asks for.
+    /// The limits a `[[keys]]` entry asks for, counted in this process.
     pub fn from_config(k: &KeyConfig) -> Self {
         KeyLimits {
             requests: k.requests_per_minute.and_then(Budget::new),
@@ -154,7 +188,16 @@ impl KeyLimits {
             streams: k
                 .max_concurrent_streams
                 .map(|n| (n, Arc::new(Semaphore::new(n as usize)))),
+            shared: None,
         }
+    }
+
+    /// The limits a `[[keys]]` entry asks for, counted in `store` when given (shared by
+    /// every replica; named by the key's SHA-256), else in this process.
+    pub fn with_store(k: &KeyConfig, store: Option<&RedisStore>) -> Self {
+        let mut limits = KeyLimits::from_config(k);
+        limits.shared = store.map(|s| s.key(&k.key_sha256));
+        limits
     }
 
     /// No limits (the development key).
@@ -163,10 +206,12 @@ impl KeyLimits {
             requests: None,
             tokens: None,
             streams: None,
+            shared: None,
         }
     }
 
-    /// Counts one request; refuses it when over the request rate.
+    /// Counts one request in this process's counts; refuses it when over the request
+    /// rate. (Requests use [`admit`], which asks the configured store.)
     pub fn take_request(&self) -> Result<Option<BudgetState>, ApiError> {
         self.requests
             .as_ref()
@@ -174,7 +219,8 @@ impl KeyLimits {
             .transpose()
     }
 
-    /// Charges `n` tokens; refuses when over the token rate.
+    /// Charges `n` tokens to this process's counts; refuses when over the token rate.
+    /// (Requests use [`charge_tokens`], which asks the configured store.)
     pub fn take_tokens(&self, n: usize) -> Result<Option<BudgetState>, ApiError> {
         self.tokens
             .as_ref()
@@ -182,27 +228,49 @@ impl KeyLimits {
             .transpose()
     }
 
-    /// Gives back `n` tokens charged for a generation that was then refused.
+    /// Gives back `n` tokens charged for a generation that was then refused (in Redis:
+    /// in the background).
     pub fn refund_tokens(&self, n: usize) {
         if let Some(b) = &self.tokens {
-            b.give_back(u32::try_from(n).unwrap_or(u32::MAX));
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            match &self.shared {
+                None => b.give_back(n),
+                Some(s) => s.give_back(Which::Tokens, b.per_minute, n),
+            }
+        }
+    }
+
+    /// Whether the key has a tokens-per-minute limit.
+    pub fn has_token_limit(&self) -> bool {
+        self.tokens.is_some()
+    }
+
+    /// Settles a generation charged `charged` tokens that turned out to cost `owed`:
+    /// gives back the difference or charges it (in Redis: in the background).
+    pub fn settle_tokens(&self, charged: usize, owed: usize) {
+        let Some(b) = &self.tokens else {
+            return;
+        };
+        if owed <= charged {
+            self.refund_tokens(charged - owed);
+            return;
+        }
+        let n = u32::try_from(owed - charged).unwrap_or(u32::MAX);
+        match &self.shared {
+            None => b.debit(n, Instant::now()),
+            Some(s) => s.debit(Which::Tokens, b.per_minute, n),
         }
     }
 
     /// A concurrent-stream slot, or 429 when all are taken.
     pub fn take_stream(&self) -> Result<StreamSlot, ApiError> {
         match &self.streams {
-            None => Ok(StreamSlot(None)),
+            None => Ok(StreamSlot(Slot::Free)),
             Some((n, sem)) => sem
                 .clone()
                 .try_acquire_owned()
-                .map(|p| StreamSlot(Some(p)))
-                .map_err(|_| ApiError::RateLimited {
-                    message: format!(
-                        "Too many concurrent requests for this key (limit {n}). Retry when one finishes."
-                    ),
-                    retry_after: Duration::from_secs(1),
-                }),
+                .map(|p| StreamSlot(Slot::Local(p)))
+                .map_err(|_| streams_refusal(*n)),
         }
     }
 
@@ -214,6 +282,70 @@ impl KeyLimits {
     /// The token budget now, if the key has one.
     pub fn tokens_now(&self) -> Option<BudgetState> {
         self.tokens.as_ref().map(|b| b.peek(Instant::now()))
+    }
+
+    /// [`KeyLimits::take_stream`] in whichever store holds the counts.
+    async fn acquire_stream(&self) -> Result<StreamSlot, ApiError> {
+        match (&self.shared, &self.streams) {
+            (Some(s), Some((n, _))) => match s.acquire_stream(*n).await {
+                Ok(Some(lease)) => Ok(StreamSlot(Slot::Shared(lease))),
+                Ok(None) => Err(streams_refusal(*n)),
+                Err(_) => s.store().unavailable(StreamSlot(Slot::Free)),
+            },
+            _ => self.take_stream(),
+        }
+    }
+
+    /// Takes `n` units of a budget in whichever store holds the counts.
+    async fn take_units(
+        &self,
+        which: Which,
+        n: usize,
+        what: &str,
+    ) -> Result<Option<BudgetState>, ApiError> {
+        let budget = match which {
+            Which::Requests => &self.requests,
+            Which::Tokens => &self.tokens,
+        };
+        let (Some(b), Some(s)) = (budget, &self.shared) else {
+            return budget
+                .as_ref()
+                .map(|b| b.take_or_refuse(n, what))
+                .transpose();
+        };
+        // Too large for the whole budget: refused without asking Redis.
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        if n32 > b.per_minute {
+            return Err(b.refusal(Refusal::TooLarge, n, what));
+        }
+        match s.take(which, b.per_minute, n32).await {
+            Ok(Ok(state)) => Ok(Some(state)),
+            Ok(Err(r)) => Err(b.refusal(r, n, what)),
+            Err(_) => s.store().unavailable(None),
+        }
+    }
+
+    /// A budget's state now, from whichever store holds the counts (none while Redis is
+    /// unreachable).
+    async fn state_now(&self, which: Which) -> Option<BudgetState> {
+        let b = match which {
+            Which::Requests => self.requests.as_ref()?,
+            Which::Tokens => self.tokens.as_ref()?,
+        };
+        match &self.shared {
+            None => Some(b.peek(Instant::now())),
+            Some(s) => s.peek(which, b.per_minute).await,
+        }
+    }
+}
+
+/// The refusal when all `n` of a key's stream slots are taken.
+fn streams_refusal(n: u32) -> ApiError {
+    ApiError::RateLimited {
+        message: format!(
+            "Too many concurrent requests for this key (limit {n}). Retry when one finishes."
+        ),
+        retry_after: Duration::from_secs(1),
     }
 }
 
@@ -228,26 +360,37 @@ pub struct Admission {
 
 /// Admits one request (an HTTP request or a WebSocket generation) under `key`'s
 /// request rate and concurrent streams, counting a refusal in the metrics.
-pub fn admit(key: &ApiKey) -> Result<Admission, ApiError> {
+pub async fn admit(key: &ApiKey) -> Result<Admission, ApiError> {
     // The slot first: a request refused for want of one spends no request budget (a
     // slot taken for a request the rate then refuses is released at once).
-    let slot = key.limits.take_stream().inspect_err(|_| {
-        crate::metrics::rate_limited(&key.name, "streams");
+    let slot = key.limits.acquire_stream().await.inspect_err(|e| {
+        if matches!(e, ApiError::RateLimited { .. }) {
+            crate::metrics::rate_limited(&key.name, "streams");
+        }
     })?;
-    let requests = key.limits.take_request().inspect_err(|_| {
-        crate::metrics::rate_limited(&key.name, "requests");
-    })?;
+    let requests = key
+        .limits
+        .take_units(Which::Requests, 1, "requests")
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ApiError::RateLimited { .. }) {
+                crate::metrics::rate_limited(&key.name, "requests");
+            }
+        })?;
     Ok(Admission { requests, slot })
 }
 
 /// Charges a generation's `n` tokens to `key` (prompt plus `max_tokens` per choice),
 /// counting a refusal in the metrics.
-pub fn charge_tokens(key: &ApiKey, n: usize) -> Result<Option<BudgetState>, ApiError> {
-    key.limits.take_tokens(n).inspect_err(|e| {
-        if matches!(e, ApiError::RateLimited { .. }) {
-            crate::metrics::rate_limited(&key.name, "tokens");
-        }
-    })
+pub async fn charge_tokens(key: &ApiKey, n: usize) -> Result<Option<BudgetState>, ApiError> {
+    key.limits
+        .take_units(Which::Tokens, n, "tokens")
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ApiError::RateLimited { .. }) {
+                crate::metrics::rate_limited(&key.name, "tokens");
+            }
+        })
 }
 
 /// Layer that applies the caller's key limits (after [`crate::auth::ApiKeyLayer`]): it
@@ -297,18 +440,18 @@ where
             });
         };
         Box::pin(async move {
-            let admission = match admit(&key) {
+            let admission = match admit(&key).await {
                 Ok(a) => a,
                 Err(e) => {
                     // A refusal carries the headers too, as OpenAI's 429s do: what is left
                     // of each budget the key has (nothing, for the one that refused).
                     let mut resp = e.into_response();
-                    set_key_headers(&key, resp.headers_mut(), None);
+                    set_key_headers(&key, resp.headers_mut(), None).await;
                     return Ok(resp);
                 }
             };
             let mut resp = inner.call(req).await?;
-            set_key_headers(&key, resp.headers_mut(), admission.requests);
+            set_key_headers(&key, resp.headers_mut(), admission.requests).await;
             // The slot is released when the body ends, not when the handler returns.
             Ok(crate::body_guard::hold_until_body_ends(
                 resp,
@@ -321,12 +464,16 @@ where
 /// Writes the `x-ratelimit-*` headers for every budget `key` has: the request budget as
 /// `requests` says (after counting this request) or as it is now, and the token budget
 /// as the handler left it (after charging this request) or as it is now.
-fn set_key_headers(key: &ApiKey, h: &mut HeaderMap, requests: Option<BudgetState>) {
-    if let Some(s) = requests.or_else(|| key.limits.requests_now()) {
+async fn set_key_headers(key: &ApiKey, h: &mut HeaderMap, requests: Option<BudgetState>) {
+    let requests = match requests {
+        Some(s) => Some(s),
+        None => key.limits.state_now(Which::Requests).await,
+    };
+    if let Some(s) = requests {
         set_headers(h, "requests", &s);
     }
     if !h.contains_key("x-ratelimit-limit-tokens") {
-        if let Some(s) = key.limits.tokens_now() {
+        if let Some(s) = key.limits.state_now(Which::Tokens).await {
             set_headers(h, "tokens", &s);
         }
     }
@@ -366,6 +513,27 @@ mod tests {
             models: None,
             admin: false,
         })
+    }
+
+    #[test]
+    fn settling_gives_back_or_charges_the_difference() {
+        let k = key(None, Some(600), None); // ten tokens a second
+        assert_eq!(k.take_tokens(100).unwrap().unwrap().remaining, 500);
+        // Cost 40 rather than 100: 60 back.
+        k.settle_tokens(100, 40);
+        assert!(k.tokens_now().unwrap().remaining >= 560);
+        // Cost 1000 rather than 40: the key owes it, past its minute's budget.
+        k.settle_tokens(40, 1000);
+        let now = k.tokens_now().unwrap();
+        assert_eq!(now.remaining, 0);
+        assert!(now.reset > Duration::from_secs(60), "{now:?}");
+        assert!(matches!(
+            k.take_tokens(1),
+            Err(ApiError::RateLimited { .. })
+        ));
+        // Owing is bounded (an hour of budget), whatever the difference.
+        k.settle_tokens(0, usize::MAX);
+        assert!(k.tokens_now().unwrap().reset <= Duration::from_secs(3700));
     }
 
     #[test]

@@ -275,7 +275,7 @@ pub(crate) async fn start(
 ) -> Result<Submitted, ApiError> {
     let (request, n) = plan(state, model, prompt, params, flavor, tools).await?;
     let charged = request.prompt.len() + n * request.max_tokens;
-    let tokens = crate::rate_limit::charge_tokens(key, charged)?;
+    let tokens = crate::rate_limit::charge_tokens(key, charged).await?;
     let streams = submit(model, &request, n).inspect_err(|_| key.limits.refund_tokens(charged))?;
     Ok(Submitted {
         streams,

@@ -77,8 +77,11 @@ pub enum MetricsAccess {
 
 /// Shared application state.
 pub struct AppState {
-    /// The first is the default for requests that name no model.
+    /// The first is the default for requests that name no model. Empty when every
+    /// model is an upstream's.
     pub models: Vec<ServedModel>,
+    /// `[[upstreams]]`: other servers whose models requests are forwarded to.
+    pub upstreams: crate::upstream::Upstreams,
     pub auth: AuthPolicy,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Log prompts and completions (off by default).
@@ -109,14 +112,14 @@ pub const RESPONSE_STORE_BYTES: usize = 64 << 20;
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    /// State for `models` (at least one) under `auth`.
+    /// State for `models` under `auth` (no upstreams: set `upstreams` after).
     pub fn new(models: Vec<ServedModel>, auth: AuthPolicy) -> Self {
-        assert!(!models.is_empty(), "at least one model is served");
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         AppState {
             models,
+            upstreams: crate::upstream::Upstreams::none(),
             auth,
             metrics: crate::metrics::handle(),
             log_payloads: false,
@@ -145,6 +148,13 @@ impl AppState {
     /// moves off the runtime with the state.
     pub fn resolve_model_index(&self, name: Option<&str>, key: &ApiKey) -> Result<usize, ApiError> {
         let i = match name {
+            None if self.models.is_empty() => {
+                return Err(ApiError::invalid(
+                    "model",
+                    "name a model: this server runs none itself (its models are upstream \
+                     servers', which serve /v1/chat/completions and /v1/completions)",
+                ))
+            }
             None => 0,
             Some(n) => self
                 .models

@@ -17,14 +17,19 @@ use sluice_engine::text::chat_template::{self, ChatTemplate};
 use sluice_engine::text::tokenizer::Tokenizer;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_gateway::auth::AuthPolicy;
-use sluice_gateway::config::{Config, EngineSection, ModelEntry};
+use sluice_gateway::config::{Config, EngineSection, LimitStore, ModelEntry};
 use sluice_gateway::sampling_defaults::SamplingDefaults;
 use sluice_gateway::state::{unix_now, AppState, MetricsAccess, ServedModel};
 use sluice_gateway::tls::{CertStore, TlsFiles};
+use sluice_gateway::upstream::Upstreams;
 use sluice_gateway::{model_store, server};
 use tracing::{info, warn};
 
 use crate::model::resolve_model;
+
+/// How long connections get to write their last events once the shutdown's grace period
+/// is over and the engines have failed what still ran.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// `sluice serve` options: each overrides its configuration-file value.
 #[derive(clap::Args)]
@@ -90,6 +95,14 @@ pub struct ServeArgs {
     /// A TOML file of more `[[keys]]` entries, e.g. a mounted secret [config: keys_file].
     #[arg(long, env = "SLUICE_KEYS_FILE")]
     keys_file: Option<PathBuf>,
+    /// Where the keys' limits are counted: memory (this process) or redis (shared by
+    /// every replica; needs a Redis URL) [config: limits.store; default memory].
+    #[arg(long, env = "SLUICE_LIMIT_STORE")]
+    limit_store: Option<LimitStore>,
+    /// Redis for --limit-store redis, redis://[[user]:password@]host[:port][/db]
+    /// [config: limits.redis_url or limits.redis_url_env].
+    #[arg(long, env = "SLUICE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// PEM certificate chain: serve HTTPS (HTTP/2 or HTTP/1.1), reloaded when it changes
     /// [config: server.tls_cert; needs --tls-key].
     #[arg(long, env = "SLUICE_TLS_CERT")]
@@ -145,6 +158,14 @@ impl ServeArgs {
         }
         if self.keys_file.is_some() {
             c.keys_file = self.keys_file.clone();
+        }
+        if let Some(s) = self.limit_store {
+            c.limits.store = s;
+        }
+        if self.redis_url.is_some() {
+            // Replaces the configured URL, whichever way it was given.
+            c.limits.redis_url = self.redis_url.clone();
+            c.limits.redis_url_env = None;
         }
         if self.tls_cert.is_some() {
             c.server.tls_cert = self.tls_cert.clone();
@@ -441,13 +462,23 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
     let tls = tls_store(&config)?;
     if args.check_config {
         println!(
-            "configuration is valid: {} key(s), {} model(s), {}",
+            "configuration is valid: {} key(s), {} model(s), {} upstream(s), {}",
             config.keys.len(),
             config.served_models().len(),
+            config.upstreams.len(),
             if tls.is_some() { "HTTPS" } else { "HTTP" }
         );
         return Ok(());
     }
+    // Upstreams first: their models are discovered (and checked against the local ones
+    // and the keys' allow-lists) before any local model is fetched or loaded.
+    let upstreams = if config.upstreams.is_empty() {
+        Upstreams::none()
+    } else {
+        let u = Upstreams::start(&config.upstreams, &config.upstream).await?;
+        sluice_gateway::upstream::config::check_discovered(&config, &u.model_names())?;
+        u
+    };
     // Before any model is fetched or loaded: `--device cuda` where it cannot run stops
     // here, in one line.
     let (device, why) = device::resolve(config.server.device, config.engine.gpu_memory_fraction)?;
@@ -502,9 +533,17 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
     let auth = if config.keys.is_empty() {
         AuthPolicy::dev_key_only()
     } else {
-        AuthPolicy::from_config(&config.keys)
+        // With `limits.store = "redis"`, the keys' counts are shared by every replica.
+        let store = match config.limits.store {
+            LimitStore::Memory => None,
+            LimitStore::Redis => {
+                Some(sluice_gateway::rate_limit::RedisStore::connect(&config.limits).await?)
+            }
+        };
+        AuthPolicy::with_limit_store(&config.keys, store.as_ref())
     };
     let mut state = AppState::new(models, auth);
+    state.upstreams = upstreams;
     state.log_payloads = config.log_payloads;
     state.request_timeout = Duration::from_secs(config.limits.request_timeout_seconds);
     state.sessions = sluice_gateway::sessions::SessionHub::new(
@@ -575,18 +614,40 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
         signal,
     );
     tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r?,
+    let grace_over = tokio::select! {
+        r = &mut server => {
+            r?;
+            false
+        }
         _ = async {
             if drain_rx.await.is_ok() {
                 tokio::time::sleep(grace).await;
             } else {
                 std::future::pending::<()>().await;
             }
-        } => warn!(seconds = grace.as_secs(), "grace period over; closing the streams still open"),
+        } => {
+            warn!(seconds = grace.as_secs(), "grace period over; failing the requests still running");
+            true
+        }
+    };
+    let engines: Vec<Engine> = state.models.iter().map(|m| m.engine.clone()).collect();
+    if grace_over {
+        // The grace period is a hard limit: what still runs ends now with an error event
+        // (HTTP streams and WebSocket generations alike), instead of the join below
+        // waiting for it.
+        for e in &engines {
+            e.abort("the server is shutting down and its grace period is over; retry on another replica");
+        }
+        // Let the connections write those last events and close (the server returns
+        // once all have), but not for long: clients that do not read are cut.
+        if tokio::time::timeout(FINAL_FLUSH, &mut server)
+            .await
+            .is_err()
+        {
+            warn!("connections still open after the final flush; closing them");
+        }
     }
     // Joining the engine threads blocks: not on a runtime worker.
-    let engines: Vec<Engine> = state.models.iter().map(|m| m.engine.clone()).collect();
     tokio::task::spawn_blocking(move || engines.iter().for_each(Engine::shutdown))
         .await
         .context("stopping the engines")?;

@@ -729,6 +729,41 @@ async fn sigterm_under_load_loses_no_stream_and_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn the_shutdown_grace_period_is_a_hard_limit() {
+    // 10 tokens a second for 1000 tokens: 100 s if it were let finish; the grace is 1 s.
+    let mut server = Server::with_config(
+        "[limits]\nshutdown_grace_seconds = 1\n\
+         [[models]]\nname = \"slow\"\nengine = \"synthetic\"\ntokens_per_second = 10\n",
+        &[],
+    );
+    let r = chat(
+        &server,
+        KEY,
+        json!({"messages": [{"role": "user", "content": "go on"}],
+               "max_tokens": 1000, "stream": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut raw_sse = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let started = std::time::Instant::now();
+    let code = tokio::task::spawn_blocking(move || server.terminate());
+    while let Some(chunk) = body.next().await {
+        raw_sse.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let took = started.elapsed();
+    assert!(
+        raw_sse.contains("grace period is over") && raw_sse.ends_with("data: [DONE]\n\n"),
+        "the stream should end with an error event, then [DONE]: {raw_sse}"
+    );
+    assert_eq!(code.await.unwrap(), Some(0));
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the stream ran {took:?} past SIGTERM with a 1 s grace period"
+    );
+}
+
+#[tokio::test]
 async fn an_engine_down_for_good_turns_health_503_and_the_admin_view_says_which() {
     let (ops, ops_entry) = new_key("ops", "admin = true");
     let server = Server::with_config(

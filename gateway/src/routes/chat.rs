@@ -3,22 +3,29 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
 
 use crate::api_types::ChatRequest;
 use crate::auth::ApiKey;
 use crate::error::ApiError;
-use crate::extract::OpenAiJson;
+use crate::extract::{parse_json, RawJson};
 use crate::respond::{generate, Flavor};
 use crate::state::SharedState;
 
-/// Chat completion, streaming or not.
+/// Chat completion, streaming or not; an upstream model's request is forwarded as sent.
 pub async fn chat_completions(
     State(state): State<SharedState>,
     Extension(key): Extension<Arc<ApiKey>>,
-    OpenAiJson(req): OpenAiJson<ChatRequest>,
+    headers: HeaderMap,
+    RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
+    let upstream = crate::upstream::Endpoint::Chat;
+    if let Some(r) = crate::upstream::dispatch(&state, &key, &headers, &body, upstream).await {
+        return r;
+    }
+    let req: ChatRequest = parse_json(&body)?;
     let ChatRequest {
         messages,
         add_generation_prompt,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
 use serde_json::Value;
@@ -10,7 +11,7 @@ use serde_json::Value;
 use crate::api_types::CompletionRequest;
 use crate::auth::ApiKey;
 use crate::error::ApiError;
-use crate::extract::OpenAiJson;
+use crate::extract::{parse_json, RawJson};
 use crate::respond::{generate, Flavor};
 use crate::state::{ServedModel, SharedState};
 
@@ -88,13 +89,19 @@ pub(crate) async fn prompt_tokens_prepared(
     .await
 }
 
-/// Plain text completion, streaming or not.
+/// Plain text completion, streaming or not; an upstream model's request is forwarded as
+/// sent.
 pub async fn completions(
     State(state): State<SharedState>,
     Extension(key): Extension<Arc<ApiKey>>,
-    OpenAiJson(req): OpenAiJson<CompletionRequest>,
+    headers: HeaderMap,
+    RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
-    let CompletionRequest { prompt, common } = req;
+    let upstream = crate::upstream::Endpoint::Completions;
+    if let Some(r) = crate::upstream::dispatch(&state, &key, &headers, &body, upstream).await {
+        return r;
+    }
+    let CompletionRequest { prompt, common } = parse_json(&body)?;
     let index = state.resolve_model_index(common.model.as_deref(), &key)?;
     let prompt = prompt_tokens_prepared(&state, index, prompt).await?;
     let model = &state.models[index];

@@ -46,10 +46,30 @@ pub async fn ready(State(state): State<SharedState>) -> (StatusCode, Json<Value>
     } else if !restarting.is_empty() {
         unavailable("engine_restarting", restarting)
     } else {
-        let models: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "models": models})),
-        )
+        let mut models: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
+        let ups = &state.upstreams;
+        let unreachable = ups.unreachable_models();
+        let upstream_names = ups.model_names();
+        // A gateway whose every model is an upstream's, none of them reachable, can
+        // serve nothing: not ready. Some reachable: ready, naming those that are not
+        // (every gateway replica sees the same upstreams, so turning them all unready
+        // for one model would cut the others too).
+        if models.is_empty()
+            && !upstream_names.is_empty()
+            && unreachable.len() == upstream_names.len()
+        {
+            return unavailable("upstreams_unreachable", unreachable);
+        }
+        models.extend(
+            upstream_names
+                .iter()
+                .map(String::as_str)
+                .filter(|m| !unreachable.contains(m)),
+        );
+        let mut body = json!({"status": "ready", "models": models});
+        if !unreachable.is_empty() {
+            body["unreachable_models"] = json!(unreachable);
+        }
+        (StatusCode::OK, Json(body))
     }
 }

@@ -17,7 +17,8 @@ fn model_object(m: &ServedModel) -> Value {
            "max_model_len": m.context_length, "sampling_defaults": m.sampling})
 }
 
-/// Lists the served models this key may use, in OpenAI's format.
+/// Lists the served models this key may use, in OpenAI's format: local ones, then
+/// upstreams' (as they list them).
 pub async fn list_models(
     State(state): State<SharedState>,
     Extension(key): Extension<Arc<ApiKey>>,
@@ -27,6 +28,7 @@ pub async fn list_models(
         .iter()
         .filter(|m| key.may_use(&m.name, &m.aliases))
         .map(model_object)
+        .chain(state.upstreams.model_objects(&key))
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
@@ -38,6 +40,12 @@ pub async fn retrieve_model(
     Extension(key): Extension<Arc<ApiKey>>,
     Path(model): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    if let Some(m) = state.upstreams.find(&model) {
+        if !key.may_use(&m.name, &[]) {
+            return Err(ApiError::ModelNotAllowed(m.name.clone()));
+        }
+        return Ok(Json(m.object.clone()));
+    }
     let m = state.resolve_model(Some(&model), &key)?;
     Ok(Json(model_object(m)))
 }

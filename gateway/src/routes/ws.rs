@@ -9,7 +9,8 @@
 //! and in the same order: the server's bound on requests in flight, shutdown, the key's
 //! request rate and concurrent streams, model and parameters, the key's token rate and
 //! the engine's queue. A refusal is the HTTP answer's error as an `error` event: the same
-//! code, message and status.
+//! code, message and status. An upstream model's turn is forwarded as a streamed chat
+//! completion (`crate::upstream::session_turn`) after the same first checks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -331,7 +332,7 @@ async fn connection(
 async fn generate(
     state: &SharedState,
     in_flight: &InFlight,
-    key: &ApiKey,
+    key: &Arc<ApiKey>,
     s: &Arc<Session>,
     user: &str,
     params: CommonParams,
@@ -367,7 +368,39 @@ async fn generate(
         crate::metrics::refused("draining");
         return Err(ApiError::Draining.into());
     }
-    let admission = crate::rate_limit::admit(key)?;
+    let admission = crate::rate_limit::admit(key).await?;
+    if let Some(up) = crate::upstream::model_for(state, params.model.as_deref()) {
+        // An upstream's model: the conversation goes there as a streamed chat completion.
+        use crate::upstream::session_turn::{self, TurnRefused};
+        if !key.may_use(&up.name, &[]) {
+            return Err(ApiError::ModelNotAllowed(up.name.clone()).into());
+        }
+        let transcript = s.transcript();
+        let request = session_turn::request_body(&up.name, transcript, &params);
+        let resp = session_turn::open(state, key, &s.id, up, &request)
+            .await
+            .map_err(|r| match r {
+                TurnRefused::Api(e) => Refused::Api(e),
+                TurnRefused::Upstream { status, message } => Refused::Protocol(
+                    "upstream_refused",
+                    format!("the model's server refused the turn ({status}): {message}"),
+                ),
+            })?;
+        let id = state.new_id("gen");
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        // Dropping `resp` on refusal cancels the upstream request.
+        s.start_generation(&id, user, cancel_tx)
+            .map_err(|r| match r {
+                Refusal::Busy => busy(),
+                r => Refused::Protocol(r.code(), "say something before generating".into()),
+            })?;
+        let s2 = s.clone();
+        tokio::spawn(async move {
+            session_turn::drive(s2, resp, cancel_rx).await;
+            drop((place, admission));
+        });
+        return Ok(());
+    }
     // Then what the chat handler does. Rendering and tokenizing the conversation (up to
     // `limits.session_max_bytes`) runs off the runtime workers, as for HTTP.
     let index = state.resolve_model_index(params.model.as_deref(), key)?;
@@ -376,7 +409,7 @@ async fn generate(
     let (request, _) =
         crate::respond::plan(state, model, prompt, &params, Flavor::Chat, None).await?;
     let charged = request.prompt.len() + request.max_tokens;
-    crate::rate_limit::charge_tokens(key, charged)?;
+    crate::rate_limit::charge_tokens(key, charged).await?;
     let prompt_tokens = request.prompt.len();
     let stream = crate::respond::submit(model, &request, 1)
         .inspect_err(|_| key.limits.refund_tokens(charged))?
