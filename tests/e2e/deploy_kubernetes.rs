@@ -1114,9 +1114,20 @@ impl<'a> Rendering<'a> {
         else {
             return;
         };
-        for m in c["volumeMounts"].as_array().into_iter().flatten() {
-            let at = m["mountPath"].as_str().unwrap_or_default();
-            text = text.replace(&format!("\"{at}/"), &format!("\"{}/", here(c, at)));
+        // Through placeholders, so that a local path is never mapped again by a later
+        // mount (a checkout under /tmp, where the pod also mounts a volume).
+        let mut mounts: Vec<&str> = c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["mountPath"].as_str())
+            .collect();
+        mounts.sort_by_key(|at| std::cmp::Reverse(at.len()));
+        for (i, at) in mounts.iter().enumerate() {
+            text = text.replace(&format!("\"{at}/"), &format!("\"\u{0}{i}\u{0}/"));
+        }
+        for (i, at) in mounts.iter().enumerate() {
+            text = text.replace(&format!("\"\u{0}{i}\u{0}/"), &format!("\"{}/", here(c, at)));
         }
         let config_file = dir.join("sluice.toml");
         std::fs::write(&config_file, &text).expect("config");
