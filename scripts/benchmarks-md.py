@@ -220,6 +220,11 @@ def main():
         targets.append((f"10,000 streams: ≤ 64 KiB of server memory per stream ({cpu})", f"{per:.0f} KiB",
                         per <= 64))
 
+    # Written by scripts/bench-scale-out from its own runs: included as it is.
+    text = read(os.path.join(OUT, "scale-out.md"))
+    if text:
+        md += [text, ""]
+
     head = ["## Targets", "", "| target | measured | met |", "|---|---|---|"] + \
            [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets] + [""]
     md = md[:4] + head + md[4:]

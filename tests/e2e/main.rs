@@ -11,6 +11,7 @@ mod device;
 mod engine;
 mod gateway;
 mod loadtest;
+mod local_cluster;
 mod multi_model;
 mod onnx;
 mod openai_node;

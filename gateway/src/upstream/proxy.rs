@@ -308,17 +308,26 @@ impl Relay {
         loop {
             let why = match tokio::time::timeout(self.idle, self.upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
-                    self.pending.extend_from_slice(&chunk);
-                    match complete_events(&self.pending) {
-                        0 => continue,
-                        n => {
-                            let events: Vec<u8> = self.pending.drain(..n).collect();
-                            if let Some(u) = tokens::usage_in_event(&events) {
-                                self.usage = Some(u);
+                    // The common case, whole events in one chunk, passes on without a copy.
+                    let events: Bytes = if self.pending.is_empty()
+                        && !chunk.is_empty()
+                        && complete_events(&chunk) == chunk.len()
+                    {
+                        chunk
+                    } else {
+                        self.pending.extend_from_slice(&chunk);
+                        match complete_events(&self.pending) {
+                            0 => continue,
+                            n => {
+                                let rest = self.pending.split_off(n);
+                                std::mem::replace(&mut self.pending, rest).into()
                             }
-                            return Some(events.into());
                         }
+                    };
+                    if let Some(u) = tokens::usage_in_event(&events) {
+                        self.usage = Some(u);
                     }
+                    return Some(events);
                 }
                 Ok(None) => {
                     self.done = true;
