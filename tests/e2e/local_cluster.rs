@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::gateway::new_key;
 use crate::support::{metric, metric_sum, Server};
+use crate::upstreams::events;
 
 /// The script, in a process group of its own; on drop (a failed assertion), the whole
 /// group and every process the script recorded are killed.
@@ -159,14 +160,6 @@ async fn metrics(base: &str) -> String {
         .text()
         .await
         .expect("metrics body")
-}
-
-/// The `data:` payloads of an SSE body, in order.
-fn events(text: &str) -> Vec<String> {
-    text.split("\n\n")
-        .filter_map(|e| e.trim().strip_prefix("data: "))
-        .map(str::to_string)
-        .collect()
 }
 
 fn body(content: &str, max_tokens: u32, stream: bool) -> Value {

@@ -112,7 +112,7 @@ impl Setup {
 }
 
 /// The `data:` payloads of an SSE body, in order.
-fn events(text: &str) -> Vec<String> {
+pub(crate) fn events(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|e| e.trim().strip_prefix("data: "))
         .map(str::to_string)
