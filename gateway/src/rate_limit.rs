@@ -255,7 +255,10 @@ impl KeyLimits {
             self.refund_tokens(charged - owed);
             return;
         }
-        let n = u32::try_from(owed - charged).unwrap_or(u32::MAX);
+        // At most an hour of the budget owed, whatever was reported.
+        let n = u32::try_from(owed - charged)
+            .unwrap_or(u32::MAX)
+            .min(b.per_minute.saturating_mul(60));
         match &self.shared {
             None => b.debit(n, Instant::now()),
             Some(s) => s.debit(Which::Tokens, b.per_minute, n),
