@@ -748,3 +748,68 @@ async fn a_websocket_session_on_an_upstream_model_keeps_its_turns_on_one_replica
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_shared_prefix_lands_on_one_real_engine_whose_prefix_cache_serves_it() {
+    let model = crate::support::model_path();
+    let (upstream_key, upstream_hash) = sluice_gateway::auth::new_key();
+    let (client_key, client_hash) = sluice_gateway::auth::new_key();
+    let engine_config = config(&format!(
+        "[[keys]]\nname = \"gateway\"\nkey_sha256 = \"{upstream_hash}\"\n\n\
+         [[models]]\nname = \"m1\"\npath = \"{}\"\n",
+        model.display()
+    ));
+    let engine_args = [
+        "--config",
+        engine_config.to_str().unwrap(),
+        "--threads",
+        "1",
+    ];
+    let engines = [
+        Server::spawn_env(&engine_args, None, &[]),
+        Server::spawn_env(&engine_args, None, &[]),
+    ];
+    let gateway_config = config(&format!(
+        "[[keys]]\nname = \"client\"\nkey_sha256 = \"{client_hash}\"\n\n\
+         [[upstreams]]\nurl = \"{}\"\napi_key = \"{upstream_key}\"\n\n\
+         [[upstreams]]\nurl = \"{}\"\napi_key = \"{upstream_key}\"\n",
+        engines[0].base, engines[1].base
+    ));
+    let gateway = Server::spawn_env(&["--config", gateway_config.to_str().unwrap()], None, &[]);
+    let system = "You are the harbour authority's assistant: answer about tides, berths, \
+                  pilots and fees, briefly and politely. "
+        .repeat(12);
+    for i in 0..6 {
+        let r = Server::client()
+            .post(format!("{}/v1/chat/completions", gateway.base))
+            .bearer_auth(&client_key)
+            .json(
+                &json!({"model": "m1", "max_tokens": 2, "temperature": 0, "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": format!("Question {i}: when is high tide?")}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    let mut seen = Vec::new();
+    for e in &engines {
+        let m = e.metrics().await;
+        let prompts = metric_sum(&m, "sluice_prompt_tokens_total", &[]).unwrap_or(0.0);
+        let hit = metric_sum(&m, "sluice_prefix_cache_hit_ratio", &[]).unwrap_or(0.0);
+        seen.push((prompts, hit));
+    }
+    println!("per engine (prompt tokens, prefix cache hit ratio): {seen:?}");
+    let busy: Vec<&(f64, f64)> = seen.iter().filter(|(p, _)| *p > 0.0).collect();
+    assert_eq!(
+        busy.len(),
+        1,
+        "the shared prefix split over the engines: {seen:?}"
+    );
+    assert!(
+        busy[0].1 > 0.5,
+        "the engine that served all six hit its prefix cache for only {:.2} of the prompt tokens",
+        busy[0].1
+    );
+}
