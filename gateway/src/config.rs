@@ -395,6 +395,28 @@ impl ModelEntry {
     }
 }
 
+/// The keys' allow-list entries that name no model in `served`, as start-up problems
+/// (such a key would get 403 for that model on every request); `served_list` is what the
+/// messages show as served.
+pub(crate) fn unserved_allowed_models(
+    keys: &[KeyConfig],
+    served: &std::collections::HashSet<&str>,
+    served_list: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        for m in k.models.iter().flatten() {
+            if !served.contains(m.as_str()) {
+                problems.push(format!(
+                    "keys[{i}] ({}): allows model {m:?}, which is not served; served: {served_list}",
+                    k.name
+                ));
+            }
+        }
+    }
+    problems
+}
+
 impl Config {
     /// The models `sluice serve` serves locally: the `[[models]]` entries, or the default
     /// model when there are none and no `[[upstreams]]` either.
@@ -629,27 +651,21 @@ impl Config {
                 .map(String::as_str),
         );
         for (i, k) in self.keys.iter().enumerate() {
-            match &k.models {
-                Some(list) if list.is_empty() => problems.push(format!(
+            if k.models.as_ref().is_some_and(Vec::is_empty) {
+                problems.push(format!(
                     "keys[{i}] ({}): models = [] allows no model, so every request with this \
                      key would be refused; list models, or leave models out to allow all \
                      (served: {served_list})",
                     k.name
-                )),
-                Some(list) => {
-                    for m in list
-                        .iter()
-                        .filter(|m| !discovery_pending && !served_names.contains(m.as_str()))
-                    {
-                        problems.push(format!(
-                            "keys[{i}] ({}): allows model {m:?}, which is not served; \
-                             served: {served_list}",
-                            k.name
-                        ));
-                    }
-                }
-                None => {}
+                ));
             }
+        }
+        if !discovery_pending {
+            problems.extend(unserved_allowed_models(
+                &self.keys,
+                &served_names,
+                &served_list,
+            ));
         }
         let admin_keys = self.keys.iter().filter(|k| k.admin).count();
         match self.metrics.key_sha256.as_deref() {

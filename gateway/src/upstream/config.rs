@@ -221,17 +221,16 @@ pub fn check_discovered(config: &Config, upstream_models: &[String]) -> Result<(
         .collect();
     let mut listed: Vec<&str> = served.iter().copied().collect();
     listed.sort_unstable();
-    for (i, k) in config.keys.iter().enumerate() {
-        for m in k.models.iter().flatten() {
-            if !served.contains(m.as_str()) {
-                problems.push(format!(
-                    "keys[{i}] ({}): allows model {m:?}, which is not served, locally or by \
-                     an upstream; served: {listed:?}",
-                    k.name
-                ));
-            }
-        }
-    }
+    let listed = listed
+        .iter()
+        .map(|m| format!("{m:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    problems.extend(crate::config::unserved_allowed_models(
+        &config.keys,
+        &served,
+        &listed,
+    ));
     if problems.is_empty() {
         Ok(())
     } else {
