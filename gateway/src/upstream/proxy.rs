@@ -14,7 +14,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::pool::{InFlight, Replica};
-use super::tokens::{self, Charge, PromptCount};
+use super::tokens::{self, Charge};
 use super::{error_chain, routing, UpstreamModel};
 use crate::auth::ApiKey;
 use crate::error::ApiError;
@@ -75,10 +75,7 @@ pub async fn forward(
         Some(first) if key.limits.has_token_limit() => {
             tokens::count_prompt(client, first, endpoint, request, prompt_bytes).await
         }
-        _ => PromptCount {
-            tokens: tokens::estimate(prompt_bytes),
-            exact: false,
-        },
+        _ => tokens::estimate(prompt_bytes),
     };
     let mut charge = Charge::new(key.clone(), prompt, tokens::output_budget(request));
     let tokens = crate::rate_limit::charge_tokens(key, charge.charged())

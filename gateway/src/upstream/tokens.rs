@@ -34,15 +34,6 @@ impl TokenizeSupport {
     }
 }
 
-/// A request's prompt tokens and how they were found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PromptCount {
-    pub tokens: usize,
-    /// False when estimated (bytes / 4): the upstream has no `/tokenize`, it failed, or
-    /// the prompt is one it cannot count in one call (a list of strings).
-    pub exact: bool,
-}
-
 /// The request's `max_tokens` (or `max_completion_tokens`) times its `n` and its number
 /// of prompts (a completion's `prompt` may be a list), when it sets one: what admission
 /// charges on top of the prompt.
@@ -74,23 +65,15 @@ pub async fn count_prompt(
     endpoint: Endpoint,
     request: &Value,
     prompt_bytes: usize,
-) -> PromptCount {
-    let estimated = PromptCount {
-        tokens: estimate(prompt_bytes),
-        exact: false,
-    };
+) -> usize {
+    let estimated = estimate(prompt_bytes);
     let extra = request
         .get("tools")
         .filter(|t| !t.is_null())
         .map_or(0, |t| estimate(t.to_string().len()));
     let body = match tokenize_body(endpoint, request) {
         Tokenize::Ask(body) => body,
-        Tokenize::Known(tokens) => {
-            return PromptCount {
-                tokens: tokens + extra,
-                exact: extra == 0,
-            }
-        }
+        Tokenize::Known(tokens) => return tokens + extra,
         Tokenize::Estimate => return estimated,
     };
     if replica.tokenize.lacks_it() {
@@ -130,10 +113,7 @@ pub async fn count_prompt(
     match counted.and_then(|c| usize::try_from(c).ok()) {
         Some(tokens) => {
             replica.tokenize.learned(true);
-            PromptCount {
-                tokens: tokens + extra,
-                exact: extra == 0,
-            }
+            tokens + extra
         }
         None => estimated,
     }
@@ -221,10 +201,10 @@ pub struct Charge {
 }
 
 impl Charge {
-    pub fn new(key: Arc<ApiKey>, prompt: PromptCount, output_budget: Option<usize>) -> Self {
+    pub fn new(key: Arc<ApiKey>, prompt_tokens: usize, output_budget: Option<usize>) -> Self {
         Charge {
             key,
-            charged: prompt.tokens + output_budget.unwrap_or(0),
+            charged: prompt_tokens + output_budget.unwrap_or(0),
             output_budget,
             settled: false,
         }
