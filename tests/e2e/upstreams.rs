@@ -100,6 +100,31 @@ impl Setup {
         out
     }
 
+    /// A long streamed chat through the gateway, read until its first 3 events: the
+    /// rest of its body and what was read.
+    async fn long_stream_begun(
+        &self,
+    ) -> (
+        impl futures_util::Stream<Item = reqwest::Result<Vec<u8>>> + Unpin,
+        String,
+    ) {
+        let r = self
+            .post(
+                "/v1/chat/completions",
+                chat("Tell me a long story", 2000, true),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let mut body = Box::pin(r.bytes_stream().map(|c| c.map(|b| b.to_vec())));
+        let mut seen = String::new();
+        while events(&seen).len() < 3 {
+            seen.push_str(&String::from_utf8_lossy(
+                &body.next().await.unwrap().unwrap(),
+            ));
+        }
+        (body, seen)
+    }
+
     /// Requests each engine is running now.
     async fn running(&self) -> Vec<f64> {
         let mut out = Vec::new();
@@ -360,20 +385,7 @@ async fn a_gateway_forwards_to_upstreams_balances_and_keeps_prefixes_together() 
 async fn killing_an_upstream_fails_over_and_ends_its_streams_and_hangups_cancel() {
     let mut s = setup(50, None);
     // A client that hangs up cancels the engine's request at once.
-    let r = s
-        .post(
-            "/v1/chat/completions",
-            chat("Tell me a long story", 2000, true),
-        )
-        .await;
-    assert_eq!(r.status(), 200);
-    let mut body = r.bytes_stream();
-    let mut seen = String::new();
-    while events(&seen).len() < 3 {
-        seen.push_str(&String::from_utf8_lossy(
-            &body.next().await.unwrap().unwrap(),
-        ));
-    }
+    let (body, _) = s.long_stream_begun().await;
     assert_eq!(s.running().await.iter().sum::<f64>(), 1.0);
     drop(body);
     let t = Instant::now();
@@ -402,20 +414,7 @@ async fn killing_an_upstream_fails_over_and_ends_its_streams_and_hangups_cancel(
     );
 
     // A stream running on an engine that dies ends with an error event, promptly.
-    let r = s
-        .post(
-            "/v1/chat/completions",
-            chat("Tell me a long story", 2000, true),
-        )
-        .await;
-    assert_eq!(r.status(), 200);
-    let mut body = r.bytes_stream();
-    let mut seen = String::new();
-    while events(&seen).len() < 3 {
-        seen.push_str(&String::from_utf8_lossy(
-            &body.next().await.unwrap().unwrap(),
-        ));
-    }
+    let (mut body, mut seen) = s.long_stream_begun().await;
     let running = s.running().await;
     let victim = running
         .iter()
