@@ -346,17 +346,8 @@ async fn generate(
     if s.is_busy() {
         return Err(busy());
     }
-    let messages: Vec<InMessage> = s
-        .transcript()
-        .into_iter()
-        .map(|(role, content)| InMessage {
-            role,
-            content: Some(Value::String(content)),
-            tool_calls: None,
-            tool_call_id: None,
-        })
-        .collect();
-    if !messages.iter().any(|m| m.role == "user") {
+    let transcript = s.transcript();
+    if !transcript.iter().any(|(role, _)| role == "user") {
         return Err(Refused::Protocol(
             Refusal::EmptyConversation.code(),
             "say something before generating".into(),
@@ -375,7 +366,6 @@ async fn generate(
         if !key.may_use(&up.name, &[]) {
             return Err(ApiError::ModelNotAllowed(up.name.clone()).into());
         }
-        let transcript = s.transcript();
         let request = session_turn::request_body(&up.name, transcript, &params);
         let resp = session_turn::open(state, key, &s.id, up, &request)
             .await
@@ -404,6 +394,15 @@ async fn generate(
     // Then what the chat handler does. Rendering and tokenizing the conversation (up to
     // `limits.session_max_bytes`) runs off the runtime workers, as for HTTP.
     let index = state.resolve_model_index(params.model.as_deref(), key)?;
+    let messages: Vec<InMessage> = transcript
+        .into_iter()
+        .map(|(role, content)| InMessage {
+            role,
+            content: Some(Value::String(content)),
+            tool_calls: None,
+            tool_call_id: None,
+        })
+        .collect();
     let prompt = super::chat_prompt_prepared(state, index, messages, true).await?;
     let model = &state.models[index];
     let (request, _) =
