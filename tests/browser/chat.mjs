@@ -26,12 +26,25 @@ try {
   await page.press("#input", "Shift+Enter");
   if ((await page.inputValue("#input")) !== "Name three colors.\n") fail("Shift+Enter did not add a newline");
   if ((await page.locator(".msg.user").count()) !== 0) fail("Shift+Enter sent the message");
+  // The reply streams in: first partial text, then done. A fast server can finish the
+  // whole reply between two of playwright's polls, so a MutationObserver (run before the
+  // page's next await, hence before it drops the "streaming" class) records the first
+  // text shown while streaming.
+  await page.evaluate(() => {
+    window.firstPartial = null;
+    new MutationObserver(() => {
+      const t = document.querySelector(".msg.assistant.streaming .text");
+      if (window.firstPartial === null && t && t.textContent) window.firstPartial = t.textContent;
+    }).observe(document.body, { subtree: true, childList: true, characterData: true });
+  });
   await page.press("#input", "Enter");
-  // The reply streams in: first partial text, then done.
-  await page.waitForSelector(".msg.assistant.streaming .text:not(:empty)", { timeout: TIMEOUT });
   await page.waitForSelector(".msg.assistant[data-done=true]", { timeout: TIMEOUT });
-  const reply = (await page.textContent(".msg.assistant .text")).trim();
+  const raw = await page.textContent(".msg.assistant .text");
+  const reply = raw.trim();
   if (!reply) fail("empty reply");
+  const partial = await page.evaluate(() => window.firstPartial);
+  if (!partial) fail("no text was shown while the reply was streaming");
+  if (!raw.startsWith(partial)) fail("the streamed text " + JSON.stringify(partial) + " is not the start of the reply " + JSON.stringify(raw));
   await page.screenshot({ path: shots + "/browser-chat.png" });
 
   // Shared session: two pages, one asks, both watch the same reply.
