@@ -139,6 +139,8 @@ def main():
                "", "```", shown, "```", ""]
         cpu = next((l.split(":", 1)[1].split(";")[0].strip() + ", " + l.split(";")[1].split(";")[0].strip()
                     for l in shown.splitlines() if l.startswith("CPU:")), "?")
+        if suffix:
+            cpu += "; AVX2 code on both sides"
         for test, (_, _, r) in engine_rows(shown).items():
             if test.startswith("pp") and int(test[2:]) >= 4000 and r:
                 targets.append((f"prefill {test} ≥ 2× llama.cpp ({cpu})", f"{r:.2f}×", r >= 2.0))

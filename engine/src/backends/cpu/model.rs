@@ -401,12 +401,16 @@ impl Model {
                     a.q.clear();
                     a.pos.clear();
                     a.round.clear();
+                    a.blocked.clear();
+                    // llama.cpp's CPU flash attention takes different paths, and
+                    // following them keeps greedy output on llama.cpp's through a small
+                    // model's near-ties: single tokens (decode) multiply an f16 copy of
+                    // q and accumulate V in f16; prompt tokens stay f32, one cache row
+                    // at a time in short chunks, blocked in chunks of at least its
+                    // query tile (llama.cpp counts its ubatch; we count the chunk, so a
+                    // sequence's results do not depend on what else is in the step).
+                    let many = c.tokens.len() >= BLOCKED_MIN_TOKENS;
                     for t in it.tokens.clone() {
-                        // llama.cpp's CPU flash attention takes two paths, and following
-                        // them keeps greedy output on llama.cpp's through a small model's
-                        // near-ties: multi-token chunks (prefill) go through a tiled f32
-                        // kernel; single tokens (decode) multiply an f16 copy of q and
-                        // accumulate V in f16.
                         let decode = tok_pos[t] >= c.decode_from;
                         for h in it.heads.clone() {
                             let src = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
@@ -417,6 +421,7 @@ impl Model {
                             }
                             a.pos.push(tok_pos[t]);
                             a.round.push(decode);
+                            a.blocked.push(many);
                         }
                         debug_assert_eq!(tok_seq[t], it.seq);
                     }
@@ -436,6 +441,7 @@ impl Model {
                         pos: &a.pos,
                         round: &a.round,
                         window,
+                        blocked: &a.blocked,
                     };
                     kernels::attend_tile(&queries, hd, scale, &cache, &mut a.tile, &mut a.out);
                     let width = it.heads.len() * hd;
@@ -468,6 +474,7 @@ struct AttnScratch {
     q: Vec<f32>,
     pos: Vec<usize>,
     round: Vec<bool>,
+    blocked: Vec<bool>,
     out: Vec<f32>,
     tile: kernels::TileScratch,
 }
@@ -479,6 +486,11 @@ thread_local! {
 /// Tokens per attention tile: each cache block is read once per tile, and a prompt
 /// chunk of 512 tokens still makes 16 tiles per KV head to share among threads.
 const ATTN_TILE: usize = 32;
+
+/// Chunks of at least this many tokens take blocked attention, as llama.cpp's CPU flash
+/// attention does for batches of at least its query tile (`GGML_FA_TILE_Q`); shorter
+/// ones take the one-query path, as there.
+const BLOCKED_MIN_TOKENS: usize = 64;
 
 /// RMSNorm of each row of `x` (row length = `w.len()`), summing squares in f64 in
 /// element order as ggml does.

@@ -7,11 +7,14 @@
 //! cache block is read and widened from f16 once per tile, into a small f32 buffer
 //! that stays in L1, and every query of the tile folds it in from there.
 //!
-//! Each query still runs exactly the operations of the one-query path, in the same
-//! order ([`attend`] block after block, then the division by the softmax sum), so the
-//! tiled result equals the untiled one bit for bit (see the test below).
+//! Prefill queries (f32 throughout, as llama.cpp's multi-token path) go through blocked
+//! attention ([`super::prefill_attention`]). Decode queries (llama.cpp's one-token path,
+//! f16 accumulator) run exactly the operations of the one-query path, in the same order
+//! ([`attend`] block after block, then the division by the softmax sum), so their tiled
+//! result equals the untiled one bit for bit (see the test below).
 
-use super::{attend, scale, widen_rows, OnlineSoftmax};
+use super::prefill_attention::{attend_prefill, Lanes, PrefillScratch};
+use super::{attend, scale, widen_rows, KernelSet, OnlineSoftmax};
 
 /// Rows the 512-bit kernels take per call (one cache block).
 const RUN: usize = 16;
@@ -30,6 +33,10 @@ pub struct TileQueries<'a> {
     /// Each query's path: `true` for llama.cpp's decode path (f16 accumulator), `false`
     /// for its f32 prefill path.
     pub round: &'a [bool],
+    /// For the f32 prefill queries: `true` when they take llama.cpp's path for batches
+    /// of many tokens (blocked attention, [`super::prefill_attention`]), `false` for the
+    /// one-query path.
+    pub blocked: &'a [bool],
 }
 
 /// Reusable buffers for [`attend_tile`].
@@ -38,6 +45,10 @@ pub struct TileScratch {
     k: Vec<f32>,
     v: Vec<f32>,
     state: Vec<OnlineSoftmax>,
+    /// The prefill queries of the tile, and which queries take the one-query path.
+    prefill: Vec<usize>,
+    one_query: Vec<bool>,
+    blocked: PrefillScratch,
 }
 
 /// Where the tile's cache rows are.
@@ -67,10 +78,14 @@ pub fn attend_tile<'c, F>(
     let wide = super::avx512::detected();
     #[cfg(not(target_arch = "x86_64"))]
     let wide = false;
-    attend_tile_with(t, head_dim, scale_by, cache, s, out, wide);
+    // Blocked attention follows llama.cpp's AVX-512 build where our AVX-512 kernels run.
+    let lanes = if wide { Lanes::Sixteen } else { Lanes::Eight };
+    attend_tile_with(t, head_dim, scale_by, cache, s, out, wide, lanes);
 }
 
-/// [`attend_tile`], with the AVX-512 kernels when `wide` (and they apply).
+/// [`attend_tile`], with the AVX-512 kernels when `wide` (and they apply), and blocked
+/// attention in the form of llama.cpp's build for `lanes`.
+#[allow(clippy::too_many_arguments)]
 fn attend_tile_with<'c, F>(
     t: &TileQueries,
     head_dim: usize,
@@ -79,18 +94,41 @@ fn attend_tile_with<'c, F>(
     s: &mut TileScratch,
     out: &mut [f32],
     wide: bool,
+    lanes: Lanes,
 ) where
     F: Fn(usize, usize) -> (&'c [u16], &'c [u16]),
 {
     let (nq, hd) = (t.pos.len(), head_dim);
+    let tile_len = nq.checked_mul(hd).expect("tile size overflows");
+    assert!(t.q.len() == tile_len && t.round.len() == nq && out.len() == tile_len);
+    assert!(t.blocked.len() == nq);
+    assert!(cache.block.max(RUN).checked_mul(hd).is_some());
+    assert!(cache.block > 0 && cache.stride >= hd);
+    // Prefill queries: blocked attention (every head size the kernels take).
+    s.prefill.clear();
+    s.one_query.clear();
+    let blocked = hd.is_multiple_of(8);
+    for j in 0..nq {
+        let prefill = blocked && t.blocked[j] && !t.round[j];
+        if prefill {
+            s.prefill.push(j);
+        }
+        s.one_query.push(!prefill);
+    }
+    if !s.prefill.is_empty() {
+        let simd = super::detected() == KernelSet::Avx2;
+        let (sel, scratch) = (&s.prefill, &mut s.blocked);
+        attend_prefill(t, sel, hd, scale_by, cache, scratch, out, lanes, simd);
+        if s.prefill.len() == nq {
+            return;
+        }
+    }
     // The 512-bit kernels take the common head sizes and blocks of up to 16 rows, and
     // whole-prefix attention.
     let wide = wide && matches!(hd, 64 | 128) && cache.block <= RUN && t.window.is_none();
-    let tile_len = nq.checked_mul(hd).expect("tile size overflows");
-    assert!(t.q.len() == tile_len && t.round.len() == nq && out.len() == tile_len);
-    assert!(cache.block.max(RUN).checked_mul(hd).is_some());
-    assert!(cache.block > 0 && cache.stride >= hd);
-    let Some(&last) = t.pos.iter().max() else {
+    let one_query = std::mem::take(&mut s.one_query);
+    let Some(last) = (0..nq).filter(|&j| one_query[j]).map(|j| t.pos[j]).max() else {
+        s.one_query = one_query;
         return;
     };
     let end = last + 1;
@@ -99,12 +137,20 @@ fn attend_tile_with<'c, F>(
         Some(w) => t.pos[j] + 1 - w.clamp(1, t.pos[j] + 1),
         None => 0,
     };
-    let start = (0..nq).map(first).min().unwrap_or(0);
+    let start = (0..nq)
+        .filter(|&j| one_query[j])
+        .map(first)
+        .min()
+        .unwrap_or(0);
     s.k.resize(cache.block.max(RUN) * hd, 0.0);
     s.v.resize(cache.block * hd, 0.0);
     s.state.clear();
     s.state.resize(nq, OnlineSoftmax::default());
-    out.iter_mut().for_each(|o| *o = 0.0);
+    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+        if one_query[j] {
+            o.fill(0.0);
+        }
+    }
     let mut p = start;
     while p < end {
         let run = (cache.block - p % cache.block).min(end - p);
@@ -124,11 +170,14 @@ fn attend_tile_with<'c, F>(
         }
         #[cfg(target_arch = "x86_64")]
         if wide {
-            wide_queries(t, hd, p, run, scale_by, s, out);
+            wide_queries(t, &one_query, hd, p, run, scale_by, s, out);
             p += run;
             continue;
         }
         for (j, &pos) in t.pos.iter().enumerate() {
+            if !one_query[j] {
+                continue;
+            }
             let lo = first(j).max(p);
             let hi = (p + run).min(pos + 1);
             if lo >= hi {
@@ -152,16 +201,21 @@ fn attend_tile_with<'c, F>(
         p += run;
     }
     for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-        scale(o, 1.0 / s.state[j].sum, false);
+        if one_query[j] {
+            scale(o, 1.0 / s.state[j].sum, false);
+        }
     }
+    s.one_query = one_query;
 }
 
-/// The queries of `t` over the block of `run` rows from `p` already widened in `s`, with
-/// the 512-bit kernels: consecutive queries that fold the same rows the same way (equal
-/// run and path) go together, up to 4 (2 for 128-float heads).
+/// The queries of `t` marked in `take` over the block of `run` rows from `p` already
+/// widened in `s`, with the 512-bit kernels: consecutive queries that fold the same rows
+/// the same way (equal run and path) go together, up to 4 (2 for 128-float heads).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn wide_queries(
     t: &TileQueries,
+    take: &[bool],
     hd: usize,
     p: usize,
     run: usize,
@@ -171,7 +225,7 @@ fn wide_queries(
 ) {
     use super::avx512::attend_block;
     let nq = t.pos.len();
-    let rows = |j: usize| (t.pos[j] >= p).then(|| run.min(t.pos[j] + 1 - p));
+    let rows = |j: usize| (take[j] && t.pos[j] >= p).then(|| run.min(t.pos[j] + 1 - p));
     let most = if hd == 64 { 4 } else { 2 };
     let mut j = 0;
     while j < nq {
@@ -258,14 +312,14 @@ mod tests {
     }
 
     #[test]
-    fn tiled_attention_equals_untiled_bit_for_bit() {
+    fn tiled_attention_equals_untiled_bit_for_bit_and_prefill_queries_take_the_blocked_kernel() {
         #[cfg(target_arch = "x86_64")]
         let wide = crate::backends::cpu::kernels::avx512::cpu_has();
         #[cfg(not(target_arch = "x86_64"))]
         let wide = false;
         if !wide {
             crate::backends::cpu::kernels::test_support::skipped(
-                "tiled_attention_equals_untiled_bit_for_bit (avx512 part)",
+                "tiled_attention_equals_untiled_bit_for_bit_and_prefill_queries_take_the_blocked_kernel (avx512 part)",
                 "the CPU lacks AVX-512F/DQ/VL or the AVX2 set",
             );
         }
@@ -328,25 +382,46 @@ mod tests {
                 }
                 // Whole-prefix attention, and sliding windows shorter and longer than a
                 // block and than the context (as Gemma 3's local layers).
-                for window in [None, Some(1), Some(5), Some(16), Some(40), Some(1000)] {
+                // Prefill queries on the one-query path, then on the blocked one.
+                let windows = [None, Some(1), Some(5), Some(16), Some(40), Some(1000)];
+                for (window, many) in windows.into_iter().flat_map(|w| [(w, false), (w, true)]) {
+                    let blocked_flags = vec![many; pos.len()];
                     let tile = TileQueries {
                         q: &q,
                         pos: &pos,
                         round: &round,
                         window,
+                        blocked: &blocked_flags,
                     };
+                    let lanes = Lanes::Sixteen;
                     let mut out = vec![f32::NAN; q.len()];
                     let mut s = TileScratch::default();
-                    attend_tile_with(&tile, hd, scale_by, &cache, &mut s, &mut out, false);
+                    let (c, sc) = (&cache, &mut s);
+                    attend_tile_with(&tile, hd, scale_by, c, sc, &mut out, false, lanes);
                     if wide {
                         // The 512-bit kernels give the same bits (sharing the scratch, as a
                         // thread's tiles do).
                         let mut o2 = vec![f32::NAN; q.len()];
-                        attend_tile_with(&tile, hd, scale_by, &cache, &mut s, &mut o2, true);
+                        let (c, sc) = (&cache, &mut s);
+                        attend_tile_with(&tile, hd, scale_by, c, sc, &mut o2, true, lanes);
                         let same = out.iter().zip(&o2).all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "avx512 differs, hd={hd}");
                     }
+                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    let simd = crate::backends::cpu::kernels::detected() == KernelSet::Avx2;
+                    let mut blocked = PrefillScratch::default();
                     for j in 0..pos.len() {
+                        if many && !round[j] && hd % 8 == 0 {
+                            // The blocked kernel, this query alone (the same bits whatever
+                            // the tile; see `prefill_attention`).
+                            let mut alone = vec![f32::NAN; q.len()];
+                            let (c, b) = (&cache, &mut blocked);
+                            let o = &mut alone;
+                            attend_prefill(&tile, &[j], hd, scale_by, c, b, o, lanes, simd);
+                            let row = j * hd..(j + 1) * hd;
+                            assert_eq!(bits(&out[row.clone()]), bits(&alone[row]), "query {j}");
+                            continue;
+                        }
                         let first = window.map_or(0, |w| (pos[j] + 1).saturating_sub(w));
                         let want = untiled(
                             &q[j * hd..(j + 1) * hd],
@@ -360,7 +435,6 @@ mod tests {
                             scale_by,
                         );
                         let got = &out[j * hd..(j + 1) * hd];
-                        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         assert_eq!(
                             bits(got),
                             bits(&want),

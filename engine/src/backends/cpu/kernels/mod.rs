@@ -18,6 +18,7 @@ mod packed;
 mod packed_k;
 mod packed_q5;
 mod packed_vnni;
+mod prefill_attention;
 mod scalar;
 mod swiglu;
 
