@@ -49,7 +49,7 @@ pub struct PrefillScratch {
     kt: Vec<f32>,
     /// V of the tile, row after row.
     v: Vec<f32>,
-    /// Per active query: the tile's scores, then its weights.
+    /// Per query of the group of 3 in hand: its scores over the tile, then its weights.
     p: Vec<f32>,
     /// Per query of the tile: running maximum and sum of weights.
     max: Vec<f32>,
