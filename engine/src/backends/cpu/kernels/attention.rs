@@ -260,19 +260,8 @@ fn wide_queries(
 mod tests {
     use super::*;
     use crate::backends::cpu::kernels::round_f16;
+    use crate::backends::cpu::kernels::test_support::pseudo;
     use half::f16;
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     /// The one-query path the tiles replaced: per query, walk the f32 cache (f16 values)
     /// block by block with `attend`, then divide by the sum.

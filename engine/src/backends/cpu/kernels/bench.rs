@@ -10,21 +10,10 @@ use std::time::Instant;
 
 use super::packed::gemm_packed_avx2;
 use super::packed_vnni::{gemm_packed_vnni, Vnni};
+use super::test_support::pseudo;
 use super::{cpu_summary, detected, gemm, KernelSet, OutMatrix, PackedMatrix};
 use super::{wants_quantized_acts, QuantizedActs};
 use crate::gguf::quant::{quantize::quantize_row, GgmlType};
-
-fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
 
 /// Seconds this thread has spent on a CPU (`CLOCK_THREAD_CPUTIME_ID`), or the wall clock
 /// off Linux.

@@ -580,6 +580,20 @@ pub unsafe fn gemm_packed(
 pub(crate) mod test_support {
     use std::io::Write;
 
+    /// `n` pseudo-random floats in [-1, 1) from `seed` (xorshift): test inputs that
+    /// every run sees alike.
+    pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
     /// Tells the person running the tests (libtest does not capture a direct stderr
     /// write) that part of a test did not run, and why.
     pub(crate) fn skipped(test: &str, why: &str) {

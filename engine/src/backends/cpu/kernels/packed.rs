@@ -380,21 +380,10 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::backends::cpu::kernels::test_support;
+    use crate::backends::cpu::kernels::test_support::pseudo;
     use crate::backends::cpu::kernels::{gemm, KernelSet, Vnni};
     use crate::gguf::quant::quantize::quantize_row;
     use crate::gguf::quant::{dequantize_row, QK_K};
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn only_q4_1_in_whole_groups_is_packed() {

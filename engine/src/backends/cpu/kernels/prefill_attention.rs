@@ -753,18 +753,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::backends::cpu::kernels::test_support;
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::backends::cpu::kernels::test_support::pseudo;
 
     /// A cache of `ctx` positions × `kv_heads`, f16, and queries over it.
     struct Case {
