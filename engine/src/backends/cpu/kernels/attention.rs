@@ -107,9 +107,9 @@ fn attend_tile_with<'c, F>(
     // Prefill queries: blocked attention (every head size the kernels take).
     s.prefill.clear();
     s.one_query.clear();
-    let blocked = hd.is_multiple_of(8);
+    let kernel_fits = hd.is_multiple_of(8);
     for j in 0..nq {
-        let prefill = blocked && t.blocked[j] && !t.round[j];
+        let prefill = kernel_fits && t.blocked[j] && !t.round[j];
         if prefill {
             s.prefill.push(j);
         }
