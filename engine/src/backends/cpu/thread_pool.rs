@@ -207,7 +207,10 @@ impl ThreadPool {
     }
 
     /// Splits `0..n` into chunks of at least `min_chunk`, handed out dynamically so a
-    /// thread slowed by a noisy neighbour does not hold up the others.
+    /// thread slowed by a noisy neighbour does not hold up the others. Each chunk is a
+    /// share of what is left (guided scheduling): the last ones are small, so no thread
+    /// waits long for another's last chunk (fixed quarters left a thread idle for ~7%
+    /// of a 16-stream decode step).
     pub fn for_chunks(
         &self,
         n: usize,
@@ -215,18 +218,30 @@ impl ThreadPool {
         f: &(dyn Fn(std::ops::Range<usize>) + Sync),
     ) {
         let threads = self.threads();
-        let chunk = (n / (threads * 4)).max(min_chunk).max(1);
-        if threads == 1 || n <= chunk {
+        let min_chunk = min_chunk.max(1);
+        if threads == 1 || n <= min_chunk {
             f(0..n);
             return;
         }
+        // Guided: each grab takes a share of what is left, so chunks shrink towards the
+        // end and the threads finish within a small chunk of each other.
         let next = AtomicUsize::new(0);
-        self.run(&|_| loop {
-            let start = next.fetch_add(chunk, Ordering::Relaxed);
-            if start >= n {
-                break;
+        self.run(&|_| {
+            let mut start = next.load(Ordering::Relaxed);
+            loop {
+                if start >= n {
+                    break;
+                }
+                let len = ((n - start) / (2 * threads)).max(min_chunk);
+                let end = (start + len).min(n);
+                match next.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        f(start..end);
+                        start = next.load(Ordering::Relaxed);
+                    }
+                    Err(now) => start = now,
+                }
             }
-            f(start..(start + chunk).min(n));
         });
     }
 

@@ -159,6 +159,14 @@ fn attend_tile_with<'c, F>(
             super::rows_fit(k.len(), run, cache.stride, hd)
                 && super::rows_fit(v.len(), run, cache.stride, hd)
         );
+        // The next block's rows come from memory while this one is folded in: a decode
+        // step reads every sequence's cache once, more than the caches hold.
+        let next = p + run;
+        if next < end {
+            let (nk, nv) = (cache.rows)(next, (cache.block - next % cache.block).min(end - next));
+            prefetch_rows(nk, cache.stride, hd);
+            prefetch_rows(nv, cache.stride, hd);
+        }
         widen_rows(&mut s.v, v, cache.stride, run, hd);
         if !wide {
             widen_rows(&mut s.k, k, cache.stride, run, hd);
@@ -206,6 +214,27 @@ fn attend_tile_with<'c, F>(
         }
     }
     s.one_query = one_query;
+}
+
+/// Asks the CPU to bring the first `hd` values of each row of `rows` (at `stride`) into
+/// its caches; a hint, with no effect on results.
+fn prefetch_rows(rows: &[u16], stride: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let mut at = 0;
+        while at < rows.len() {
+            let row = &rows[at..rows.len().min(at + hd)];
+            // 32 f16 values per 64-byte line.
+            for line in row.chunks(32) {
+                // SAFETY: a prefetch of an address inside `rows` (it never faults).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+            }
+            at += stride;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (rows, stride, hd);
 }
 
 /// The queries of `t` marked in `take` over the block of `run` rows from `p` already
