@@ -153,7 +153,8 @@ cpu = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "b
                      + (["--avx2"] if avx2 else []), capture_output=True, text=True, check=True).stdout.strip()
 lines = [f"CPU: {cpu}; {threads} threads each; {reps} repetitions of {requests} requests per level "
          f"(128 output tokens each), the servers alternating.", ""] + lines
-json.dump({"reps": reps, "requests": requests, "threads": threads, "avx2": avx2, "cpu": cpu, "levels": summary},
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+json.dump({"sluice_commit": commit, "reps": reps, "requests": requests, "threads": threads, "avx2": avx2, "cpu": cpu, "levels": summary},
           open(os.path.join(out, "summary.json"), "w"), indent=1)
 open(os.path.join(out, "table.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

