@@ -156,8 +156,9 @@ fn agrees(ours: &str, theirs: &str) -> bool {
 /// Where our greedy tokens first leave llama.cpp's, scored by llama.cpp's own logprobs.
 #[derive(Debug)]
 enum Divergence {
-    /// Our token is among llama.cpp's 20 most likely, `margin` nats below its pick.
-    NearTie {
+    /// Our token is among llama.cpp's 20 most likely, `margin` nats below its pick (a
+    /// near-tie when under `MAX_TIE_MARGIN`).
+    Ranked {
         at: usize,
         margin: f64,
         theirs: String,
@@ -175,7 +176,7 @@ enum Divergence {
 impl Divergence {
     fn margin(&self) -> f64 {
         match self {
-            Divergence::NearTie { margin, .. } => *margin,
+            Divergence::Ranked { margin, .. } => *margin,
             Divergence::Miss { floor, .. } => *floor,
         }
     }
@@ -184,14 +185,23 @@ impl Divergence {
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
-            Divergence::NearTie {
+            Divergence::Ranked {
+                at,
+                margin,
+                theirs,
+                ours,
+            } if *margin < MAX_TIE_MARGIN => write!(
+                f,
+                "token {at}: llama.cpp {theirs:?} vs ours {ours:?}, a near-tie: {margin:.4} nats apart in llama.cpp's logprobs"
+            ),
+            Divergence::Ranked {
                 at,
                 margin,
                 theirs,
                 ours,
             } => write!(
                 f,
-                "token {at}: llama.cpp {theirs:?} vs ours {ours:?}, a near-tie: {margin:.4} nats apart in llama.cpp's logprobs"
+                "token {at}: llama.cpp {theirs:?} vs ours {ours:?}, not a near-tie: llama.cpp rates ours {margin:.4} nats below its pick (near-tie: under {MAX_TIE_MARGIN})"
             ),
             Divergence::Miss {
                 at,
@@ -223,7 +233,7 @@ fn divergence(ours: &[(u32, String)], case: &Value) -> Option<Divergence> {
             .iter()
             .find(|e| e["id"].as_u64() == Some(ours[at].0 as u64))
         {
-            Some(e) => Divergence::NearTie {
+            Some(e) => Divergence::Ranked {
                 at,
                 margin: best - lp(e),
                 theirs: their_text,
@@ -388,9 +398,11 @@ fn plain_completions_match_llama_cpp() {
     );
 }
 
-/// Where Gemma 3 270M may part from llama.cpp: its logprobs differ from ours by a median
-/// of ~0.1 nats today (see the replay test below; SmolLM2's are an order of magnitude
-/// closer), so a token llama.cpp rates up to this far below its pick is not yet a failure.
+/// Where Gemma 3 270M may part from llama.cpp: replaying llama.cpp's tokens, its top-20
+/// logprobs differ from ours by a median of ~0.10 nats and a p99 of ~0.5 (SmolLM2's: 0.09
+/// and 0.49, about llama.cpp's own flash-attention on/off spread), but two of its ten
+/// chats part at 0.48 and 0.70 nats, so a token llama.cpp rates up to this far below its
+/// pick is not yet a failure.
 /// The target, 3 in 4 chats agreeing for 48 characters, is reported, not yet held.
 const GEMMA_MAX_MARGIN: f64 = 1.0;
 
