@@ -121,13 +121,25 @@ def main():
                + (f"; sluice {s['sluice_commit']}." if "sluice_commit" in s else "; sluice from before 3181325 "
                   "(guided chunks in the compute pool)."), "",
                read(os.path.join(d, "table.md")), ""]
+        # Later runs of the same binary, kept so that a ratio near a target shows its spread.
+        reruns = []
+        for r in sorted(glob.glob(d + "-rerun*")):
+            rs = json.load(open(os.path.join(r, "summary.json")))
+            g = next(l for l in rs["levels"] if l["concurrency"] == 16 and "greedy" in l["load"])
+            md += [f"Another run of the same binary (sluice {rs.get('sluice_commit', '?')}, raw output in "
+                   f"[`docs/bench/{os.path.basename(r)}/`](docs/bench/{os.path.basename(r)}/)): 16 greedy streams at "
+                   f"**{g['ratio']:.2f}×**.", "", read(os.path.join(r, "table.md")), ""]
+            reruns.append(g["ratio"])
         g16 = next(l for l in s["levels"] if l["concurrency"] == 16 and "greedy" in l["load"])
         s16 = next(l for l in s["levels"] if l["concurrency"] == 16 and "temperature 1" in l["load"])
         ratio = statistics.median(s16["sluice"]["output_tok_s"]) / statistics.median(g16["sluice"]["output_tok_s"])
         targets.append((f"16 streams at temperature 1, top_p 1 ≥ 0.9× greedy ({s['cpu']})", f"{ratio:.2f}×",
                         ratio >= 0.9))
-        targets.append((f"16 greedy streams ≥ 3× llama-server ({s['cpu']})", f"{g16['ratio']:.2f}×",
-                        g16["ratio"] >= 3.0))
+        # Three decimals when runs are repeated: a ratio at the target must not round onto it.
+        digits = 3 if reruns else 2
+        again = "".join(f" (another run: {r:.{digits}f}×)" for r in reruns)
+        targets.append((f"16 greedy streams ≥ 3× llama-server ({s['cpu']})", f"{g16['ratio']:.{digits}f}×{again}",
+                        min([g16["ratio"], *reruns]) >= 3.0))
 
     for suffix, title in (("", "this CPU's kernels"), ("-avx2", "AVX2 only")):
         text = read(os.path.join(OUT, f"engine-bench{suffix}.txt"))
