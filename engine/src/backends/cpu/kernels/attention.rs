@@ -151,21 +151,27 @@ fn attend_tile_with<'c, F>(
             o.fill(0.0);
         }
     }
-    let mut p = start;
-    while p < end {
+    // The rows of the block from `p`, up to the end of its cache block.
+    let block_at = |p: usize| {
         let run = (cache.block - p % cache.block).min(end - p);
-        let (k, v) = (cache.rows)(p, run);
+        (run, (cache.rows)(p, run))
+    };
+    let mut p = start;
+    // The block prefetched by the previous iteration (looked up once).
+    let mut ahead = None;
+    while p < end {
+        let (run, (k, v)) = ahead.take().unwrap_or_else(|| block_at(p));
         assert!(
             super::rows_fit(k.len(), run, cache.stride, hd)
                 && super::rows_fit(v.len(), run, cache.stride, hd)
         );
         // The next block's rows come from memory while this one is folded in: a decode
         // step reads every sequence's cache once, more than the caches hold.
-        let next = p + run;
-        if next < end {
-            let (nk, nv) = (cache.rows)(next, (cache.block - next % cache.block).min(end - next));
-            prefetch_rows(nk, cache.stride, hd);
-            prefetch_rows(nv, cache.stride, hd);
+        if p + run < end {
+            let next = block_at(p + run);
+            prefetch_rows(next.1 .0, cache.stride, hd);
+            prefetch_rows(next.1 .1, cache.stride, hd);
+            ahead = Some(next);
         }
         widen_rows(&mut s.v, v, cache.stride, run, hd);
         if !wide {
