@@ -204,22 +204,31 @@ def main():
     text = read(os.path.join(OUT, "onnx.txt"))
     if text:
         md += ["## ONNX Runtime backend against the native engine", "",
-               "`scripts/bench-onnx`: the default model on the native engine and its export "
+               "`scripts/bench-onnx`: the default model on the native engine (`native`: the default 8-bit "
+               "arithmetic; `native-f32`: `--numerics f32`) and its export "
                "(`sluice model export-onnx`, accuracy level 0) on ONNX Runtime 1.32.0's CPU provider, each "
                "served alone by `sluice serve` and measured with `sluice loadtest`, alternating: prefill of one "
                "~1,000-token chat prompt (TTFT p50), single-stream decode, 16 streams of 128 tokens. Raw output: "
                "[`docs/bench/onnx.txt`](docs/bench/onnx.txt).", "", "```", text, "```", ""]
-    c = os.path.join(OUT, "onnx-consistency.json")
-    if os.path.exists(c):
+    # The native engine's two arithmetics (README: Numerics) against the same export.
+    for numerics, suffix in (("int8", ""), ("f32", "-f32")):
+        c = os.path.join(OUT, f"onnx-consistency{suffix}.json")
+        if not os.path.exists(c):
+            continue
         r = json.load(open(c))
         n = len(r["prompts"])
-        md += ["Greedy agreement (`sluice check consistency --against EXPORT --steps 64`, "
-               "[`docs/bench/onnx-consistency.json`](docs/bench/onnx-consistency.json)): "
-               f"{r['identical']} of {n} prompts identical over {r['steps']} tokens; the largest divergence "
-               f"gap {r['max_gap_nats']:.3f} nats in the native engine's logprobs.", ""]
-        targets.append((f"ONNX greedy = native on ≥ 7 of 8 prompts over 64 tokens, every divergence ≤ 0.15 nats "
-                        f"({read(os.path.join(OUT, 'onnx-consistency.cpu'), '?')})",
-                        f"{r['identical']} of {n}, largest gap {r['max_gap_nats']:.3f}",
+        name = f"onnx-consistency{suffix}.json"
+        md += [f"Greedy agreement, native engine with `--numerics {numerics}` (`sluice check consistency "
+               f"--against EXPORT --steps 64 --numerics {numerics}`, [`docs/bench/{name}`](docs/bench/{name})): "
+               f"{r['identical']} of {n} prompts identical over {r['steps']} tokens; "
+               + (f"the largest divergence gap {r['max_gap_nats']:.3f} nats in the native engine's logprobs"
+                  if r["identical"] < n else "no divergence")
+               + f"; the largest logprob difference before any divergence {r['max_abs_logprob_diff']:.3f}.", ""]
+        cpu = read(os.path.join(OUT, f"onnx-consistency{suffix}.cpu"), "?")
+        targets.append((f"ONNX greedy = native (`--numerics {numerics}`) on ≥ 7 of 8 prompts over 64 tokens, "
+                        f"every divergence ≤ 0.15 nats ({cpu})",
+                        f"{r['identical']} of {n}, " + (f"largest gap {r['max_gap_nats']:.3f}"
+                                                        if r["identical"] < n else "no divergence"),
                         r["identical"] >= 7 and r["max_gap_nats"] <= 0.15))
 
     md += ["## Gateway overhead (synthetic backend)", "",

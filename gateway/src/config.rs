@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sluice_engine::backends::device::DeviceChoice;
+use sluice_engine::backends::Numerics;
 use thiserror::Error;
 
 use crate::sampling_defaults::SamplingDefaults;
@@ -319,6 +320,8 @@ pub struct EngineSection {
     /// Share of the GPU's free memory the CUDA backend may take (weights, KV cache,
     /// workspace), in (0, 1].
     pub gpu_memory_fraction: f32,
+    /// The CPU backend's arithmetic: `int8` (8-bit activations, as llama.cpp) or `f32`.
+    pub numerics: Numerics,
 }
 
 impl Default for EngineSection {
@@ -328,6 +331,7 @@ impl Default for EngineSection {
             // ~1.4 GiB for the default model (f16 storage); pages are only touched when used.
             kv_cache_tokens: 65536,
             gpu_memory_fraction: 0.9,
+            numerics: Numerics::Int8,
         }
     }
 }

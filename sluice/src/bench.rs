@@ -16,7 +16,7 @@ use sluice_engine::backends::cpu::kv_cache::KvCache;
 use sluice_engine::backends::cpu::model::{ForwardScratch, Model};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::backends::device::DeviceChoice;
-use sluice_engine::backends::{self, SeqChunk};
+use sluice_engine::backends::{self, Numerics, SeqChunk};
 use sluice_engine::block_allocator::BLOCK_SIZE;
 use sluice_engine::sampling::{argmax, Sampler, SamplingParams};
 use sluice_engine::EngineConfig;
@@ -67,6 +67,9 @@ pub struct BenchArgs {
     /// With --device: also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The CPU backend's arithmetic: int8 (8-bit activations, as llama.cpp) or f32.
+    #[arg(long, default_value = "int8")]
+    numerics: Numerics,
 }
 
 /// Loads the model and runs the benchmark (see [`run`]); `--save` also writes it to a file.
@@ -77,7 +80,8 @@ pub fn run_cli(args: BenchArgs) -> Result<()> {
     let path = resolve_model(args.model)?;
     let threads = args.threads.unwrap_or_else(crate::serve::default_threads);
     let pool = Arc::new(ThreadPool::new(threads).context("starting the compute threads")?);
-    let model = Model::load(&path, pool)?;
+    let mut model = Model::load(&path, pool)?;
+    model.set_numerics(args.numerics);
     let opts = BenchOptions {
         threads,
         prompts: args.prompt,
@@ -124,6 +128,7 @@ fn run_device_cli(device: DeviceChoice, args: BenchArgs) -> Result<()> {
     let opts = backends::RuntimeOptions {
         pool: Arc::new(ThreadPool::new(threads).context("starting the compute threads")?),
         kv_cache_tokens: longest_prompt.max(decode_tokens).max(BLOCK_SIZE),
+        numerics: args.numerics,
     };
     let file = Arc::new(
         sluice_engine::gguf::GgufFile::open(&path)
@@ -701,11 +706,12 @@ pub fn run(model: &Model, model_path: &Path, o: &BenchOptions) -> String {
         text.push('\n');
     };
     say(format!(
-        "model: {} ({} layers, dim {}), threads: {}",
+        "model: {} ({} layers, dim {}), threads: {}, numerics: {}",
         model_path.display(),
         model.cfg.n_layers,
         model.cfg.dim,
-        o.threads
+        o.threads,
+        model.numerics()
     ));
     say(sluice_engine::backends::cpu::kernels::cpu_summary());
     say(format!(

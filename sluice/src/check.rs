@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sluice_engine::backends::device::DeviceChoice;
+use sluice_engine::backends::Numerics;
 use sluice_engine::sampling::SamplingParams;
 use sluice_engine::{Event, GenerationRequest};
 use sluice_gateway::api_types::InMessage;
@@ -94,6 +95,10 @@ pub struct ConsistencyArgs {
     /// Compute threads per side [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// The native CPU engine's arithmetic on both sides: int8 (8-bit activations, as
+    /// llama.cpp) or f32 (see README: reproducible across runtimes and kernel sets).
+    #[arg(long, default_value = "int8")]
+    numerics: Numerics,
 }
 
 /// One side's options (internal).
@@ -112,6 +117,8 @@ pub struct RunArgs {
     threads: usize,
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    #[arg(long, default_value = "int8")]
+    numerics: Numerics,
 }
 
 /// One prompt's greedy run: each step's token and its top alternatives.
@@ -272,6 +279,8 @@ fn consistency(a: ConsistencyArgs) -> Result<()> {
                     &threads.to_string(),
                     "--device",
                     &device.to_string(),
+                    "--numerics",
+                    &a.numerics.to_string(),
                 ])
                 .env("SLUICE_LOG", "warn");
             if batched {
@@ -295,9 +304,10 @@ fn consistency(a: ConsistencyArgs) -> Result<()> {
     let _ = std::fs::remove_file(&list);
     let a_name = model.display().to_string();
     println!(
-        "A: {a_name}\nB: {b_name}\n{} prompts, {} greedy tokens each",
+        "A: {a_name}\nB: {b_name}\n{} prompts, {} greedy tokens each; native CPU numerics {}",
         prompts.len(),
-        a.steps
+        a.steps,
+        a.numerics
     );
     let mut rows = Vec::new();
     let (mut identical, mut failures, mut max_gap, mut max_diff) = (0, 0, 0.0f64, 0.0f64);
@@ -371,6 +381,7 @@ fn consistency(a: ConsistencyArgs) -> Result<()> {
     );
     if let Some(path) = &a.json {
         let report = json!({"a": a_name, "b": b_name, "steps": a.steps, "tolerance": a.tolerance,
+                            "numerics": a.numerics.to_string(),
                             "identical": identical, "prompts": rows,
                             "max_gap_nats": max_gap, "max_abs_logprob_diff": max_diff});
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
@@ -387,7 +398,7 @@ fn consistency(a: ConsistencyArgs) -> Result<()> {
 /// One side: greedy runs of every prompt, as JSON on stdout.
 fn side(a: RunArgs) -> Result<()> {
     let prompts: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&a.prompts)?)?;
-    let model = crate::serve::load_model(&a.model, a.threads, a.device)?;
+    let model = crate::serve::load_model(&a.model, a.threads, a.device, a.numerics)?;
     let greedy = |prompt: Vec<u32>, logprobs: bool| GenerationRequest {
         prompt,
         max_tokens: a.steps,

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use sluice_engine::backends::cpu::thread_pool::ThreadPool;
 use sluice_engine::backends::device::{self, Device, DeviceChoice};
 use sluice_engine::backends::onnx::{Manifest, OnnxRuntime};
-use sluice_engine::backends::{self, RuntimeOptions};
+use sluice_engine::backends::{self, Numerics, RuntimeOptions};
 use sluice_engine::config::ModelConfig;
 use sluice_engine::structured::GrammarCompiler;
 use sluice_engine::text::chat_template::{self, ChatTemplate};
@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// a usable GPU when this build has CUDA, else the CPU].
     #[arg(long, env = "SLUICE_DEVICE")]
     device: Option<DeviceChoice>,
+    /// The CPU backend's arithmetic: int8 (8-bit activations, as llama.cpp; fast) or f32
+    /// (reproducible across runtimes and kernel sets; slower) [config: engine.numerics].
+    #[arg(long, env = "SLUICE_NUMERICS")]
+    numerics: Option<Numerics>,
     /// CUDA: share of the GPU's free memory for weights, KV cache and workspace
     /// [config: engine.gpu_memory_fraction; default 0.9].
     #[arg(long, env = "SLUICE_GPU_MEMORY_FRACTION")]
@@ -143,6 +147,9 @@ impl ServeArgs {
         }
         if let Some(d) = self.device {
             c.server.device = d;
+        }
+        if let Some(n) = self.numerics {
+            c.engine.numerics = n;
         }
         if let Some(f) = self.gpu_memory_fraction {
             c.engine.gpu_memory_fraction = f;
@@ -406,11 +413,13 @@ pub fn load_model(
     path: &std::path::Path,
     threads: usize,
     device: DeviceChoice,
+    numerics: Numerics,
 ) -> Result<ServedModel> {
     let (device, _) = device::resolve(device, EngineSection::default().gpu_memory_fraction)?;
     let runtime = RuntimeOptions {
         pool: Arc::new(ThreadPool::new(threads).context("starting the compute threads")?),
         kv_cache_tokens: RuntimeOptions::DEFAULT_KV_CACHE_TOKENS,
+        numerics,
     };
     let name = served_name(path);
     load_served_model(
@@ -512,6 +521,7 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
                             .clone(),
                     },
                     kv_cache_tokens: config.engine.kv_cache_tokens,
+                    numerics: config.engine.numerics,
                 },
             },
         };

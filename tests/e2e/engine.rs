@@ -22,6 +22,7 @@ fn engine(kv_cache_tokens: usize) -> (Engine, Arc<Tokenizer>) {
     let opts = RuntimeOptions {
         pool: Arc::new(ThreadPool::new(2).expect("compute threads")),
         kv_cache_tokens,
+        numerics: Default::default(),
     };
     let runtime = backends::load(file, &opts).expect("model");
     let e =
@@ -324,6 +325,7 @@ fn rows_sampled_on_the_device_give_what_the_host_gives() {
     let opts = RuntimeOptions {
         pool: Arc::new(ThreadPool::new(2).expect("compute threads")),
         kv_cache_tokens: DEFAULT_KV,
+        numerics: Default::default(),
     };
     let picked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let run = |device: bool| {

@@ -78,6 +78,7 @@ fn load(path: std::path::PathBuf) -> Loaded {
     let opts = RuntimeOptions {
         pool,
         kv_cache_tokens: RuntimeOptions::DEFAULT_KV_CACHE_TOKENS,
+        numerics: Default::default(),
     };
     let runtime = backends::load(model.file.clone(), &opts).expect("model");
     let engine =

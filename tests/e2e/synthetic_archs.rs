@@ -618,6 +618,7 @@ fn compare(arch: &Arch, path: &Path, rec: &Value, banned: &[u32]) -> Outcome {
     let opts = RuntimeOptions {
         pool,
         kv_cache_tokens: 1024,
+        numerics: Default::default(),
     };
     let engine = Engine::start(
         backends::load(file, &opts).expect("runtime"),

@@ -49,6 +49,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod numerics;
 pub mod onnx;
 
 use std::sync::Arc;
@@ -59,6 +60,7 @@ use crate::gguf::GgufFile;
 use cpu::thread_pool::ThreadPool;
 use cpu::CpuRuntime;
 use device::Device;
+pub use numerics::Numerics;
 
 /// One sequence's share of a step's batch.
 #[derive(Debug, Clone, Copy)]
@@ -136,7 +138,8 @@ pub struct DeviceMemory {
 pub struct RuntimeInfo {
     /// The backend: `cpu`.
     pub backend: &'static str,
-    /// What it computes on: for `cpu`, the kernel set in use (e.g. `avx2+avx512-vnni`).
+    /// What it computes on: for `cpu`, the kernel set in use (e.g. `avx2+avx512-vnni`,
+    /// with `(f32 numerics)` after it under `Numerics::F32`).
     pub device: String,
 }
 
@@ -218,6 +221,8 @@ pub struct RuntimeOptions {
     pub pool: Arc<ThreadPool>,
     /// K/V capacity in tokens (rounded up to whole blocks, at least one).
     pub kv_cache_tokens: usize,
+    /// The CPU backend's arithmetic (8-bit or f32 activations).
+    pub numerics: Numerics,
 }
 
 impl RuntimeOptions {
@@ -243,7 +248,8 @@ pub fn load_on(
 ) -> Result<Box<dyn ModelRuntime>, ModelError> {
     match device {
         Device::Cpu => {
-            let model = cpu::model::Model::from_gguf(file, opts.pool.clone())?;
+            let mut model = cpu::model::Model::from_gguf(file, opts.pool.clone())?;
+            model.set_numerics(opts.numerics);
             Ok(Box::new(CpuRuntime::new(model, opts.kv_cache_tokens)))
         }
         #[cfg(feature = "cuda")]
@@ -251,6 +257,12 @@ pub fn load_on(
             gpu_memory_fraction,
             ..
         } => {
+            if opts.numerics != Numerics::Int8 {
+                return Err(ModelError::Runtime(format!(
+                    "numerics {} is for the CPU backend; the CUDA backend computes as llama.cpp's CUDA kernels do",
+                    opts.numerics
+                )));
+            }
             let cuda_opts = cuda::CudaOptions {
                 gpu_memory_fraction: *gpu_memory_fraction,
                 kv_cache_tokens: None,

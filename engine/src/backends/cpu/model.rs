@@ -11,7 +11,7 @@ use crate::backends::cpu::kernels::{self, KernelSet, OutMatrix, QuantizedActs};
 use crate::backends::cpu::kv_cache::KvCache;
 use crate::backends::cpu::thread_pool::ThreadPool;
 use crate::backends::cpu::weights::{ModelWeights, QMatrix};
-use crate::backends::SeqChunk;
+use crate::backends::{Numerics, SeqChunk};
 use crate::block_allocator::BLOCK_SIZE;
 use crate::config::{FfnActivation, ModelConfig, RopeStyle};
 use crate::error::ModelError;
@@ -51,6 +51,7 @@ pub struct Model {
     /// The process's compute pool, shared with every other model's engine loop.
     pool: Arc<ThreadPool>,
     kernels: KernelSet,
+    numerics: Numerics,
 }
 
 impl Model {
@@ -71,7 +72,18 @@ impl Model {
             weights,
             pool,
             kernels: kernels::detected(),
+            numerics: Numerics::default(),
         })
+    }
+
+    /// Sets the arithmetic of the forward pass (see [`Numerics`]).
+    pub fn set_numerics(&mut self, numerics: Numerics) {
+        self.numerics = numerics;
+    }
+
+    /// The arithmetic of the forward pass.
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
     }
 
     /// The kernels in use, for logs (e.g. `avx2+avx512-vnni`).
@@ -287,9 +299,11 @@ impl Model {
             return;
         }
         let x = &x[..n_tok * k];
-        if jobs
-            .iter()
-            .any(|(w, _)| kernels::wants_quantized_acts(w.ty))
+        let f32_acts = self.numerics == Numerics::F32;
+        if !f32_acts
+            && jobs
+                .iter()
+                .any(|(w, _)| kernels::wants_quantized_acts(w.ty))
         {
             acts.quantize(x, n_tok, k);
         }
@@ -311,6 +325,10 @@ impl Model {
                 if lo < hi {
                     let rows = lo - base..hi - base;
                     match &w.packed {
+                        // SAFETY: `for_chunks` hands out disjoint ranges.
+                        _ if f32_acts => unsafe {
+                            kernels::gemm_f32_acts(set, w.ty, w.bytes(), k, rows, x, *out)
+                        },
                         Some(p) => {
                             // Rounding both ends up to whole groups keeps the chunks a
                             // partition of the matrix's rows, whatever the chunk size.
@@ -351,6 +369,9 @@ impl Model {
         let group = cfg.n_heads / cfg.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let tile = tile.max(1);
+        // llama.cpp's f16 decode attention (below) is part of its arithmetic, not ours
+        // to keep when activations stay f32.
+        let f16_decode = self.numerics == Numerics::Int8;
 
         // Work items: a run of one sequence's tokens and a run of heads sharing a KV head.
         let items = &mut s.attn_items;
@@ -411,7 +432,7 @@ impl Model {
                     // sequence's results do not depend on what else is in the step).
                     let many = c.tokens.len() >= BLOCKED_MIN_TOKENS;
                     for t in it.tokens.clone() {
-                        let decode = tok_pos[t] >= c.decode_from;
+                        let decode = f16_decode && tok_pos[t] >= c.decode_from;
                         for h in it.heads.clone() {
                             let src = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
                             let at = a.q.len();
@@ -761,6 +782,61 @@ pub(crate) mod tests {
             "{arch}"
         );
         model
+    }
+
+    /// With f32 numerics nothing is rounded to 8 bits or to f16 in flight (the KV cache
+    /// still stores f16, alike on both paths): decoding token by token gives the
+    /// one-prefill logits to float rounding, where the int8 arithmetic moves them by
+    /// about 1% of the logit range (`decode_matches_prefill`; 0.12 of 10 for llama).
+    #[test]
+    fn with_f32_numerics_decode_equals_prefill_to_float_rounding() {
+        for (arch, layers, window) in [
+            ("llama", 2, None),
+            ("qwen3", 2, None),
+            ("gemma3", 6, Some(5)),
+        ] {
+            let mut model = load(tiny_model(arch, None, layers, window)).unwrap();
+            model.set_numerics(Numerics::F32);
+            let tokens: Vec<u32> = (0..18).map(|i| (i * 11 + 5) % 48).collect();
+            let table: Vec<u32> = (0..(tokens.len().div_ceil(BLOCK_SIZE)) as u32).collect();
+            let mut s = ForwardScratch::default();
+            fn chunk<'a>(
+                tokens: &'a [u32],
+                table: &'a [u32],
+                start_pos: usize,
+                decode_from: usize,
+            ) -> SeqChunk<'a> {
+                SeqChunk {
+                    tokens,
+                    start_pos,
+                    block_table: table,
+                    want_logits: true,
+                    decode_from,
+                    device_greedy: false,
+                }
+            }
+            let mut kv = KvCache::new(&model.cfg, table.len());
+            let whole = model
+                .forward(&[chunk(&tokens, &table, 0, usize::MAX)], &mut kv, &mut s)
+                .to_vec();
+            let mut kv2 = KvCache::new(&model.cfg, table.len());
+            let mut last = Vec::new();
+            for (i, t) in tokens.iter().enumerate() {
+                last = model
+                    .forward(
+                        &[chunk(std::slice::from_ref(t), &table, i, 0)],
+                        &mut kv2,
+                        &mut s,
+                    )
+                    .to_vec();
+            }
+            let scale = whole.iter().fold(0f32, |m, a| m.max(a.abs())).max(1.0);
+            let diff = whole
+                .iter()
+                .zip(&last)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-4 * scale, "{arch}: {diff} (scale {scale})");
+        }
     }
 
     /// Attention tiles (any number of tokens, whole GQA groups or single heads) change

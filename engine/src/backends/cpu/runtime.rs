@@ -6,7 +6,7 @@ use crate::backends::cpu::kv_cache::KvCache;
 use crate::backends::cpu::model::{ForwardScratch, Model};
 use crate::backends::cpu::thread_pool::ThreadPool;
 use crate::backends::{
-    Capabilities, KvCapacity, KvStorage, ModelRuntime, RowRunner, RuntimeInfo, SeqChunk,
+    Capabilities, KvCapacity, KvStorage, ModelRuntime, Numerics, RowRunner, RuntimeInfo, SeqChunk,
 };
 use crate::block_allocator::BLOCK_SIZE;
 
@@ -39,9 +39,14 @@ impl CpuRuntime {
 
 impl ModelRuntime for CpuRuntime {
     fn info(&self) -> RuntimeInfo {
+        let device = match self.model.numerics() {
+            Numerics::Int8 => kernels::describe().to_string(),
+            // The default arithmetic goes unsaid; the other is part of what computes.
+            n => format!("{} ({n} numerics)", kernels::describe()),
+        };
         RuntimeInfo {
             backend: "cpu",
-            device: kernels::describe().to_string(),
+            device,
         }
     }
 
@@ -142,6 +147,7 @@ mod tests {
         let opts = RuntimeOptions {
             pool: pool(),
             kv_cache_tokens: 40,
+            numerics: Default::default(),
         };
         let loaded = backends::load(tiny_file(), &opts).unwrap();
         assert_eq!(loaded.info().backend, "cpu");

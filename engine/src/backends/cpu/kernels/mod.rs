@@ -13,6 +13,7 @@ mod avx512;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod bench;
 mod expf;
+mod f32_acts;
 mod geglu;
 mod packed;
 mod packed_k;
@@ -546,6 +547,24 @@ pub unsafe fn gemm(
         }
         _ => unsafe { scalar::gemm_quant(ty, w, k, rows, acts_q, out) },
     }
+}
+
+/// `out[t][r] = dequantize(w row r) · x[t]` for `r` in `rows`, all in f32: activations
+/// are not rounded to 8 bits (`Numerics::F32`).
+///
+/// # Safety
+/// No other thread may touch the cells (t, r) for `r` in `rows` while this runs.
+pub unsafe fn gemm_f32_acts(
+    set: KernelSet,
+    ty: GgmlType,
+    w: &[u8],
+    k: usize,
+    rows: Range<usize>,
+    x: &[f32],
+    out: OutMatrix,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { f32_acts::gemm(set, ty, w, k, rows, x, out) }
 }
 
 /// [`gemm`] for a matrix repacked by [`PackedMatrix::pack`]; `rows` are multiples of
