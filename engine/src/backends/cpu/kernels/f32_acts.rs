@@ -242,7 +242,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::cpu::kernels::test_support::{avx2, pseudo, skipped};
+    use crate::backends::cpu::kernels::test_support::{avx2, pseudo, skipped, WEIGHT_TYPES};
     use crate::gguf::quant::quantize::quantize_row;
 
     /// Every type, both kernel sets: within f32 rounding of an f64 product of the
@@ -258,18 +258,7 @@ mod tests {
             Ok(()) => sets.push(KernelSet::Avx2),
             Err(why) => skipped("f32-activation products, AVX2 form", &why),
         }
-        for ty in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4K,
-            GgmlType::Q5K,
-            GgmlType::Q6K,
-        ] {
+        for ty in WEIGHT_TYPES {
             let src = pseudo(n_rows * k, 3);
             let w: Vec<u8> = src
                 .chunks_exact(k)

@@ -599,6 +599,22 @@ pub unsafe fn gemm_packed(
 pub(crate) mod test_support {
     use std::io::Write;
 
+    use crate::gguf::quant::GgmlType;
+
+    /// Every weight type the kernels multiply.
+    pub(crate) const WEIGHT_TYPES: [GgmlType; 10] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
     /// `n` pseudo-random floats in [-1, 1) from `seed` (xorshift): test inputs that
     /// every run sees alike.
     pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
@@ -799,18 +815,7 @@ mod tests {
         ] {
             let x = pseudo(n_tok * k, 7 + rows as u64);
             let wf = pseudo(rows * k, 99 + k as u64);
-            for ty in [
-                GgmlType::F32,
-                GgmlType::F16,
-                GgmlType::Q4_0,
-                GgmlType::Q4_1,
-                GgmlType::Q5_0,
-                GgmlType::Q5_1,
-                GgmlType::Q8_0,
-                GgmlType::Q4K,
-                GgmlType::Q5K,
-                GgmlType::Q6K,
-            ] {
+            for ty in test_support::WEIGHT_TYPES {
                 let w: Vec<u8> = wf
                     .chunks_exact(k)
                     .flat_map(|r| quantize_row(ty, r))
