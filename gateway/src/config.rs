@@ -367,6 +367,10 @@ pub struct ModelEntry {
     /// `tokens_per_second` per request, for testing clients and the gateway).
     pub engine: Option<String>,
     pub tokens_per_second: Option<f64>,
+    /// This model's CPU arithmetic (`int8` or `f32`), over `[engine] numerics`: the same
+    /// GGUF may be served twice, fast and reproducible, under two names. GGUF models on
+    /// the CPU only.
+    pub numerics: Option<Numerics>,
     /// Sampling for requests that leave fields out (before the file's own and the
     /// catalogue's recommendations).
     #[serde(default)]
@@ -394,6 +398,7 @@ impl ModelEntry {
             aliases: Vec::new(),
             engine: None,
             tokens_per_second: None,
+            numerics: None,
             sampling: SamplingDefaults::NONE,
         }
     }
@@ -613,13 +618,30 @@ impl Config {
                     m.name
                 ));
             }
+            if m.numerics.is_some() && m.engine.as_deref() == Some("synthetic") {
+                problems.push(format!(
+                    "models[{i}] ({}): numerics has no effect on a synthetic engine (no inference)",
+                    m.name
+                ));
+            }
             if let Some(p) = &m.path {
                 // A file, or a model of the models folder by name (a fetchable one is
                 // fetched when the server starts).
                 let resolved = crate::model_store::models_dir()
                     .and_then(|dir| crate::model_store::resolve_model_ref(p, &dir));
-                if let Err(e) = resolved {
-                    problems.push(format!("models[{i}] ({}): {e}", m.name));
+                match resolved {
+                    Err(e) => problems.push(format!("models[{i}] ({}): {e}", m.name)),
+                    Ok(file)
+                        if m.numerics.is_some()
+                            && sluice_engine::backends::onnx::Manifest::folder_of(file.path())
+                                .is_some() =>
+                    {
+                        problems.push(format!(
+                            "models[{i}] ({}): numerics is for GGUF models on the CPU; ONNX Runtime computes an export as it was exported (f32, or int8 activations with --accuracy-level 4)",
+                            m.name
+                        ));
+                    }
+                    Ok(_) => {}
                 }
             }
         }
@@ -999,6 +1021,32 @@ mod tests {
         );
         c.models[0].aliases = vec!["fast".into(), "big".into()];
         c.validate().expect("aliases of the override");
+    }
+
+    #[test]
+    fn numerics_are_read_per_model_and_refused_where_they_mean_nothing() {
+        let c = parse("[engine]\nnumerics = \"f32\"\n[[models]]\nname = \"fast\"\nnumerics = \"int8\"\n[[models]]\nname = \"exact\"\n");
+        assert_eq!(c.engine.numerics, Numerics::F32);
+        assert_eq!(c.models[0].numerics, Some(Numerics::Int8));
+        assert_eq!(c.models[1].numerics, None);
+        c.validate().expect("numerics on GGUF models");
+        let c = parse("[[models]]\nname = \"s\"\nengine = \"synthetic\"\nnumerics = \"f32\"\n");
+        assert!(problems(&c).contains("numerics has no effect on a synthetic engine"));
+        let dir = std::env::temp_dir().join(format!("sluice-numerics-onnx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+        let c = parse(&format!(
+            "[[models]]\nname = \"o\"\npath = \"{}\"\nnumerics = \"f32\"\n",
+            dir.display()
+        ));
+        assert!(
+            problems(&c).contains("numerics is for GGUF models on the CPU"),
+            "{}",
+            problems(&c)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = toml::from_str::<Config>("[engine]\nnumerics = \"fp16\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown variant"), "{e}");
     }
 
     #[test]

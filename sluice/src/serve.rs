@@ -193,6 +193,7 @@ impl ServeArgs {
                 aliases: Vec::new(),
                 engine: None,
                 tokens_per_second: None,
+                numerics: None,
                 sampling: SamplingDefaults::NONE,
             }];
         }
@@ -521,7 +522,7 @@ pub async fn run_cli(args: ServeArgs) -> Result<()> {
                             .clone(),
                     },
                     kv_cache_tokens: config.engine.kv_cache_tokens,
-                    numerics: config.engine.numerics,
+                    numerics: e.numerics.unwrap_or(config.engine.numerics),
                 },
             },
         };
