@@ -38,7 +38,8 @@ pub(super) unsafe fn gemm(
     while r < rows.end {
         let g = (rows.end - r).min(GROUP);
         for (i, row) in buf.chunks_exact_mut(k).take(g).enumerate() {
-            dequantize(simd, ty, &w[(r + i) * rb..(r + i + 1) * rb], row);
+            // SAFETY: `simd` only on the AVX2 kernel set, which is detected from the CPU.
+            unsafe { dequantize(simd, ty, &w[(r + i) * rb..(r + i + 1) * rb], row) };
         }
         let mut t = 0;
         while t < n_tok {
@@ -83,11 +84,14 @@ pub(super) unsafe fn gemm(
     }
 }
 
-/// One row's f32 values, with the AVX2 forms for the default model's types.
-fn dequantize(simd: bool, ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+/// One row's f32 values, with the AVX2 forms (when `simd`) for the default model's types.
+///
+/// # Safety
+/// With `simd`, the CPU must support AVX2, FMA and F16C.
+unsafe fn dequantize(simd: bool, ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is set only on the AVX2 kernel set (avx2, fma and f16c).
+        // SAFETY: the caller's contract.
         match ty {
             GgmlType::Q4_1 => return unsafe { avx2::dequantize_q4_1(bytes, out) },
             GgmlType::Q8_0 => return unsafe { avx2::dequantize_q8_0(bytes, out) },
@@ -116,7 +120,7 @@ mod avx2 {
     /// Q4_1 rows: `q * d + m` per element, a multiply then an add as the reference does.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `bytes` holds `out.len() / 32` blocks.
+    /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
         let low = _mm_set1_epi8(0x0F);
@@ -145,7 +149,7 @@ mod avx2 {
     /// Q8_0 rows: `q * d` per element.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `bytes` holds `out.len() / 32` blocks.
+    /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
         for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
@@ -166,8 +170,8 @@ mod avx2 {
     /// the AVX2 `dot` sums it (one FMA chain over 8-lane chunks, then `hsum`'s order).
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `x.len()` is a multiple of 8 and `rows` holds
-    /// `R` rows of `x.len()` floats.
+    /// The CPU must support AVX2, FMA and F16C. (Lengths are checked: `x.len()` a
+    /// multiple of 8, `rows` at least `R` rows of `x.len()` floats.)
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows<const R: usize>(rows: &[f32], x: &[f32]) -> [f32; R] {
         let k = x.len();
@@ -195,7 +199,7 @@ mod avx2 {
     /// exactly `dot_rows`'s order for each.
     ///
     /// # Safety
-    /// As [`dot_rows`]; `x1` has the length of `x0`.
+    /// As [`dot_rows`] (lengths checked too, `x1` as long as `x0`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows_pair<const R: usize>(
         rows: &[f32],
@@ -304,12 +308,9 @@ mod tests {
                 for r in 0..n_rows {
                     dequantize_row(ty, &w[r * rb..(r + 1) * rb], &mut reference);
                     let mut mine = vec![0f32; k];
-                    dequantize(
-                        *set == KernelSet::Avx2,
-                        ty,
-                        &w[r * rb..(r + 1) * rb],
-                        &mut mine,
-                    );
+                    let simd = *set == KernelSet::Avx2;
+                    // SAFETY: Avx2 is in `sets` only when `avx2()` found the CPU has it.
+                    unsafe { dequantize(simd, ty, &w[r * rb..(r + 1) * rb], &mut mine) };
                     assert_eq!(mine, reference, "{ty:?} {set:?} row {r}");
                     for t in 0..n_tok {
                         let exact: f64 = reference
