@@ -17,11 +17,12 @@ use crate::gguf::quant::{dequantize_row, GgmlType};
 /// Rows dequantized and multiplied together.
 const GROUP: usize = 8;
 
-/// `out[t][r] = dequantize(w row r) · x[t]` for `r` in `rows`, in f32.
+/// `out[t][r] = dequantize(w row r) · x[t]` for `r` in `rows`, all in f32: activations
+/// are not rounded to 8 bits (`Numerics::F32`).
 ///
 /// # Safety
 /// No other thread may touch the cells (t, r) for `r` in `rows` while this runs.
-pub(super) unsafe fn gemm(
+pub unsafe fn gemm(
     set: KernelSet,
     ty: GgmlType,
     w: &[u8],
@@ -33,7 +34,8 @@ pub(super) unsafe fn gemm(
     let n_tok = x.len() / k;
     let rb = ty.row_bytes(k);
     let mut buf = vec![0f32; GROUP * k];
-    let simd = set == KernelSet::Avx2 && k.is_multiple_of(8);
+    let simd = cfg!(target_arch = "x86_64") && set == KernelSet::Avx2 && k.is_multiple_of(8);
+    let xt = |t: usize| &x[t * k..(t + 1) * k];
     let mut r = rows.start;
     while r < rows.end {
         let g = (rows.end - r).min(GROUP);
@@ -43,42 +45,28 @@ pub(super) unsafe fn gemm(
         }
         let mut t = 0;
         while t < n_tok {
-            // Two tokens at a time where the AVX2 tiles apply, else one.
-            let pair = simd && g == GROUP && t + 1 < n_tok;
             let mut d = [[0f32; GROUP]; 2];
-            let xt = |t: usize| &x[t * k..(t + 1) * k];
-            #[cfg(target_arch = "x86_64")]
-            if simd && g == GROUP {
-                // SAFETY: `set` is Avx2 only when the CPU reported avx2, fma and f16c;
-                // `buf` holds GROUP rows of k floats and k is a multiple of 8.
-                unsafe {
-                    if pair {
-                        for half in 0..2 {
-                            let rows = &buf[half * 4 * k..(half + 1) * 4 * k];
-                            let (a, b) = avx2::dot_rows_pair::<4>(rows, xt(t), xt(t + 1));
-                            d[0][half * 4..(half + 1) * 4].copy_from_slice(&a);
-                            d[1][half * 4..(half + 1) * 4].copy_from_slice(&b);
-                        }
-                    } else {
-                        d[0] = avx2::dot_rows::<GROUP>(&buf, xt(t));
+            let next = (t + 1 < n_tok).then(|| xt(t + 1));
+            // How many tokens this pass did: two through the AVX2 tiles where they apply.
+            let took = match () {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` only on the AVX2 kernel set, detected from the CPU; `buf`
+                // holds GROUP rows of k floats and k is a multiple of 8.
+                _ if simd && g == GROUP => unsafe { avx2::dot_group(&buf, xt(t), next, &mut d) },
+                _ => {
+                    for (di, row) in d[0].iter_mut().zip(buf.chunks_exact(k)).take(g) {
+                        *di = super::dot(row, xt(t));
                     }
+                    1
                 }
-            } else {
-                for (di, row) in d[0].iter_mut().zip(buf.chunks_exact(k)).take(g) {
-                    *di = super::dot(row, xt(t));
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            for (di, row) in d[0].iter_mut().zip(buf.chunks_exact(k)).take(g) {
-                *di = super::dot(row, xt(t));
-            }
-            for (j, dj) in d.iter().take(1 + pair as usize).enumerate() {
+            };
+            for (j, dj) in d.iter().take(took).enumerate() {
                 for (i, &v) in dj.iter().take(g).enumerate() {
                     // SAFETY: the cells of `rows` are ours (the caller's contract).
                     unsafe { out.set(t + j, r + i, v) };
                 }
             }
-            t += 1 + pair as usize;
+            t += took;
         }
         r += g;
     }
@@ -106,15 +94,33 @@ unsafe fn dequantize(simd: bool, ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// The f16 at byte `i` of `b` as f32 (exact), with F16C inline.
+    use super::GROUP;
+    use crate::backends::cpu::kernels::avx2::{f16_pair, hsum};
+
+    /// The products of the GROUP rows in `rows` with `x0` and, when given, `x1` (each
+    /// row read once for both), into `d[0]` and `d[1]`; returns how many tokens it did.
     ///
     /// # Safety
-    /// The CPU must support F16C.
-    #[inline]
+    /// The CPU must support AVX2, FMA and F16C. (Lengths are checked.)
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    pub(super) unsafe fn dot_group(
+        rows: &[f32],
+        x0: &[f32],
+        x1: Option<&[f32]>,
+        d: &mut [[f32; GROUP]; 2],
+    ) -> usize {
+        let k = x0.len();
+        let Some(x1) = x1 else {
+            d[0] = dot_rows::<GROUP>(rows, x0);
+            return 1;
+        };
+        for half in 0..2 {
+            let part = &rows[half * 4 * k..(half + 1) * 4 * k];
+            let (a, b) = dot_rows_pair::<4>(part, x0, x1);
+            d[0][half * 4..(half + 1) * 4].copy_from_slice(&a);
+            d[1][half * 4..(half + 1) * 4].copy_from_slice(&b);
+        }
+        2
     }
 
     /// Q4_1 rows: `q * d + m` per element, a multiply then an add as the reference does.
@@ -125,8 +131,8 @@ mod avx2 {
     pub(super) unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
         let low = _mm_set1_epi8(0x0F);
         for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
-            // SAFETY: F16C is enabled here.
-            let (d, m) = unsafe { (f16_at(b, 0), f16_at(b, 2)) };
+            // SAFETY: F16C is enabled here; the block starts with d and m.
+            let (d, m) = unsafe { f16_pair(b.as_ptr()) };
             let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
             // SAFETY: each block is 20 bytes: d, m, then 16 bytes of nibbles.
             let q = unsafe { _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i) };
@@ -153,8 +159,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
         for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
-            // SAFETY: F16C is enabled here.
-            let d = _mm256_set1_ps(unsafe { f16_at(b, 0) });
+            // SAFETY: F16C is enabled here; the block starts with d (and 32 more bytes).
+            let d = _mm256_set1_ps(unsafe { f16_pair(b.as_ptr()) }.0);
             for j in 0..4 {
                 // SAFETY: each block is 34 bytes: d, then 32 signed bytes; `y` is 32 floats.
                 unsafe {
@@ -173,7 +179,7 @@ mod avx2 {
     /// The CPU must support AVX2, FMA and F16C. (Lengths are checked: `x.len()` a
     /// multiple of 8, `rows` at least `R` rows of `x.len()` floats.)
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows<const R: usize>(rows: &[f32], x: &[f32]) -> [f32; R] {
+    unsafe fn dot_rows<const R: usize>(rows: &[f32], x: &[f32]) -> [f32; R] {
         let k = x.len();
         assert!(k.is_multiple_of(8) && rows.len() >= R * k);
         let mut acc = [_mm256_setzero_ps(); R];
@@ -201,7 +207,7 @@ mod avx2 {
     /// # Safety
     /// As [`dot_rows`] (lengths checked too, `x1` as long as `x0`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_pair<const R: usize>(
+    unsafe fn dot_rows_pair<const R: usize>(
         rows: &[f32],
         x0: &[f32],
         x1: &[f32],
@@ -228,18 +234,6 @@ mod avx2 {
             unsafe { (d0[j], d1[j]) = (hsum(acc0[j]), hsum(acc1[j])) };
         }
         (d0, d1)
-    }
-
-    /// The eight lanes' sum in the AVX2 `dot`'s order: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
-    ///
-    /// # Safety
-    /// The CPU must support AVX.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(a: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 }
 

@@ -25,6 +25,7 @@ mod swiglu;
 
 pub use attention::{attend_tile, CacheRows, TileQueries, TileScratch};
 pub use expf::exp_many;
+pub use f32_acts::gemm as gemm_f32_acts;
 pub use geglu::geglu;
 pub use packed::{PackedMatrix, PackedQ4_1x8, PackedQ8_0x8, PACK_ROWS};
 pub use packed_k::PackedKx8;
@@ -547,24 +548,6 @@ pub unsafe fn gemm(
         }
         _ => unsafe { scalar::gemm_quant(ty, w, k, rows, acts_q, out) },
     }
-}
-
-/// `out[t][r] = dequantize(w row r) · x[t]` for `r` in `rows`, all in f32: activations
-/// are not rounded to 8 bits (`Numerics::F32`).
-///
-/// # Safety
-/// No other thread may touch the cells (t, r) for `r` in `rows` while this runs.
-pub unsafe fn gemm_f32_acts(
-    set: KernelSet,
-    ty: GgmlType,
-    w: &[u8],
-    k: usize,
-    rows: Range<usize>,
-    x: &[f32],
-    out: OutMatrix,
-) {
-    // SAFETY: the caller's contract, passed on.
-    unsafe { f32_acts::gemm(set, ty, w, k, rows, x, out) }
 }
 
 /// [`gemm`] for a matrix repacked by [`PackedMatrix::pack`]; `rows` are multiples of
